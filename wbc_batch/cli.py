@@ -84,7 +84,9 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_classify]
 
 def _optional_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Commands declared in their own small sections below."""
-    return [f for name, f in sorted(globals().items()) if name.startswith("_add_") and f not in COMMANDS]
+    helpers = {"_add_run_options"}
+    return [f for name, f in sorted(globals().items())
+            if name.startswith("_add_") and name not in helpers and f not in COMMANDS]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,11 +119,21 @@ def _error_message(exc: BaseException) -> tuple[str, int]:
     return f"failed: {type(exc).__name__}: {exc}", EXIT_FAILED
 
 
+def _quiet_libraries() -> None:
+    """Keep Ray's and TensorFlow's progress chatter out of a normal run's output."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``wbc-batch`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        _quiet_libraries()
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -66,6 +66,7 @@ class GradCam:
         self._grad_model = keras.Model(model.inputs, outputs)
         self.input_shape = tuple(int(d) for d in model.input_shape[1:])
         self.num_classes = int(model.output_shape[-1])
+        self.cam_shape = tuple(int(d) for d in target.output.shape[1:3])
         signature = [
             tf.TensorSpec((None, *self.input_shape), tf.float32),
             tf.TensorSpec((None,), tf.int32),

@@ -1,0 +1,343 @@
+"""Classification quality figures as plain numpy functions.
+
+Why a module of its own: training (temperature fit, review threshold),
+evaluation (``wbc-batch evaluate``) and promotion (candidate vs current) must
+compute the *same* numbers, and numpy-only code is testable with hand-made
+arrays in milliseconds, without Keras or Ray.
+
+Conventions: ``labels`` and ``preds`` are (N,) int class indices, ``logits``
+is (N, C) float, ``conf`` is (N,) float max probability and ``correct`` is
+(N,) bool. A class absent from both labels and predictions gets precision and
+recall ``nan`` and is left out of macro averages.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+ECE_BINS = 15
+REVIEW_TARGET_ACCURACY = 0.995
+TEMPERATURE_BOUNDS = (0.05, 20.0)
+
+
+def _check_pair(labels: np.ndarray, preds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.asarray(labels).astype(np.int64).ravel()
+    preds = np.asarray(preds).astype(np.int64).ravel()
+    if labels.shape != preds.shape:
+        raise ValueError(f"labels and predictions differ in length: {labels.shape[0]} vs {preds.shape[0]}")
+    return labels, preds
+
+
+def _check_logits(logits: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.ndim != 2:
+        raise ValueError(f"expected logits of shape (N, C), got {logits.shape}")
+    if labels is not None and len(labels) != logits.shape[0]:
+        raise ValueError(f"expected {logits.shape[0]} labels for the logits, got {len(labels)}")
+    return logits
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Probabilities from logits divided by a temperature.
+
+    Args:
+        logits: (N, C) float.
+        temperature: > 0; above 1 softens, below 1 sharpens.
+
+    Returns:
+        (N, C) float64 rows summing to 1.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    z = _check_logits(logits) / float(temperature)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of the true labels (natural log)."""
+    labels = np.asarray(labels).astype(np.int64).ravel()
+    z = _check_logits(logits, labels) / float(temperature)
+    if len(labels) == 0:
+        raise ValueError("cannot compute NLL of zero samples")
+    m = z.max(axis=1, keepdims=True)
+    lse = (m + np.log(np.exp(z - m).sum(axis=1, keepdims=True))).ravel()
+    return float(np.mean(lse - z[np.arange(len(labels)), labels]))
+
+
+def fit_temperature(
+    logits: np.ndarray, labels: np.ndarray, bounds: tuple[float, float] = TEMPERATURE_BOUNDS, tol: float = 1e-7
+) -> float:
+    """The temperature that minimises NLL on held-out data (temperature scaling).
+
+    NLL is convex in the inverse temperature, so a golden-section search over
+    1/T within ``bounds`` finds the minimum without a gradient or SciPy.
+
+    Args:
+        logits: (N, C) validation logits.
+        labels: (N,) int true classes.
+        bounds: smallest and largest temperature allowed.
+
+    Returns:
+        The fitted temperature T (> 0).
+    """
+    labels = np.asarray(labels).astype(np.int64).ravel()
+    logits = _check_logits(logits, labels)
+    if len(labels) == 0:
+        raise ValueError("cannot fit a temperature on zero samples")
+    lo, hi = 1.0 / bounds[1], 1.0 / bounds[0]
+    inv_phi = (math.sqrt(5.0) - 1.0) / 2.0
+
+    def f(beta: float) -> float:
+        return nll(logits, labels, 1.0 / beta)
+
+    a, b = lo, hi
+    c, d = b - inv_phi * (b - a), a + inv_phi * (b - a)
+    fc, fd = f(c), f(d)
+    while b - a > tol:
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - inv_phi * (b - a)
+            fc = f(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + inv_phi * (b - a)
+            fd = f(d)
+    return float(1.0 / ((a + b) / 2.0))
+
+
+def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C, C) int64 counts, rows = true class, columns = predicted class."""
+    labels, preds = _check_pair(labels, preds)
+    if len(labels) and (min(labels.min(), preds.min()) < 0 or max(labels.max(), preds.max()) >= num_classes):
+        raise ValueError(f"class indices must lie in [0, {num_classes}), got {labels.min()}..{max(labels.max(), preds.max())}")
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(cm, (labels, preds), 1)
+    return cm
+
+
+def accuracy(labels: np.ndarray, preds: np.ndarray) -> float:
+    """Share of correct predictions (nan for no samples)."""
+    labels, preds = _check_pair(labels, preds)
+    return float(np.mean(labels == preds)) if len(labels) else float("nan")
+
+
+def precision_recall(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class precision and recall from a confusion matrix.
+
+    Returns:
+        (C,) precision and (C,) recall, ``nan`` where undefined (no predictions
+        of / no samples of that class).
+    """
+    cm = np.asarray(cm, dtype=np.float64)
+    tp = np.diag(cm)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = tp / cm.sum(axis=0)
+        recall = tp / cm.sum(axis=1)
+    return precision, recall
+
+
+def balanced_accuracy(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> float:
+    """Mean recall over the classes that have samples."""
+    _, recall = precision_recall(confusion_matrix(labels, preds, num_classes))
+    present = ~np.isnan(recall)
+    return float(recall[present].mean()) if present.any() else float("nan")
+
+
+def f1_scores(cm: np.ndarray) -> np.ndarray:
+    """Per-class F1 (0 when a class has samples but no correct prediction, nan when absent)."""
+    cm = np.asarray(cm, dtype=np.float64)
+    tp = np.diag(cm)
+    denom = cm.sum(axis=0) + cm.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, 2.0 * tp / denom, np.nan)
+
+
+def macro_f1(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> float:
+    """Unweighted mean F1 over the classes that occur in labels or predictions."""
+    f1 = f1_scores(confusion_matrix(labels, preds, num_classes))
+    present = ~np.isnan(f1)
+    return float(f1[present].mean()) if present.any() else float("nan")
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS) -> float:
+    """ECE: sample-weighted gap between confidence and accuracy over equal-width bins.
+
+    Args:
+        probs: (N, C) probabilities.
+        labels: (N,) int true classes.
+        n_bins: number of confidence bins on (0, 1].
+    """
+    probs = _check_logits(probs, np.asarray(labels).ravel())
+    labels = np.asarray(labels).astype(np.int64).ravel()
+    if len(labels) == 0:
+        return float("nan")
+    conf = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # bin i holds conf in (edges[i], edges[i+1]]; conf == 0 cannot happen for a softmax
+    idx = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        sel = idx == b
+        if sel.any():
+            ece += sel.mean() * abs(correct[sel].mean() - conf[sel].mean())
+    return float(ece)
+
+
+def coverage_at_accuracy(
+    conf: np.ndarray, correct: np.ndarray, target: float = REVIEW_TARGET_ACCURACY
+) -> tuple[float, float]:
+    """The lowest confidence threshold whose accepted cells reach a target accuracy.
+
+    Cells with ``conf >= threshold`` are accepted, the rest go to a person.
+    Only thresholds at observed confidence values are considered, so tied
+    cells are accepted or rejected together.
+
+    Args:
+        conf: (N,) confidence per cell.
+        correct: (N,) bool, prediction was right.
+        target: accuracy the accepted cells must reach.
+
+    Returns:
+        (threshold, coverage). When no threshold reaches the target the
+        threshold is just above the highest confidence and coverage is 0.
+    """
+    conf = np.asarray(conf, dtype=np.float64).ravel()
+    correct = np.asarray(correct, dtype=bool).ravel()
+    if conf.shape != correct.shape:
+        raise ValueError(f"conf and correct differ in length: {conf.shape[0]} vs {correct.shape[0]}")
+    if len(conf) == 0:
+        raise ValueError("cannot choose a threshold from zero cells")
+    order = np.argsort(-conf, kind="stable")
+    c_sorted, ok_sorted = conf[order], correct[order]
+    cum_acc = np.cumsum(ok_sorted) / np.arange(1, len(conf) + 1)
+    # a cut after position k is only valid where the next confidence is strictly lower
+    valid = np.append(c_sorted[1:] < c_sorted[:-1], True)
+    good = np.flatnonzero(valid & (cum_acc >= target))
+    if len(good) == 0:
+        return float(np.nextafter(c_sorted[0], np.inf)), 0.0
+    k = int(good[-1])
+    return float(c_sorted[k]), float((k + 1) / len(conf))
+
+
+def accuracy_above(conf: np.ndarray, correct: np.ndarray, threshold: float) -> tuple[float, float]:
+    """Accuracy and share of the cells with ``conf >= threshold`` (a fixed review rule).
+
+    Returns:
+        (accuracy of accepted cells, nan if none; coverage).
+    """
+    conf = np.asarray(conf, dtype=np.float64).ravel()
+    correct = np.asarray(correct, dtype=bool).ravel()
+    accepted = conf >= threshold
+    acc = float(correct[accepted].mean()) if accepted.any() else float("nan")
+    return acc, float(accepted.mean()) if len(conf) else float("nan")
+
+
+def subset_metrics(labels: np.ndarray, preds: np.ndarray, class_names: Sequence[str], subset: Sequence[str]) -> dict[str, Any]:
+    """Figures over the images whose true class is in ``subset``.
+
+    Predictions stay the argmax over *all* outputs, so a mature cell called
+    ``ig`` or ``non_wbc`` counts as an error: this is what a person reading
+    the differential of those classes would see.
+
+    Returns:
+        ``{"classes", "n", "accuracy", "balanced_accuracy", "macro_f1", "recall"}``;
+        macro-F1 averages the subset's classes only, with precision counted
+        among the subset's images.
+    """
+    names = list(class_names)
+    missing = [c for c in subset if c not in names]
+    if missing:
+        raise ValueError(f"subset classes not among the model's classes: {', '.join(missing)}")
+    labels, preds = _check_pair(labels, preds)
+    idx = [names.index(c) for c in subset]
+    sel = np.isin(labels, idx)
+    cm = confusion_matrix(labels[sel], preds[sel], len(names))
+    f1 = f1_scores(cm)[idx]
+    _, recall = precision_recall(cm)
+    rec = recall[idx]
+    return {
+        "classes": list(subset),
+        "n": int(sel.sum()),
+        "accuracy": accuracy(labels[sel], preds[sel]),
+        "balanced_accuracy": float(np.nanmean(rec)) if (~np.isnan(rec)).any() else float("nan"),
+        "macro_f1": float(np.nanmean(f1)) if (~np.isnan(f1)).any() else float("nan"),
+        "recall": {c: _num(r) for c, r in zip(subset, rec)},
+    }
+
+
+def _num(x: float) -> float | None:
+    """JSON-safe float (nan becomes None)."""
+    return None if x is None or np.isnan(x) else float(x)
+
+
+def classification_report(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    temperature: float = 1.0,
+    review_threshold: float | None = None,
+    subsets: dict[str, Sequence[str]] | None = None,
+) -> dict[str, Any]:
+    """Every figure ``wbc-batch evaluate`` reports, raw and calibrated.
+
+    Args:
+        logits: (N, C) model outputs.
+        labels: (N,) int true classes.
+        class_names: C names in model order.
+        temperature: calibration temperature for the calibrated figures.
+        review_threshold: calibrated confidence under which a cell goes to a
+            person; reported as accuracy and coverage of the accepted cells.
+        subsets: name -> class list for restricted figures (classes the model
+            lacks are skipped, so a 5-class model still reports).
+
+    Returns:
+        A JSON-ready dict.
+    """
+    labels = np.asarray(labels).astype(np.int64).ravel()
+    logits = _check_logits(logits, labels)
+    names = list(class_names)
+    if logits.shape[1] != len(names):
+        raise ValueError(f"expected {len(names)} logit columns for the classes, got {logits.shape[1]}")
+    if len(labels) == 0:
+        raise ValueError("cannot evaluate zero images")
+    n_classes = len(names)
+    preds = logits.argmax(axis=1)
+    cm = confusion_matrix(labels, preds, n_classes)
+    precision, recall = precision_recall(cm)
+    raw = softmax(logits, 1.0)
+    cal = softmax(logits, temperature)
+    correct = preds == labels
+    conf = cal.max(axis=1)
+    cov_thr, cov = coverage_at_accuracy(conf, correct, REVIEW_TARGET_ACCURACY)
+    out: dict[str, Any] = {
+        "n": int(len(labels)),
+        "class_names": names,
+        "support": {c: int(s) for c, s in zip(names, cm.sum(axis=1))},
+        "accuracy": accuracy(labels, preds),
+        "balanced_accuracy": balanced_accuracy(labels, preds, n_classes),
+        "macro_f1": macro_f1(labels, preds, n_classes),
+        "precision": {c: _num(p) for c, p in zip(names, precision)},
+        "recall": {c: _num(r) for c, r in zip(names, recall)},
+        "confusion_matrix": cm.tolist(),
+        "nll_raw": nll(logits, labels, 1.0),
+        "nll_calibrated": nll(logits, labels, temperature),
+        "temperature": float(temperature),
+        "ece_raw": expected_calibration_error(raw, labels),
+        "ece_calibrated": expected_calibration_error(cal, labels),
+        "coverage_at_99_5": {"threshold": cov_thr, "coverage": cov, "note": "threshold chosen on this data (oracle)"},
+    }
+    if review_threshold is not None:
+        acc_above, share = accuracy_above(conf, correct, review_threshold)
+        out["review"] = {"threshold": float(review_threshold), "accuracy_above": _num(acc_above), "coverage": share}
+    for key, subset in (subsets or {}).items():
+        present = [c for c in subset if c in names]
+        if present:
+            out[key] = subset_metrics(labels, preds, names, present)
+    return out

@@ -1,0 +1,402 @@
+"""The classify pipeline on Ray Data: read, decode, classify + Grad-CAM, render, write.
+
+Reads top to bottom::
+
+    from_items(uris) -> map_batches(load_images)              tasks: fetch bytes, hash, decode, resize
+                     -> map_batches(BatchClassifier, actors)  one forward + one backward per batch
+                     -> map_batches(render_explanations)      tasks: localisation, heatmap JPEGs
+                     -> iter_batches -> PartWriter            driver: Parquet parts, then manifest
+
+Decoding and heatmap rendering run in tasks so that the model actors (a GPU
+each when the cluster has GPUs) do nothing but the model. Every input URI
+yields exactly one row: a failure to read or decode becomes an error row.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from wbc_batch import results, storage
+from wbc_batch.imaging import ImageDecodeError, decode_image, encode_jpeg, resize_for_model
+from wbc_batch.model import ModelArtifactError, load_artifact
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SUSPECT_BELOW = 0.5
+
+
+@dataclass
+class ClassifyConfig:
+    """Everything a classify run needs; built from CLI arguments or by callers such as nightly."""
+
+    input_uri: str
+    output_uri: str
+    model_uri: str | None = None
+    allow_untrusted_model: bool = False
+    batch_size: int = 32
+    workers: int | None = None
+    gpus_per_worker: float | None = None
+    cpus_per_worker: float | None = None
+    run_id: str | None = None
+    write_heatmaps: bool = True
+    review_threshold: float | None = None
+    sample_id_regex: str | None = None
+    ray_address: str | None = None
+    uris: list[str] | None = None
+    manifest_extra: dict[str, Any] | None = None
+    faithfulness_sample: int = 32
+
+    @classmethod
+    def from_args(cls, args: Any) -> ClassifyConfig:
+        """Build from parsed ``classify``/``nightly`` arguments."""
+        return cls(
+            input_uri=args.input,
+            output_uri=args.output.rstrip("/") if storage.is_remote(args.output) else args.output,
+            model_uri=args.model,
+            allow_untrusted_model=args.trust_model,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            gpus_per_worker=args.gpus_per_worker,
+            cpus_per_worker=args.cpus_per_worker,
+            run_id=args.run_id,
+            write_heatmaps=not args.no_heatmaps,
+            review_threshold=args.review_threshold,
+            sample_id_regex=args.sample_id_regex,
+            ray_address=args.ray_address,
+        )
+
+    def validate(self) -> None:
+        """Guard clauses for values the CLI cannot check by type alone."""
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
+            raise ValueError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
+        if self.review_threshold is not None and not 0.0 <= self.review_threshold <= 1.0:
+            raise ValueError(f"--review-threshold must be within [0, 1], got {self.review_threshold}")
+        if self.sample_id_regex is not None:
+            try:
+                pattern = re.compile(self.sample_id_regex)
+            except re.error as exc:
+                raise ValueError(f"--sample-id-regex is not a valid regex: {exc}") from None
+            if "sample" not in pattern.groupindex:
+                raise ValueError("--sample-id-regex needs a named group (?P<sample>...)")
+        if self.run_id is not None:
+            results.validate_run_id(self.run_id)
+
+
+def new_run_id() -> str:
+    """UTC time plus a random suffix: sortable and unique."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def sample_id_for(uri: str, regex: str | None = None) -> str:
+    """The slide/sample an image belongs to: a regex group, else its parent folder name."""
+    if regex:
+        match = re.search(regex, uri)
+        if match and match.group("sample"):
+            return match.group("sample")
+    path = uri[len("s3://") :].split("/", 1)[-1] if storage.is_remote(uri) else uri.replace(os.sep, "/")
+    parent = PurePosixPath(path).parent.name
+    return parent or "unknown"
+
+
+# --- stage 1: tasks -------------------------------------------------------
+
+
+def load_images(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:
+    """Fetch, hash, decode and resize each image; failures become error rows.
+
+    Args:
+        batch: ``image_uri`` and ``sample_id`` columns.
+        image_size: the model's input side S.
+
+    Returns:
+        The batch plus ``image_bytes``, ``image_sha256``, ``image_width``,
+        ``image_height``, ``model_input`` (B, S, S, 3) uint8, ``status``,
+        ``error`` and ``error_kind``.
+    """
+    import hashlib
+
+    uris = batch["image_uri"]
+    n = len(uris)
+    out = dict(batch)
+    out["model_input"] = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
+    data_col = np.empty(n, dtype=object)
+    sha = np.empty(n, dtype=object)
+    status = np.full(n, "ok", dtype=object)
+    error = np.full(n, None, dtype=object)
+    kind = np.full(n, None, dtype=object)
+    width = np.zeros(n, dtype=np.int32)
+    height = np.zeros(n, dtype=np.int32)
+    for i, uri in enumerate(uris):
+        try:
+            data = storage.read_bytes(str(uri))
+        except FileNotFoundError:
+            status[i], error[i], kind[i] = "error", "not found", "permanent"
+            data_col[i] = b""
+            continue
+        except (storage.StorageError, OSError) as exc:
+            status[i], error[i], kind[i] = "error", f"read failed: {exc}", "transient"
+            data_col[i] = b""
+            continue
+        sha[i] = hashlib.sha256(data).hexdigest()
+        data_col[i] = data
+        try:
+            rgb = decode_image(data)
+        except ImageDecodeError as exc:
+            status[i], error[i], kind[i] = "error", str(exc), "permanent"
+            continue
+        height[i], width[i] = rgb.shape[:2]
+        out["model_input"][i] = resize_for_model(rgb, image_size)
+    out.update(image_bytes=data_col, image_sha256=sha, status=status, error=error, error_kind=kind,
+               image_width=width, image_height=height)
+    return out
+
+
+# --- stage 2: model actors ------------------------------------------------
+
+
+class BatchClassifier:
+    """A Ray Data callable class: loads the model once, then classifies and explains batches."""
+
+    def __init__(self, model_uri: str | None, allow_untrusted: bool, review_threshold: float | None,
+                 run_id: str, intra_op_threads: int | None = None) -> None:
+        import tensorflow as tf
+
+        if intra_op_threads:
+            tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
+        from wbc_batch.explain import GradCam
+
+        artifact = load_artifact(model_uri, allow_untrusted=allow_untrusted)
+        self.meta = artifact.meta
+        self.cam = GradCam(artifact.model, self.meta.gradcam_layer, self.meta.embedding_layer)
+        self.classes = np.array(self.meta.class_names, dtype=object)
+        self.threshold = self.meta.review_threshold if review_threshold is None else review_threshold
+        self.run_id = run_id
+        self.ood = None
+        if self.meta.ood:
+            from wbc_batch.ood import OodScorer
+
+            self.ood = OodScorer.from_metadata(self.meta)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Add probabilities, the predicted class, OOD flags and the raw Grad-CAM map to a batch."""
+        n = len(batch["image_uri"])
+        ok = batch["status"] == "ok"
+        k = len(self.classes)
+        probs = np.full((n, k), np.nan, dtype=np.float32)
+        cam_shape = self.cam.cam_shape
+        cams = np.zeros((n, *cam_shape), dtype=np.float32)
+        ood_score = np.full(n, np.nan, dtype=np.float32)
+        ood_flag = np.zeros(n, dtype=bool)
+        if ok.any():
+            images = batch["model_input"][ok]
+            result = self.cam(images.astype(np.float32))
+            logits = result.logits / np.float32(self.meta.temperature)
+            logits = logits - logits.max(axis=1, keepdims=True)
+            p = np.exp(logits)
+            probs[ok] = p / p.sum(axis=1, keepdims=True)
+            cams[ok] = result.cams
+            if self.ood is not None:
+                s, f = self.ood.score(result.embeddings, images)
+                ood_score[ok], ood_flag[ok] = s, f
+        pred = np.where(ok, self.classes[np.nan_to_num(probs, nan=0.0).argmax(axis=1)], None)
+        conf = np.nanmax(np.where(ok[:, None], probs, 0.0), axis=1).astype(np.float32)
+        out = {k_: v for k_, v in batch.items() if k_ != "model_input"}
+        out.update(
+            predicted_class=pred,
+            confidence=np.where(ok, conf, np.nan).astype(np.float32),
+            cam=cams,
+            ood_score=ood_score,
+            out_of_distribution=ood_flag,
+            low_confidence=ok & (conf < self.threshold),
+            model_version=np.full(n, self.meta.version, dtype=object),
+            model_sha256=np.full(n, self.meta.model_sha256, dtype=object),
+            run_id=np.full(n, self.run_id, dtype=object),
+            processed_at=np.full(n, np.datetime64(datetime.now(timezone.utc).replace(tzinfo=None), "us")),
+        )
+        for j, name in enumerate(self.meta.class_names):
+            out[f"p_{name}"] = probs[:, j]
+        return out
+
+
+# --- stage 3: tasks -------------------------------------------------------
+
+
+def render_explanations(batch: dict[str, np.ndarray], output_uri: str, write_heatmaps: bool,
+                        suspect_below: float) -> dict[str, np.ndarray]:
+    """Measure where each map falls (localisation) and write the heatmap overlays."""
+    from wbc_batch.explain import overlay_heatmap
+    from wbc_batch.localisation import localisation_metrics
+
+    n = len(batch["image_uri"])
+    in_cell = np.full(n, np.nan, dtype=np.float32)
+    peak_in = np.zeros(n, dtype=bool)
+    area = np.full(n, np.nan, dtype=np.float32)
+    uris = np.full(n, None, dtype=object)
+    for i in range(n):
+        if batch["status"][i] != "ok":
+            continue
+        rgb = decode_image(batch["image_bytes"][i])
+        cam = batch["cam"][i]
+        m = localisation_metrics(rgb, cam)
+        in_cell[i], peak_in[i], area[i] = m["cam_in_cell"], m["cam_peak_in_cell"], m["cell_area_share"]
+        if write_heatmaps:
+            uri = results.heatmap_uri(output_uri, batch["image_sha256"][i], batch["model_version"][i])
+            storage.write_bytes(uri, encode_jpeg(overlay_heatmap(rgb, cam), quality=85))
+            uris[i] = uri
+    ok = batch["status"] == "ok"
+    suspect = ok & (np.nan_to_num(in_cell, nan=0.0) < suspect_below)
+    out = {k: v for k, v in batch.items() if k not in ("image_bytes", "cam")}
+    out.update(
+        cam_in_cell=in_cell,
+        cam_peak_in_cell=peak_in,
+        cell_area_share=area,
+        explanation_suspect=suspect,
+        heatmap_uri=uris,
+        needs_review=ok & (batch["low_confidence"] | suspect | batch["out_of_distribution"]),
+    )
+    return out
+
+
+# --- the run --------------------------------------------------------------
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(**kwargs)
+
+
+def _plan_resources(config: ClassifyConfig) -> tuple[int, float, float]:
+    """Actors, GPUs and CPUs per actor from the cluster and the options.
+
+    GPUs: one actor per GPU by default. CPU only: one actor that leaves room
+    for the read and render tasks (a pool taking every CPU stalls the stream).
+    """
+    import ray
+
+    res = ray.cluster_resources()
+    gpus = float(res.get("GPU", 0.0))
+    cpus = float(res.get("CPU", 1.0))
+    gpus_per = config.gpus_per_worker if config.gpus_per_worker is not None else (1.0 if gpus >= 1 else 0.0)
+    if gpus_per > 0 and gpus < gpus_per:
+        raise ValueError(f"--gpus-per-worker {gpus_per} but the Ray cluster has {gpus:g} GPUs")
+    if config.workers is not None:
+        workers = config.workers
+    elif gpus_per > 0:
+        workers = max(1, int(gpus // gpus_per))
+    else:
+        workers = 1
+    if config.cpus_per_worker is not None:
+        cpus_per = config.cpus_per_worker
+    elif gpus_per > 0:
+        cpus_per = 1.0
+    else:
+        cpus_per = max(0.5, min(cpus - 0.5, cpus / workers - 0.5))
+    return workers, gpus_per, cpus_per
+
+
+def run_classify(config: ClassifyConfig) -> dict[str, Any]:
+    """Classify every image of a run and commit it; returns the run manifest.
+
+    Raises:
+        ValueError: bad options or no images.
+        FileNotFoundError: INPUT does not exist.
+        storage.StorageError: INPUT or OUTPUT unreachable or not writable.
+        ModelArtifactError: the model is missing, tampered with or untrusted.
+    """
+    import ray
+
+    config.validate()
+    started = datetime.now(timezone.utc)
+    t0 = time.perf_counter()
+    run_id = config.run_id or new_run_id()
+    artifact = load_artifact(config.model_uri, allow_untrusted=config.allow_untrusted_model)
+    meta = artifact.meta
+    del artifact
+    uris = list(config.uris) if config.uris is not None else storage.list_images(config.input_uri)
+    if not uris and config.uris is None:
+        raise ValueError(f"no images found under {config.input_uri} (looked for .jpg .jpeg .png .tif .tiff .bmp)")
+    storage.check_writable(config.output_uri)
+    results.discard_previous_attempt(config.output_uri, run_id)
+    run_date = started.strftime("%Y-%m-%d")
+    schema = results.prediction_schema(meta.class_names)
+    writer = results.PartWriter(config.output_uri, run_date, run_id, schema)
+    counts = results.RunCounts()
+    workers, gpus_per, cpus_per = 0, 0.0, 0.0
+    if uris:
+        _init_ray(config.ray_address)
+        workers, gpus_per, cpus_per = _plan_resources(config)
+        items = [{"image_uri": u, "sample_id": sample_id_for(u, config.sample_id_regex)} for u in uris]
+        blocks = max(1, min(len(items) // config.batch_size + 1, 512))
+        ds = ray.data.from_items(items, override_num_blocks=blocks)
+        ds = ds.map_batches(load_images, fn_kwargs={"image_size": meta.image_size},
+                            batch_size=config.batch_size, num_cpus=0.5)
+        ds = ds.map_batches(
+            BatchClassifier,
+            fn_constructor_kwargs={
+                "model_uri": config.model_uri,
+                "allow_untrusted": config.allow_untrusted_model,
+                "review_threshold": config.review_threshold,
+                "run_id": run_id,
+                "intra_op_threads": None if gpus_per > 0 else max(1, math.ceil(cpus_per) + 1),
+            },
+            batch_size=config.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            num_cpus=cpus_per,
+            num_gpus=gpus_per,
+        )
+        suspect_below = float(meta.metrics.get("explanation_suspect_below", DEFAULT_SUSPECT_BELOW)) \
+            if isinstance(meta.metrics, dict) else DEFAULT_SUSPECT_BELOW
+        ds = ds.map_batches(render_explanations,
+                            fn_kwargs={"output_uri": config.output_uri, "write_heatmaps": config.write_heatmaps,
+                                       "suspect_below": suspect_below},
+                            batch_size=config.batch_size, num_cpus=0.5)
+        for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
+            table = results.batch_to_table(batch, schema)
+            counts.add(table)
+            writer.add(table)
+    files = writer.close()
+    elapsed = time.perf_counter() - t0
+    manifest = {
+        "run_id": run_id,
+        "status": "succeeded",
+        "input": config.input_uri,
+        "output": config.output_uri,
+        "model": {"uri": config.model_uri or "shipped", "name": meta.name, "version": meta.version,
+                  "sha256": meta.model_sha256, "class_names": meta.class_names,
+                  "non_wbc_classes": meta.non_wbc_classes},
+        "started_at": started.isoformat(),
+        "finished_at": datetime.now(timezone.utc).isoformat(),
+        "run_date": run_date,
+        "counts": counts.to_dict(),
+        "timings": {"seconds": round(elapsed, 3), "images_per_second": round(counts.total / elapsed, 3) if elapsed else 0.0},
+        "resources": {"workers": workers, "gpus_per_worker": gpus_per, "cpus_per_worker": cpus_per},
+        "parquet_files": files,
+        "options": {k: v for k, v in asdict(config).items() if k not in ("uris", "manifest_extra")},
+    }
+    manifest["options"]["n_uris"] = len(uris)
+    if config.manifest_extra:
+        manifest.update(config.manifest_extra)
+    results.write_manifest(config.output_uri, manifest)
+    return manifest
