@@ -82,8 +82,12 @@ def s3_bucket(s3_endpoint: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_local() -> Iterator[None]:
-    """One real local Ray cluster for the session (4 logical CPUs on 2 cores, no dashboard)."""
+def ray_local(s3_endpoint: str) -> Iterator[None]:
+    """One real local Ray cluster for the session (4 logical CPUs on 2 cores, no dashboard).
+
+    It starts after the S3 endpoint so that its workers inherit the AWS_*
+    variables, as a cluster's nodes get them from their environment.
+    """
     import ray
 
     if not ray.is_initialized():

@@ -77,6 +77,122 @@ def _print_summary(manifest: dict) -> None:
           f"manifest: {manifest['output']}/runs/{manifest['run_id']}.json")
 
 
+# --- nightly --------------------------------------------------------------
+
+
+def _add_nightly(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "nightly", help="classify only new or changed images since the last committed runs (exactly once)",
+        description="Classify what OUTPUT holds no committed row for yet (same URI and content hash), under a lease "
+                    "so that two runs cannot both commit. Safe to re-run after a kill. The run id defaults to "
+                    "nightly-YYYYMMDD (UTC); a night already committed is not run again.")
+    p.add_argument("input", metavar="INPUT", help="local folder, s3://bucket/prefix, or manifest (.txt/.csv/.parquet)")
+    p.add_argument("output", metavar="OUTPUT", help="local folder or s3://bucket/prefix holding earlier results")
+    _add_run_options(p)
+    p.add_argument("--retry-errors", action="store_true",
+                   help="also retry images whose row is a permanent error (transient errors are always retried)")
+    p.add_argument("--reprocess-on-model-change", action="store_true",
+                   help="process every image without a row for the current model version "
+                        "(default: a new model version processes only images no version has seen)")
+    p.add_argument("--lease-seconds", type=float, default=900.0,
+                   help="lease expiry, renewed while running; a killed run blocks the next one this long (default 900)")
+    p.set_defaults(func=_cmd_nightly)
+
+
+def _cmd_nightly(args: argparse.Namespace) -> int:
+    """Run one night; a held lease is exit code 75 (EX_TEMPFAIL) with the holder named."""
+    from wbc_batch.nightly import EXIT_LEASE_HELD, LeaseHeldError, NightlyOptions, run_nightly
+    from wbc_batch.pipeline import ClassifyConfig
+
+    config = ClassifyConfig.from_args(args)
+    options = NightlyOptions(retry_errors=args.retry_errors, reprocess_on_model_change=args.reprocess_on_model_change,
+                             lease_seconds=args.lease_seconds)
+    try:
+        result = run_nightly(config, options)
+    except LeaseHeldError as exc:
+        raise CliError(str(exc), code=EXIT_LEASE_HELD) from None
+    if result.get("status") != "succeeded":
+        print(f"run {result['run_id']}: {result['status'].replace('_', ' ')}; nothing to do")
+        return 0
+    n = result["nightly"]["counts"]
+    print(f"nightly {result['run_id']}: {n['new']} new, {n['changed']} changed, {n['retried']} retried, "
+          f"{n['skipped_done']} already done, {n['skipped_permanent']} permanent errors skipped")
+    if result["counts"]["total"]:
+        _print_summary(result)
+    return 0
+
+
+# --- query ----------------------------------------------------------------
+
+
+def _add_query(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "query", help="read-only SQL and canned queries (differential, review queue, runs, drift) over committed results",
+        description="Run one read-only SQL statement over the views predictions (latest row per image), "
+                    "predictions_raw (every committed row) and runs (manifests), or a canned query. "
+                    "Statements that write, and reads of any other file, are refused.")
+    p.add_argument("output", metavar="OUTPUT", help="local folder or s3://bucket/prefix holding results")
+    p.add_argument("sql", metavar="SQL", nargs="?", default=None,
+                   help="one SELECT/WITH/SHOW/DESCRIBE/EXPLAIN statement (omit when using a canned query)")
+    p.add_argument("--format", dest="fmt", choices=["table", "csv", "json"], default="table",
+                   help="output format (default: an aligned table)")
+    canned = p.add_mutually_exclusive_group()
+    canned.add_argument("--differential", dest="canned", action="store_const", const="differential",
+                        help="white-cell differential per sample with 95%% intervals, reference flags and warnings")
+    canned.add_argument("--review-queue", dest="canned", action="store_const", const="review-queue",
+                        help="cells that need review, least confident first, with heatmap and image URIs")
+    canned.add_argument("--runs", dest="canned", action="store_const", const="runs", help="run history from the manifests")
+    canned.add_argument("--drift", dest="canned", action="store_const", const="drift",
+                        help="class mix and mean confidence per day and model version")
+    p.add_argument("--sample", default=None, help="with --differential: only this sample id")
+    p.add_argument("--min-cells", type=int, default=None, help="with --differential: warn below this many white cells (default 100)")
+    p.add_argument("--ood-share", type=float, default=None,
+                   help="with --differential: mark a sample unreliable above this out-of-distribution share (default 0.2)")
+    p.set_defaults(func=_cmd_query)
+
+
+def _cmd_query(args: argparse.Namespace) -> int:
+    """Print the rows of one read-only query."""
+    from wbc_batch.query import run_query
+
+    if args.sql is not None and args.canned is not None:
+        raise CliError("give either SQL or a canned query (--differential, --review-queue, --runs, --drift), not both",
+                       EXIT_USAGE)
+    if args.sql is None and args.canned is None:
+        raise CliError("expected SQL or one of --differential, --review-queue, --runs, --drift", EXIT_USAGE)
+    if args.canned != "differential" and (args.sample or args.min_cells is not None or args.ood_share is not None):
+        raise CliError("--sample, --min-cells and --ood-share go with --differential", EXIT_USAGE)
+    options: dict = {}
+    if args.min_cells is not None:
+        options["min_cells"] = args.min_cells
+    if args.ood_share is not None:
+        options["ood_share_limit"] = args.ood_share
+    sys.stdout.write(run_query(args.output, args.sql, fmt=args.fmt, canned=args.canned, sample=args.sample, **options))
+    return 0
+
+
+# --- report ---------------------------------------------------------------
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="write a self-contained HTML report of a run",
+                       description="Write one HTML file (images embedded) with the run summary, the differential per "
+                                   "sample, charts and a gallery of cells that need review.")
+    p.add_argument("output", metavar="OUTPUT", help="local folder or s3://bucket/prefix holding results")
+    p.add_argument("--run-id", default=None, help="run to report (default: the latest succeeded run)")
+    p.add_argument("--out", dest="out_file", default=None,
+                   help="HTML file to write, local or s3:// (default: OUTPUT/reports/<run_id>.html)")
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    """Write the report and print where it went."""
+    from wbc_batch.report import write_report
+
+    print(write_report(args.output, run_id=args.run_id, out_file=args.out_file))
+    return 0
+
+
 # --- registry -------------------------------------------------------------
 # Each command adds itself here: (name, function that declares its parser).
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_classify]

@@ -109,8 +109,12 @@ class GradCam:
         classes = np.asarray(classes, dtype=np.int32)
         if classes.shape != (len(images),):
             raise ValueError(f"expected classes of shape ({len(images)},), got {classes.shape}")
-        if np.any(classes >= self.num_classes):
-            raise ValueError(f"class index out of range: max {classes.max()}, model has {self.num_classes} classes")
+        if np.any(classes >= self.num_classes) or np.any(classes < -1):
+            # -2 and below used to be explained as the predicted class silently.
+            raise ValueError(
+                f"class index out of range: got {classes.min()}..{classes.max()}, "
+                f"expected -1 (predicted) or 0..{self.num_classes - 1}"
+            )
         logits, emb, cams, targets = self._fn(images.astype(np.float32, copy=False), classes)
         return CamBatch(logits.numpy(), emb.numpy(), cams.numpy(), targets.numpy())
 

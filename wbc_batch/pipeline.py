@@ -135,10 +135,12 @@ def load_images(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.n
     out = dict(batch)
     out["model_input"] = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
     data_col = np.empty(n, dtype=object)
-    sha = np.empty(n, dtype=object)
+    # Empty strings, not None, for "no value": an all-None object column would
+    # be typed differently from block to block. The writer turns "" into null.
+    sha = np.full(n, "", dtype=object)
     status = np.full(n, "ok", dtype=object)
-    error = np.full(n, None, dtype=object)
-    kind = np.full(n, None, dtype=object)
+    error = np.full(n, "", dtype=object)
+    kind = np.full(n, "", dtype=object)
     width = np.zeros(n, dtype=np.int32)
     height = np.zeros(n, dtype=np.int32)
     for i, uri in enumerate(uris):
@@ -213,7 +215,7 @@ class BatchClassifier:
             if self.ood is not None:
                 s, f = self.ood.score(result.embeddings, images)
                 ood_score[ok], ood_flag[ok] = s, f
-        pred = np.where(ok, self.classes[np.nan_to_num(probs, nan=0.0).argmax(axis=1)], None)
+        pred = np.where(ok, self.classes[np.nan_to_num(probs, nan=0.0).argmax(axis=1)], "")
         conf = np.nanmax(np.where(ok[:, None], probs, 0.0), axis=1).astype(np.float32)
         out = {k_: v for k_, v in batch.items() if k_ != "model_input"}
         out.update(
@@ -246,7 +248,7 @@ def render_explanations(batch: dict[str, np.ndarray], output_uri: str, write_hea
     in_cell = np.full(n, np.nan, dtype=np.float32)
     peak_in = np.zeros(n, dtype=bool)
     area = np.full(n, np.nan, dtype=np.float32)
-    uris = np.full(n, None, dtype=object)
+    uris = np.full(n, "", dtype=object)
     for i in range(n):
         if batch["status"][i] != "ok":
             continue

@@ -68,7 +68,9 @@ def prediction_schema(class_names: list[str]) -> pa.Schema:
 def _column(values: Any, typ: pa.DataType, valid: np.ndarray | None) -> pa.Array:
     arr = np.asarray(values)
     if pa.types.is_string(typ):
-        items = [None if (v is None or (valid is not None and not ok)) else str(v) for v, ok in zip(arr.tolist(), valid if valid is not None else [True] * len(arr))]
+        keep = valid if valid is not None else np.ones(len(arr), dtype=bool)
+        # The pipeline marks "no value" with "" (stable column types across blocks).
+        items = [str(v) if (ok and v is not None and v == v and str(v) != "") else None for v, ok in zip(arr.tolist(), keep)]
         return pa.array(items, type=typ)
     mask = None if valid is None else ~valid
     if pa.types.is_floating(typ):

@@ -1,0 +1,190 @@
+"""The classify pipeline end to end on a real local Ray, local folders and a real S3 endpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+
+from tests.corpus import write_bad_corpus
+from wbc_batch import storage
+from wbc_batch.cli import main as cli_main
+from wbc_batch.model import load_artifact, shipped_model_dir
+from wbc_batch.pipeline import BatchClassifier, load_images, render_explanations, sample_id_for
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def read_rows(output: str):
+    """All rows under OUTPUT/predictions as a pandas frame (pyarrow, local or S3)."""
+    fs, path = storage.arrow_filesystem(storage.join(output, "predictions"))
+    return pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive").to_table().to_pandas()
+
+
+def test_predictor_runs_on_a_tiny_batch_without_ray(samples_dir: Path, tmp_path: Path) -> None:
+    uris = [str(sorted((samples_dir / c).iterdir())[0]) for c in ("eosinophil", "lymphocyte", "platelet")]
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    uris.append(str(tmp_path / "empty.jpg"))
+    batch = {"image_uri": np.array(uris, dtype=object), "sample_id": np.array(["s"] * 4, dtype=object)}
+    loaded = load_images(batch, image_size=128)
+    assert list(loaded["status"]) == ["ok", "ok", "ok", "error"]
+    assert loaded["error_kind"][3] == "permanent" and "empty" in loaded["error"][3]
+    clf = BatchClassifier(None, False, None, run_id="t")
+    out = clf(loaded)
+    assert list(out["predicted_class"][:3]) == ["eosinophil", "lymphocyte", "non_wbc"]
+    probs = np.stack([out[f"p_{c}"] for c in clf.meta.class_names], axis=1)
+    np.testing.assert_allclose(probs[:3].sum(axis=1), 1.0, rtol=1e-5)
+    assert np.isnan(probs[3]).all() and out["predicted_class"][3] == ""
+    assert out["cam"].shape == (4, 16, 16)
+    rendered = render_explanations(out, str(tmp_path / "out"), write_heatmaps=True, suspect_below=0.5)
+    heat = cv2.imread(rendered["heatmap_uri"][0])
+    assert heat.shape == (363, 360, 3)
+    assert rendered["heatmap_uri"][3] == ""
+    assert 0 < rendered["cam_in_cell"][0] <= 1
+
+
+def test_sample_id_defaults_to_parent_folder() -> None:
+    assert sample_id_for("s3://b/night/slide-7/img.jpg") == "slide-7"
+    assert sample_id_for("/data/slide-3/x.jpg") == "slide-3"
+    assert sample_id_for("/data/S12_cell3.jpg", r"/(?P<sample>S\d+)_") == "S12"
+
+
+@pytest.mark.slow
+def test_classify_local_folder_with_bad_inputs(ray_local, small_input: Path, tmp_path: Path, capsys) -> None:
+    good = next(small_input.rglob("*.jpg")).read_bytes()
+    expected_bad = write_bad_corpus(small_input / "slide-C", good)
+    n_inputs = sum(1 for p in small_input.rglob("*") if p.is_file())
+    out = tmp_path / "results"
+    code = cli_main(["classify", str(small_input), str(out), "--run-id", "local-1", "--batch-size", "8"])
+    assert code == 0
+    assert "run local-1" in capsys.readouterr().out
+    rows = read_rows(str(out))
+    assert len(rows) == n_inputs and rows["image_uri"].is_unique
+    by_name = {Path(u).name: r for u, r in zip(rows["image_uri"], rows.to_dict("records"))}
+    for name, outcome in expected_bad.items():
+        assert by_name[name]["status"] == outcome, (name, by_name[name]["error"])
+        if outcome == "error":
+            assert by_name[name]["error"] and by_name[name]["predicted_class"] is None
+    ok = rows[rows.status == "ok"]
+    meta = load_artifact().meta
+    assert set(ok.predicted_class) <= set(meta.class_names)
+    probs = ok[[f"p_{c}" for c in meta.class_names]].to_numpy()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-4)
+    assert (ok.confidence >= probs.max(axis=1) - 1e-6).all()
+    for uri, w, h in zip(ok.heatmap_uri, ok.image_width, ok.image_height):
+        assert "slide" not in uri  # named from the content hash, never from the input path
+        img = cv2.imread(uri)
+        assert img.shape[:2] == (h, w)
+    assert set(rows.sample_id) == {"slide-A", "slide-B", "slide-C"}
+    assert (rows.run_date.astype(str).str.len() == 10).all()
+    manifest = json.loads((out / "runs" / "local-1.json").read_text())
+    assert manifest["status"] == "succeeded"
+    assert manifest["counts"]["total"] == n_inputs
+    assert manifest["counts"]["error"] == sum(1 for v in expected_bad.values() if v == "error")
+    assert manifest["model"]["sha256"] == meta.model_sha256
+    # the bundled images were classified as their folder says (shipped model, test split images)
+    truth = {"neutrophil", "lymphocyte", "eosinophil", "monocyte", "basophil"}
+    clean = ok[ok.image_uri.str.contains("slide-[AB]", regex=True)]
+    assert (clean.predicted_class.isin(truth | {"non_wbc"})).mean() >= 0.9
+
+
+@pytest.mark.slow
+@pytest.mark.s3
+def test_classify_s3_to_s3(ray_local, s3_bucket: str, samples_dir: Path) -> None:
+    client = storage.s3_client()
+    names = []
+    for folder in ("monocyte", "neutrophil"):
+        for p in sorted((samples_dir / folder).iterdir())[:2]:
+            key = f"incoming/slide-{folder}/{p.name}"
+            client.put_object(Bucket=s3_bucket, Key=key, Body=p.read_bytes())
+            names.append(key)
+    client.put_object(Bucket=s3_bucket, Key="incoming/slide-x/readme.txt", Body=b"not an image")
+    output = f"s3://{s3_bucket}/results"
+    code = cli_main(["classify", f"s3://{s3_bucket}/incoming", output, "--run-id", "s3-1"])
+    assert code == 0
+    rows = read_rows(output)
+    assert sorted(rows.image_uri) == sorted(f"s3://{s3_bucket}/{k}" for k in names)
+    assert (rows.status == "ok").all()
+    for uri in rows.heatmap_uri:
+        assert uri.startswith(f"s3://{s3_bucket}/results/heatmaps/")
+        img = cv2.imdecode(np.frombuffer(storage.read_bytes(uri), np.uint8), cv2.IMREAD_COLOR)
+        assert img.shape[:2] == (363, 360)
+    manifest = json.loads(storage.read_bytes(f"{output}/runs/s3-1.json"))
+    assert manifest["status"] == "succeeded" and manifest["counts"]["ok"] == 4
+
+
+@pytest.mark.slow
+def test_classify_from_manifest_and_rerun_same_run_id(ray_local, samples_dir: Path, tmp_path: Path) -> None:
+    imgs = sorted((samples_dir / "ig").iterdir())[:3]
+    manifest_file = tmp_path / "list.csv"
+    manifest_file.write_text("uri\n" + "".join(f"{p}\n" for p in imgs) + f"{tmp_path / 'missing.jpg'}\n")
+    out = tmp_path / "out"
+    for _ in range(2):
+        assert cli_main(["classify", str(manifest_file), str(out), "--run-id", "same", "--no-heatmaps"]) == 0
+    rows = read_rows(str(out))
+    assert len(rows) == 4  # the re-run replaced its own part files
+    assert rows.heatmap_uri.isna().all()
+    missing = rows[rows.image_uri.str.endswith("missing.jpg")].iloc[0]
+    assert missing.status == "error" and missing.error == "not found"
+
+
+def test_cli_failures_are_one_line(tmp_path: Path, capsys) -> None:
+    assert cli_main(["classify", str(tmp_path / "nope"), str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not found" in err[0]
+    (tmp_path / "empty").mkdir()
+    assert cli_main(["classify", str(tmp_path / "empty"), str(tmp_path / "o")]) == 2
+    assert "no images found" in capsys.readouterr().err
+    bad_model = tmp_path / "model"
+    shutil.copytree(shipped_model_dir(), bad_model)
+    with open(bad_model / "model.keras", "r+b") as fh:
+        fh.seek(2000)
+        fh.write(b"tampered")
+    assert cli_main(["classify", str(tmp_path), str(tmp_path / "o"), "--model", str(bad_model)]) == 4
+    assert "does not match model.json" in capsys.readouterr().err
+
+
+def test_every_command_has_help(capsys) -> None:
+    from wbc_batch.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name in sub.choices:
+        with pytest.raises(SystemExit) as info:
+            cli_main([name, "--help"])
+        assert info.value.code == 0
+        assert "usage: wbc-batch" in capsys.readouterr().out
+
+
+GPU_SCRIPT = """
+import json, sys, ray
+ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+from wbc_batch.pipeline import ClassifyConfig, run_classify
+m = run_classify(ClassifyConfig(input_uri=sys.argv[1], output_uri=sys.argv[2], run_id="gpu", write_heatmaps=False))
+print(json.dumps(m["resources"]))
+"""
+
+
+@pytest.mark.slow
+def test_gpu_actors_are_scheduled_on_a_declared_gpu(samples_dir: Path, tmp_path: Path) -> None:
+    """Prove the GPU scheduling path on CPU: a local Ray that declares one GPU."""
+    src = tmp_path / "in" / "s1"
+    src.mkdir(parents=True)
+    for p in sorted((samples_dir / "basophil").iterdir())[:2]:
+        shutil.copy(p, src / p.name)
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", GPU_SCRIPT, str(tmp_path / "in"), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    resources = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert resources["gpus_per_worker"] == 1.0 and resources["workers"] == 1
+    assert json.loads((tmp_path / "out" / "runs" / "gpu.json").read_text())["counts"]["ok"] == 2

@@ -1,0 +1,631 @@
+"""Nightly incremental runs over a growing input: exactly once, safe to re-run, one writer at a time.
+
+What is "new" is decided from what OUTPUT already holds, never from file
+timestamps. The truth is the committed results (rows whose ``run_id`` has
+``OUTPUT/runs/<run_id>.json`` with ``status == "succeeded"``, see
+``docs/DESIGN.md``). Each candidate image is read and hashed (sha256) so an
+image whose bytes changed under the same URI is processed again; reading is
+the only check that cannot be fooled by a copied timestamp or an ETag that is
+not an MD5 (multipart, SSE-KMS), so correctness is bought with one extra read
+per candidate. An image is *done* when a committed ``ok`` row with the same
+``image_uri`` and ``image_sha256`` exists.
+
+Decision per candidate image (``uri``, ``sha256``), over the committed rows
+considered (see model policy below):
+
+* an ``ok`` row for (uri, sha256)                  -> skipped (done)
+* a ``permanent`` error row (a corrupt image)      -> skipped, unless ``--retry-errors``
+* a ``transient`` error row (storage failure)      -> retried
+* rows for the uri, but only with other hashes     -> changed, processed again
+* no row                                           -> new
+
+Model version policy: by default a new model version processes only images
+that no committed row covers under *any* model version, so a model upgrade
+does not silently re-run the whole archive. With
+``--reprocess-on-model-change`` only rows of the current model version
+count, so every image without a row for the new version is processed.
+
+Exactly once: the run id is deterministic per night (``nightly-YYYYMMDD``,
+UTC) so a re-run after a kill rewrites the same part files; part files left
+by an earlier, uncommitted attempt of the same run id are deleted first
+by ``run_classify`` (otherwise an attempt that wrote more part files than the
+re-run would leave extra files that the re-run's manifest would commit). A
+run id that is already committed is not run again (the night is done, and
+``run_classify`` would discard its committed rows); new images wait for the
+next night's run id or an explicit ``--run-id``. The commit itself is the
+manifest that ``run_classify`` writes last; a night with nothing new commits
+an empty run, so every night leaves a manifest. Which images failed is in
+that manifest's ``counts.error`` / ``counts.errors_by_kind`` and in the error
+rows themselves.
+
+Lease: ``OUTPUT/state/lease.json`` is created with a conditional create
+(``write_bytes_if_absent``: S3 ``If-None-Match: *``, local ``O_EXCL``), so of
+two runs started at once exactly one creates it; the other fails with
+:class:`LeaseHeldError`. The holder renews the lease every ``ttl/4`` by a
+compare-and-swap (S3 ``If-Match: <etag>``; locally a read-compare-replace
+under ``flock``). A lease whose ``expires_at`` has passed (its holder was
+killed) is taken over by the same compare-and-swap against the ETag that was
+read, so of several runs racing to take over one stale lease exactly one
+wins. Release is a compare-and-swap that marks the lease released, never an
+unconditional delete, so a run can never remove a lease it no longer owns.
+
+Race semantics and assumptions: a holder that cannot renew (lost the CAS, or
+storage unreachable) for ``0.75 * ttl`` by its own monotonic clock ends its
+process at once (``os._exit``) before anyone may take over, so it never
+writes its manifest after losing the lease (self-fencing). This is safe when
+clock skew between hosts is well below ``ttl/4`` and when the Ray tasks of a
+killed driver stop with it (Ray ends a job's workers when its driver dies;
+the ttl gives that time). Choose ``--lease-seconds`` far above a renewal
+round trip; the default is 15 minutes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import re
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from wbc_batch import storage
+
+if TYPE_CHECKING:  # pipeline imports Ray and TensorFlow; keep them off this module's import path
+    from wbc_batch.pipeline import ClassifyConfig
+
+log = logging.getLogger(__name__)
+
+LEASE_PATH = "state/lease.json"
+DEFAULT_LEASE_SECONDS = 900.0
+EXIT_LEASE_HELD = 75  # EX_TEMPFAIL: a scheduler may simply try again later
+ROW_COLUMNS = ["image_uri", "image_sha256", "status", "error_kind", "model_version", "run_id"]
+_PART_RE = re.compile(r"^part-(?P<run_id>.+)-(?P<seq>\d+)\.parquet$")
+_LIST_CAP = 1000  # URIs listed per category in the manifest; counts are always exact
+
+
+class LeaseHeldError(RuntimeError):
+    """Another nightly run holds the lease on this OUTPUT (or won the race to take it)."""
+
+
+class LeaseLostError(RuntimeError):
+    """This run's lease was taken over or could not be renewed; it must not commit."""
+
+
+# --- lease -----------------------------------------------------------------
+
+
+def _now() -> float:
+    return time.time()
+
+
+def _iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds")
+
+
+class _LeaseStore:
+    """Conditional create / read / compare-and-swap of one small JSON document."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+
+    def create(self, data: bytes) -> str | None:
+        """Create if absent; return the new ETag, or None when it exists."""
+        raise NotImplementedError
+
+    def read(self) -> tuple[bytes, str] | None:
+        """Return (content, etag), or None when absent."""
+        raise NotImplementedError
+
+    def swap(self, data: bytes, etag: str) -> str | None:
+        """Replace only if the current ETag is ``etag``; return the new ETag or None."""
+        raise NotImplementedError
+
+
+class _S3LeaseStore(_LeaseStore):
+    def create(self, data: bytes) -> str | None:
+        if not storage.write_bytes_if_absent(self.uri, data):
+            return None
+        got = self.read()
+        # Nobody can replace a fresh, unexpired lease, so what we read back is ours.
+        if got is None or got[0] != data:
+            return None
+        return got[1]
+
+    def read(self) -> tuple[bytes, str] | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = storage.split_s3(self.uri)
+        try:
+            resp = storage.s3_client().get_object(Bucket=bucket, Key=key)
+            return resp["Body"].read(), str(resp["ETag"])
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise storage.StorageError(f"cannot read lease {self.uri}: {exc.response.get('Error', {}).get('Code')}") from None
+        except BotoCoreError as exc:
+            raise storage.StorageError(f"cannot read lease {self.uri}: {type(exc).__name__}") from None
+
+    def swap(self, data: bytes, etag: str) -> str | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = storage.split_s3(self.uri)
+        try:
+            resp = storage.s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfMatch=etag)
+            return str(resp["ETag"])
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "404", "NoSuchKey"):
+                return None
+            raise storage.StorageError(f"cannot write lease {self.uri}: {code}") from None
+        except BotoCoreError as exc:
+            raise storage.StorageError(f"cannot write lease {self.uri}: {type(exc).__name__}") from None
+
+
+class _LocalLeaseStore(_LeaseStore):
+    """A local lease; every step runs under ``flock`` on a lock file beside it.
+
+    ``O_EXCL`` alone cannot take over a stale file race-free (rename and
+    replace are not compare-and-swap), so the read-compare-replace happens
+    under an exclusive ``flock``. A local OUTPUT is on one machine, where
+    ``flock`` is reliable; it is not for network file systems.
+    """
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        import fcntl
+
+        lock = Path(self.uri).with_name(".lease.lock")
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    @staticmethod
+    def _etag(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    def create(self, data: bytes) -> str | None:
+        with self._locked():
+            return self._etag(data) if storage.write_bytes_if_absent(self.uri, data) else None
+
+    def read(self) -> tuple[bytes, str] | None:
+        with self._locked():
+            return self._read_unlocked()
+
+    def _read_unlocked(self) -> tuple[bytes, str] | None:
+        try:
+            data = Path(self.uri).read_bytes()
+        except FileNotFoundError:
+            return None
+        return data, self._etag(data)
+
+    def swap(self, data: bytes, etag: str) -> str | None:
+        with self._locked():
+            current = self._read_unlocked()
+            if current is None or current[1] != etag:
+                return None
+            storage.write_bytes(self.uri, data)
+            return self._etag(data)
+
+
+class Lease:
+    """A renewable, expiring lease on one OUTPUT, held for the length of a nightly run.
+
+    Args:
+        output_uri: the OUTPUT folder or ``s3://`` prefix the lease protects.
+        run_id: recorded in the lease so the loser's message names the holder.
+        ttl_s: seconds a lease stays valid without renewal; also how long a
+            killed run blocks the next one.
+        fence: called (from the heartbeat thread) when the lease is lost;
+            the default ends the process so it cannot commit.
+    """
+
+    def __init__(self, output_uri: str, run_id: str, ttl_s: float = DEFAULT_LEASE_SECONDS, fence: Any = None) -> None:
+        if ttl_s <= 0:
+            raise ValueError(f"lease seconds must be positive, got {ttl_s}")
+        self.uri = storage.join(output_uri, LEASE_PATH)
+        self.run_id = run_id
+        self.ttl_s = float(ttl_s)
+        self.owner = uuid.uuid4().hex
+        self.store: _LeaseStore = _S3LeaseStore(self.uri) if storage.is_remote(self.uri) else _LocalLeaseStore(self.uri)
+        self._etag: str | None = None
+        self._acquired_at = 0.0
+        self._renewals = 0
+        self._last_ok = 0.0  # monotonic time of the last successful write
+        self._lost = threading.Event()
+        self._lock = threading.Lock()  # the heartbeat and check() must not race on one ETag
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._fence = fence or _exit_on_lost_lease
+        self.took_over: dict[str, Any] | None = None
+
+    def _document(self, released: bool = False) -> bytes:
+        now = _now()
+        doc = {
+            "owner": self.owner,
+            "run_id": self.run_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "acquired_at": _iso(self._acquired_at or now),
+            "renewed_at": _iso(now),
+            "renewals": self._renewals,
+            "expires_at_epoch": now if released else now + self.ttl_s,
+            "expires_at": _iso(now if released else now + self.ttl_s),
+            "released": released,
+        }
+        return json.dumps(doc, sort_keys=True).encode()
+
+    def acquire(self) -> None:
+        """Take the lease, or raise :class:`LeaseHeldError` naming the current holder."""
+        for _ in range(3):  # a lease deleted by hand between our steps: start over
+            self._acquired_at = _now()
+            etag = self.store.create(self._document())
+            if etag is not None:
+                self._held(etag)
+                return
+            current = self.store.read()
+            if current is None:
+                continue
+            data, seen = current
+            holder = _parse_lease(data)
+            expired = holder.get("released") or float(holder.get("expires_at_epoch", 0)) <= _now()
+            if not expired:
+                raise LeaseHeldError(_held_message(self.uri, holder))
+            self._acquired_at = _now()
+            etag = self.store.swap(self._document(), seen)
+            if etag is None:
+                raise LeaseHeldError(
+                    f"another nightly run took over the expired lease {self.uri} first; not running"
+                )
+            if not holder.get("released"):
+                self.took_over = {k: holder.get(k) for k in ("run_id", "host", "pid", "expires_at")}
+                log.warning("took over expired lease of run %s (%s pid %s)", holder.get("run_id"),
+                            holder.get("host"), holder.get("pid"))
+            self._held(etag)
+            return
+        raise LeaseHeldError(f"lease {self.uri} keeps changing; another run is starting, not running")
+
+    def _held(self, etag: str) -> None:
+        self._etag = etag
+        self._last_ok = time.monotonic()
+
+    def renew(self) -> None:
+        """Extend the lease by one ttl; raise :class:`LeaseLostError` if it is no longer ours."""
+        with self._lock:
+            if self._etag is None or self._lost.is_set():
+                raise LeaseLostError(f"lease {self.uri} is not held by this run")
+            self._renewals += 1
+            etag = self.store.swap(self._document(), self._etag)
+            if etag is None:
+                self._lost.set()
+                raise LeaseLostError(f"lease {self.uri} was taken over by another run")
+            self._held(etag)
+
+    def check(self) -> None:
+        """Raise :class:`LeaseLostError` unless the lease is still ours and unexpired."""
+        self.renew()
+
+    def start_heartbeat(self) -> None:
+        """Renew every ttl/4 in a daemon thread; fence the process when the lease is lost."""
+        self._thread = threading.Thread(target=self._heartbeat, name="wbc-lease", daemon=True)
+        self._thread.start()
+
+    def _heartbeat(self) -> None:
+        interval = self.ttl_s / 4
+        while not self._stop.wait(interval):
+            try:
+                self.renew()
+                continue
+            except LeaseLostError as exc:
+                self._fence(str(exc))
+                return
+            except Exception as exc:  # noqa: BLE001 - storage hiccup: retry until our own deadline
+                log.warning("could not renew lease %s: %s", self.uri, exc)
+            if time.monotonic() - self._last_ok > 0.75 * self.ttl_s:
+                self._lost.set()
+                self._fence(f"could not renew lease {self.uri} for {0.75 * self.ttl_s:.0f}s")
+                return
+
+    def release(self) -> None:
+        """Mark the lease released (compare-and-swap), so the next run need not wait for expiry."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        with self._lock:
+            self._release_locked()
+
+    def _release_locked(self) -> None:
+        if self._etag is None or self._lost.is_set():
+            return
+        try:
+            if self.store.swap(self._document(released=True), self._etag) is None:
+                log.warning("lease %s was no longer ours at release", self.uri)
+        except storage.StorageError as exc:
+            log.warning("could not release lease %s (it expires by itself): %s", self.uri, exc)
+        self._etag = None
+
+    def __enter__(self) -> Lease:
+        self.acquire()
+        self.start_heartbeat()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _parse_lease(data: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(data)
+        return doc if isinstance(doc, dict) else {}
+    except ValueError:
+        return {}  # unreadable: treated as expired (expires_at_epoch 0), taken over by CAS
+
+
+def _held_message(uri: str, holder: dict[str, Any]) -> str:
+    return (
+        f"another nightly run holds the lease {uri} (run {holder.get('run_id')}, host {holder.get('host')}, "
+        f"pid {holder.get('pid')}, expires {holder.get('expires_at')}); not running. "
+        "Try again after it finishes or its lease expires."
+    )
+
+
+def _exit_on_lost_lease(message: str) -> None:
+    """Self-fencing: end the process at once so it cannot write its manifest."""
+    print(f"wbc-batch nightly: {message}; stopping without committing", file=sys.stderr, flush=True)
+    os._exit(EXIT_LEASE_HELD)
+
+
+# --- what OUTPUT already holds ----------------------------------------------
+
+
+def committed_run_ids(output_uri: str) -> set[str]:
+    """Run ids whose manifest says ``status: succeeded`` (the commit marker)."""
+    runs = storage.join(output_uri, "runs")
+    try:
+        files = [u for u in storage.list_files(runs) if u.endswith(".json")]
+    except FileNotFoundError:
+        return set()
+    out: set[str] = set()
+    for uri in files:
+        try:
+            doc = json.loads(storage.read_bytes(uri))
+        except (FileNotFoundError, ValueError):
+            continue
+        if isinstance(doc, dict) and doc.get("status") == "succeeded":
+            out.add(str(doc.get("run_id") or uri.rsplit("/", 1)[-1][: -len(".json")]))
+    return out
+
+
+def part_files(output_uri: str) -> list[tuple[str, str]]:
+    """(uri, run_id) of every prediction part file, run id taken from the file name."""
+    try:
+        files = storage.list_files(storage.join(output_uri, "predictions"))
+    except FileNotFoundError:
+        return []
+    out = []
+    for uri in files:
+        m = _PART_RE.match(uri.rsplit("/", 1)[-1])
+        if m:
+            out.append((uri, m.group("run_id")))
+    return out
+
+
+def committed_rows(output_uri: str) -> list[dict[str, Any]]:
+    """The columns nightly needs (``ROW_COLUMNS``) of every committed row.
+
+    Only part files named for a committed run id are read, and rows are
+    filtered on their own ``run_id`` column as well, so files of killed runs
+    never count.
+    """
+    import pyarrow.parquet as pq
+
+    committed = committed_run_ids(output_uri)
+    files = [u for u, rid in part_files(output_uri) if rid in committed]
+    if not files:
+        return []
+
+    def read(uri: str) -> list[dict[str, Any]]:
+        fs, path = storage.arrow_filesystem(uri)
+        table = pq.read_table(path, filesystem=fs, columns=ROW_COLUMNS)
+        return [r for r in table.to_pylist() if r["run_id"] in committed]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return [row for rows in pool.map(read, files) for row in rows]
+
+
+# --- deciding what to run -----------------------------------------------------
+
+
+@dataclass
+class NightlyOptions:
+    """Nightly-only choices on top of the classify options.
+
+    Attributes:
+        retry_errors: also retry images whose committed row is a permanent error.
+        reprocess_on_model_change: count only rows of the current model version
+            (see the module docstring for the policy).
+        lease_seconds: lease ttl; a killed run blocks the next one this long.
+        hash_workers: parallel reads while hashing candidates.
+    """
+
+    retry_errors: bool = False
+    reprocess_on_model_change: bool = False
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
+    hash_workers: int = 16
+
+
+@dataclass
+class NightPlan:
+    """What one night will do with each candidate image."""
+
+    new: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    retried: list[str] = field(default_factory=list)
+    skipped_done: list[str] = field(default_factory=list)
+    skipped_permanent: list[str] = field(default_factory=list)
+    vanished: list[str] = field(default_factory=list)
+
+    @property
+    def to_process(self) -> list[str]:
+        """Image URIs to classify tonight, sorted."""
+        return sorted(self.new + self.changed + self.retried)
+
+    def summary(self) -> dict[str, Any]:
+        """Counts (exact) and URI lists (first ``_LIST_CAP``) for the run manifest."""
+        cats = ("new", "changed", "retried", "skipped_done", "skipped_permanent", "vanished")
+        out: dict[str, Any] = {"counts": {c: len(getattr(self, c)) for c in cats}}
+        out["counts"]["to_process"] = len(self.to_process)
+        for c in ("new", "changed", "retried", "skipped_permanent", "vanished"):
+            out[c] = sorted(getattr(self, c))[:_LIST_CAP]
+        return out
+
+
+def plan_night(
+    candidates: dict[str, str | None],
+    rows: Iterable[dict[str, Any]],
+    model_version: str,
+    *,
+    retry_errors: bool = False,
+    reprocess_on_model_change: bool = False,
+) -> NightPlan:
+    """Sort candidate images into new / changed / retried / skipped.
+
+    Args:
+        candidates: image URI -> sha256 of its current bytes (None: unreadable
+            now, so it is processed and gets an error row of its own).
+        rows: committed rows with at least ``ROW_COLUMNS``.
+        model_version: the version tonight's model carries.
+        retry_errors: retry permanent error rows too.
+        reprocess_on_model_change: only rows of ``model_version`` count.
+
+    Returns:
+        The plan; ``to_process`` is what to classify.
+    """
+    by_key: dict[tuple[str, str | None], set[str]] = {}
+    seen_uris: set[str] = set()
+    for r in rows:
+        if reprocess_on_model_change and r.get("model_version") != model_version:
+            continue
+        uri = r["image_uri"]
+        seen_uris.add(uri)
+        outcome = "ok" if r.get("status") == "ok" else (r.get("error_kind") or "transient")
+        by_key.setdefault((uri, r.get("image_sha256")), set()).add(outcome)
+    plan = NightPlan()
+    for uri in sorted(candidates):
+        outcomes = by_key.get((uri, candidates[uri]), set()) if candidates[uri] is not None else set()
+        if "ok" in outcomes:
+            plan.skipped_done.append(uri)
+        elif "permanent" in outcomes and not retry_errors:
+            plan.skipped_permanent.append(uri)
+        elif outcomes:
+            plan.retried.append(uri)
+        elif uri in seen_uris:
+            # Unreadable now (None) counts here too: it had rows, so it is not new.
+            plan.changed.append(uri) if candidates[uri] is not None else plan.retried.append(uri)
+        else:
+            plan.new.append(uri)
+    return plan
+
+
+def hash_images(uris: list[str], workers: int = 16) -> tuple[dict[str, str | None], list[str]]:
+    """Read and sha256 each image in parallel.
+
+    Returns:
+        (uri -> sha256 or None when storage failed, URIs that no longer exist).
+    """
+
+    def one(uri: str) -> tuple[str, str | None, bool]:
+        try:
+            return uri, hashlib.sha256(storage.read_bytes(uri)).hexdigest(), True
+        except FileNotFoundError:
+            return uri, None, False
+        except (storage.StorageError, OSError) as exc:
+            log.warning("cannot read %s to hash it (it will be processed and recorded): %s", uri, exc)
+            return uri, None, True
+
+    hashes: dict[str, str | None] = {}
+    vanished: list[str] = []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for uri, digest, present in pool.map(one, uris):
+            if present:
+                hashes[uri] = digest
+            else:
+                vanished.append(uri)
+    return hashes, vanished
+
+
+def default_run_id(now: dt.datetime | None = None) -> str:
+    """``nightly-YYYYMMDD`` of the UTC date: one deterministic id per night."""
+    now = now or dt.datetime.now(dt.UTC)
+    return f"nightly-{now:%Y%m%d}"
+
+
+# --- the run ------------------------------------------------------------------
+
+
+def run_nightly(config: ClassifyConfig, options: NightlyOptions | None = None) -> dict[str, Any]:
+    """Classify what is new or changed under ``config.input_uri`` since the last committed runs.
+
+    Args:
+        config: classify settings; ``run_id`` None means ``nightly-YYYYMMDD``.
+        options: nightly choices (retry, model policy, lease ttl).
+
+    Returns:
+        The run manifest with a ``nightly`` section (counts and URIs of new,
+        changed, retried and skipped images), or, when ``run_id`` was
+        already committed, a summary with ``status: "already_committed"``.
+
+    Raises:
+        LeaseHeldError: another run holds the lease on this OUTPUT.
+    """
+    from wbc_batch.model import read_metadata, shipped_model_dir
+
+    options = options or NightlyOptions()
+    run_id = config.run_id or default_run_id()
+    meta = read_metadata(config.model_uri or str(shipped_model_dir()))
+    with Lease(config.output_uri, run_id, options.lease_seconds) as lease:
+        committed = committed_run_ids(config.output_uri)
+        base: dict[str, Any] = {"run_id": run_id, "input": config.input_uri, "output": config.output_uri,
+                                "model": {"version": meta.version, "sha256": meta.model_sha256}}
+        if run_id in committed:
+            log.warning("run %s is already committed; nothing to do", run_id)
+            return {**base, "status": "already_committed", "nightly": {"counts": {"to_process": 0}}}
+        started = time.monotonic()
+        hashes, vanished = hash_images(storage.list_images(config.input_uri), options.hash_workers)
+        plan = plan_night(hashes, committed_rows(config.output_uri), meta.version,
+                          retry_errors=options.retry_errors,
+                          reprocess_on_model_change=options.reprocess_on_model_change)
+        plan.vanished = vanished
+        nightly = {
+            **plan.summary(),
+            "policy": {"retry_errors": options.retry_errors,
+                       "reprocess_on_model_change": options.reprocess_on_model_change,
+                       "model_version": meta.version},
+            "planning_seconds": round(time.monotonic() - started, 3),
+            "lease": {"uri": lease.uri, "ttl_seconds": lease.ttl_s, "took_over": lease.took_over},
+        }
+        if not plan.to_process:
+            log.warning("nothing new under %s for model %s; committing an empty run", config.input_uri, meta.version)
+        from wbc_batch.pipeline import run_classify
+
+        extra = {**(config.manifest_extra or {}), "nightly": nightly}
+        lease.check()
+        # run_classify discards part files of an earlier, uncommitted attempt of this run id first
+        # and writes the manifest (the commit) last; an empty list commits a run of zero images,
+        # so every night leaves a manifest that says what it found.
+        manifest = run_classify(replace(config, run_id=run_id, uris=plan.to_process, manifest_extra=extra))
+        return manifest
