@@ -291,3 +291,18 @@ def test_percent_columns_are_floats(results: str) -> None:
     d = query.differential(results)
     assert d.percent.dtype == "float64" and not math.isnan(d.percent.iloc[0])
     assert isinstance(d, pd.DataFrame)
+
+
+def test_corrupt_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = str(tmp_path / "out")
+    write_run(out, "good", make_table(cells("X", {"neutrophil": 2}), "good"))
+    write_run(out, "killed", make_table(cells("X", {"monocyte": 2}), "killed"), status=None)
+    killed = next((tmp_path / "out" / "predictions").rglob("part-killed-*.parquet"))
+    killed.write_bytes(killed.read_bytes()[:100])  # half-written by a killed run: ignored, even unfiltered
+    assert len(query.load_results(out, committed_only=False)) == 2
+    (tmp_path / "out" / "runs" / "broken.json").write_text("{not json")  # never a commit
+    good = next((tmp_path / "out" / "predictions").rglob("part-good-*.parquet"))
+    good.write_bytes(b"garbage")
+    assert main(["query", out, "--runs"]) == 2
+    err = capsys.readouterr().err
+    assert "corrupt part file" in err and "committed run good" in err and err.count("\n") == 1

@@ -9,6 +9,9 @@ Baselines printed beside the Grad-CAM figures:
 - ``cell_area_share``: what a map spread evenly over the image scores;
 - a centred Gaussian map (sigma = 1/6 of the side): what "look at the middle"
   scores, since CellaVision centres the cell;
+- the cell mask itself averaged down to the map's 16x16 grid ("ideal map"):
+  the best ``cam_in_cell`` any map of that resolution can reach once
+  upsampled the way the pipeline does (bicubic);
 - for faithfulness, random maps (see ``wbc_batch.faithfulness``).
 
 Usage:
@@ -19,6 +22,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import cv2
 import csv
 import json
 import os
@@ -51,11 +55,13 @@ def _load_inputs(rows: list[dict], data: Path, cache: Path | None, size: int, ke
     return imaging.prepare_batch(rgbs, size)
 
 
-def _localise(args: tuple[Path, np.ndarray, np.ndarray]) -> tuple[dict, dict]:
+def _localise(args: tuple[Path, np.ndarray, np.ndarray]) -> tuple[dict, dict, dict]:
     path, cam, centre = args
     rgb = imaging.decode_image(path.read_bytes())
     mask = cell_mask(rgb)
-    return localisation_metrics(rgb, cam, mask), localisation_metrics(rgb, centre, mask)
+    ideal = cv2.resize(mask.astype(np.float32), cam.shape[::-1], interpolation=cv2.INTER_AREA)
+    return (localisation_metrics(rgb, cam, mask), localisation_metrics(rgb, centre, mask),
+            localisation_metrics(rgb, ideal, mask))
 
 
 def main() -> None:
@@ -90,11 +96,12 @@ def main() -> None:
     with ThreadPoolExecutor(2) as pool:
         loc = list(pool.map(_localise, [(Path(args.data) / r["uri"], c, centre) for r, c in zip(rows, cams)]))
     t_loc = time.time() - t0 - t_cam
-    cam_in = np.array([m["cam_in_cell"] for m, _ in loc])
-    peak_in = np.array([m["cam_peak_in_cell"] for m, _ in loc])
-    area = np.array([m["cell_area_share"] for m, _ in loc])
-    centre_in = np.array([c["cam_in_cell"] for _, c in loc])
-    centre_peak = np.array([c["cam_peak_in_cell"] for _, c in loc])
+    cam_in = np.array([m["cam_in_cell"] for m, _, _ in loc])
+    peak_in = np.array([m["cam_peak_in_cell"] for m, _, _ in loc])
+    area = np.array([m["cell_area_share"] for m, _, _ in loc])
+    centre_in = np.array([c["cam_in_cell"] for _, c, _ in loc])
+    centre_peak = np.array([c["cam_peak_in_cell"] for _, c, _ in loc])
+    ideal_in = np.array([i["cam_in_cell"] for _, _, i in loc])
 
     def summary(sel: np.ndarray) -> dict:
         return {
@@ -105,6 +112,9 @@ def main() -> None:
             "cell_area_share_mean": round(float(area[sel].mean()), 4),
             "centre_map_cam_in_cell_mean": round(float(centre_in[sel].mean()), 4),
             "centre_map_peak_in_cell": round(float(centre_peak[sel].mean()), 4),
+            "ideal_16x16_map_cam_in_cell_mean": round(float(ideal_in[sel].mean()), 4),
+            "cam_in_cell_quantiles_10_25_50_75_90": [round(float(q), 3) for q in np.quantile(cam_in[sel], [.1, .25, .5, .75, .9])],
+            "cam_in_cell_over_ideal_mean": round(float((cam_in[sel] / np.maximum(ideal_in[sel], 1e-6)).mean()), 4),
             "suspect_share_cam_in_cell_below_0.5": round(float((cam_in[sel] < 0.5).mean()), 4),
             "empty_mask_share": round(float((area[sel] == 0).mean()), 4),
         }

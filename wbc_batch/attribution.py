@@ -187,6 +187,13 @@ def display_map(attribution_map: np.ndarray) -> np.ndarray:
     return m
 
 
+def _calibrated(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(logits / T) from softmax(logits): log p differs from the logits by a constant only."""
+    z = np.log(np.maximum(probs.astype(np.float64), 1e-300)) / temperature
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
 def _npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
@@ -212,7 +219,8 @@ def explain_images(
         allow_untrusted: allow a remote model outside the trusted prefixes.
 
     Returns:
-        One dict per input: input, sha256, predicted_class, probability,
+        One dict per input: input, sha256, predicted_class, probability
+        (calibrated with the model's temperature, as classify reports it),
         explained_class, method, overlay, map.
 
     Raises:
@@ -255,11 +263,12 @@ def explain_images(
             storage.write_bytes(f"{stem}.npy", _npy_bytes(attr.maps[i]))
             storage.write_bytes(f"{stem}.jpg", imaging.encode_jpeg(overlay_heatmap(rgb, display_map(attr.maps[i]))))
             predicted = int(attr.probabilities[i].argmax())
+            calibrated = _calibrated(attr.probabilities[i], art.meta.temperature)
             results.append({
                 "input": uri,
                 "sha256": sha,
                 "predicted_class": names[predicted],
-                "probability": round(float(attr.probabilities[i, predicted]), 4),
+                "probability": round(float(calibrated[predicted]), 4),
                 "explained_class": explained,
                 "method": method,
                 "overlay": f"{stem}.jpg",

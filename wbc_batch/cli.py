@@ -193,6 +193,105 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- explain --------------------------------------------------------------
+
+
+def _add_explain(sub: argparse._SubParsersAction) -> None:
+    from wbc_batch.attribution import METHODS
+
+    p = sub.add_parser("explain", help="write attribution maps (overlay + raw .npy) for chosen images",
+                       description="Explain chosen cells (for example from the review queue) with one attribution "
+                                   "method; writes <sha256>-<method>-<class>.jpg and .npy per image and prints JSON.")
+    p.add_argument("inputs", metavar="IMAGE_OR_URI", nargs="+", help="image files or s3:// URIs")
+    p.add_argument("--method", choices=METHODS, default="gradcam", help="attribution method (default gradcam)")
+    p.add_argument("--class", dest="class_name", metavar="C", default=None,
+                   help="class to explain, by name or index (default: each image's predicted class)")
+    p.add_argument("--out", default="explanations", help="local folder or s3:// prefix (default ./explanations)")
+    p.add_argument("--model", default=None, help="model artifact folder or s3:// URI (default: the shipped model)")
+    p.add_argument("--trust-model", action="store_true", help="allow a model from a remote location not listed as trusted")
+    p.set_defaults(func=_cmd_explain)
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    """Explain the images and print what was written, as JSON."""
+    from wbc_batch.attribution import explain_images
+
+    print_json(explain_images(args.inputs, args.out, method=args.method, class_name=args.class_name,
+                              model_uri=args.model, allow_untrusted=args.trust_model))
+    return 0
+
+
+# --- train ----------------------------------------------------------------
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a classifier on Ray Train and write a model artifact",
+                       description="Train on a class-folder layout (DATA/<class>/<image>), calibrate on the validation "
+                                   "split, evaluate on the test split and write the artifact to MODEL_OUT.")
+    p.add_argument("data", metavar="DATA", help="local folder or s3://bucket/prefix with one folder per class")
+    p.add_argument("model_out", metavar="MODEL_OUT", help="local folder or s3:// prefix for the candidate artifact")
+    p.add_argument("--workers", type=int, default=2, help="data-parallel training workers (default 2)")
+    p.add_argument("--epochs", type=int, default=30, help="training epochs (default 30)")
+    p.add_argument("--image-size", type=int, default=128, help="model input side in pixels (default 128)")
+    p.add_argument("--batch-size", type=int, default=64, help="global batch size over all workers (default 64)")
+    p.add_argument("--learning-rate", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per training worker (default 1)")
+    p.add_argument("--use-gpu", action="store_true", help="give each training worker a GPU")
+    p.add_argument("--storage-path", default=None,
+                   help="local folder or s3:// prefix for checkpoints (default: MODEL_OUT-checkpoints)")
+    p.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from (default 2)")
+    p.add_argument("--version", default=None, help="model version string (default: UTC time plus data fingerprint)")
+    p.add_argument("--publish", metavar="LOCATION", default=None,
+                   help="make the candidate LOCATION/current if it beats the current model there")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: connect or start a local one)")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    """Train, write the artifact and print a summary."""
+    from wbc_batch.training import TrainConfig, run_training
+
+    summary = run_training(TrainConfig.from_args(args))
+    m = summary["metrics"]
+    print(f"model {summary['version']} written to {summary['model_out']} "
+          f"(train {summary['train_seconds']:.0f}s, splits {summary['split_counts']})")
+    if m:
+        print(f"test accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
+              f"ECE calibrated {m['ece_calibrated']:.4f}  temperature {summary['calibration']['temperature']:.3f}")
+    if "publish" in summary:
+        pub = summary["publish"]
+        print(f"publish: {'promoted' if pub['promoted'] else 'not promoted'} ({pub['reason']})")
+    return 0
+
+
+# --- evaluate -------------------------------------------------------------
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="measure a model on labelled images and write JSON",
+                       description="Evaluate MODEL on the labelled images of DATA (class-folder layout), by default "
+                                   "on the test split recorded in the model's split.csv.")
+    p.add_argument("model", metavar="MODEL", help="model artifact folder or s3:// URI ('shipped' for the default model)")
+    p.add_argument("data", metavar="DATA", help="local folder or s3://bucket/prefix with one folder per class")
+    p.add_argument("--split", choices=["train", "val", "test", "all"], default="test",
+                   help="which images, by the model's split.csv (default test; all images if it has none)")
+    p.add_argument("--out", default=None, help="write the full JSON here (local path or s3:// URI)")
+    p.add_argument("--trust-model", action="store_true", help="allow a model from a remote location not listed as trusted")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate and print the headline figures."""
+    from wbc_batch.training import evaluate, format_summary
+
+    model = None if args.model == "shipped" else args.model
+    result = evaluate(model, args.data, out_json=args.out, split=args.split, allow_untrusted=args.trust_model)
+    print(format_summary(result))
+    if args.out:
+        print(f"full results: {args.out}")
+    return 0
+
+
 # --- registry -------------------------------------------------------------
 # Each command adds itself here: (name, function that declares its parser).
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_classify]

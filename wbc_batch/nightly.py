@@ -392,24 +392,6 @@ def _exit_on_lost_lease(message: str) -> None:
 # --- what OUTPUT already holds ----------------------------------------------
 
 
-def committed_run_ids(output_uri: str) -> set[str]:
-    """Run ids whose manifest says ``status: succeeded`` (the commit marker)."""
-    runs = storage.join(output_uri, "runs")
-    try:
-        files = [u for u in storage.list_files(runs) if u.endswith(".json")]
-    except FileNotFoundError:
-        return set()
-    out: set[str] = set()
-    for uri in files:
-        try:
-            doc = json.loads(storage.read_bytes(uri))
-        except (FileNotFoundError, ValueError):
-            continue
-        if isinstance(doc, dict) and doc.get("status") == "succeeded":
-            out.add(str(doc.get("run_id") or uri.rsplit("/", 1)[-1][: -len(".json")]))
-    return out
-
-
 def part_files(output_uri: str) -> list[tuple[str, str]]:
     """(uri, run_id) of every prediction part file, run id taken from the file name."""
     try:
@@ -424,19 +406,29 @@ def part_files(output_uri: str) -> list[tuple[str, str]]:
     return out
 
 
-def committed_rows(output_uri: str) -> list[dict[str, Any]]:
-    """The columns nightly needs (``ROW_COLUMNS``) of every committed row.
+def committed_rows(output_uri: str) -> tuple[set[str], list[dict[str, Any]]]:
+    """Committed run ids and the columns nightly needs (``ROW_COLUMNS``) of every committed row.
 
-    Only part files named for a committed run id are read, and rows are
-    filtered on their own ``run_id`` column as well, so files of killed runs
-    never count.
+    The commit rule is the one queries apply (``query.read_manifests``):
+    only part files named for a run whose manifest says ``succeeded`` and, when
+    the manifest lists its ``parquet_files``, only those; rows are filtered on
+    their own ``run_id`` too. Only six columns are read, so this stays cheap
+    as the archive grows.
     """
     import pyarrow.parquet as pq
 
-    committed = committed_run_ids(output_uri)
-    files = [u for u, rid in part_files(output_uri) if rid in committed]
-    if not files:
-        return []
+    from wbc_batch.query import committed_run_ids, read_manifests
+
+    manifests = read_manifests(output_uri)
+    committed = committed_run_ids(manifests)
+    files = []
+    for uri, rid in part_files(output_uri):
+        if rid not in committed:
+            continue
+        listed = manifests[rid].get("parquet_files")
+        if isinstance(listed, list) and uri.rsplit("/", 1)[-1] not in {str(f).rsplit("/", 1)[-1] for f in listed}:
+            continue  # a stale part of an earlier attempt of this run id
+        files.append(uri)
 
     def read(uri: str) -> list[dict[str, Any]]:
         fs, path = storage.arrow_filesystem(uri)
@@ -444,7 +436,7 @@ def committed_rows(output_uri: str) -> list[dict[str, Any]]:
         return [r for r in table.to_pylist() if r["run_id"] in committed]
 
     with ThreadPoolExecutor(max_workers=8) as pool:
-        return [row for rows in pool.map(read, files) for row in rows]
+        return committed, [row for rows in pool.map(read, files) for row in rows]
 
 
 # --- deciding what to run -----------------------------------------------------
@@ -598,7 +590,7 @@ def run_nightly(config: ClassifyConfig, options: NightlyOptions | None = None) -
     run_id = config.run_id or default_run_id()
     meta = read_metadata(config.model_uri or str(shipped_model_dir()))
     with Lease(config.output_uri, run_id, options.lease_seconds) as lease:
-        committed = committed_run_ids(config.output_uri)
+        committed, rows = committed_rows(config.output_uri)
         base: dict[str, Any] = {"run_id": run_id, "input": config.input_uri, "output": config.output_uri,
                                 "model": {"version": meta.version, "sha256": meta.model_sha256}}
         if run_id in committed:
@@ -606,7 +598,7 @@ def run_nightly(config: ClassifyConfig, options: NightlyOptions | None = None) -
             return {**base, "status": "already_committed", "nightly": {"counts": {"to_process": 0}}}
         started = time.monotonic()
         hashes, vanished = hash_images(storage.list_images(config.input_uri), options.hash_workers)
-        plan = plan_night(hashes, committed_rows(config.output_uri), meta.version,
+        plan = plan_night(hashes, rows, meta.version,
                           retry_errors=options.retry_errors,
                           reprocess_on_model_change=options.reprocess_on_model_change)
         plan.vanished = vanished

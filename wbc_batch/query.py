@@ -30,6 +30,7 @@ import json
 import math
 import re
 from collections.abc import Collection, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from statistics import NormalDist
@@ -41,6 +42,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from wbc_batch import storage
+
+__all__ = [
+    "BASE_COLUMNS", "CANNED", "DEFAULT_REFERENCE_RANGES", "QueryError", "Results", "check_read_only", "committed_run_ids",
+    "connect", "differential", "differential_from_frame", "domain_shift_detected", "format_frame", "load_results",
+    "query_frame", "read_manifests", "read_results", "run_query", "wilson_interval",
+]
 
 PREDICTIONS_DIR = "predictions"
 RUNS_DIR = "runs"
@@ -280,7 +287,7 @@ def read_results(output: str, *, committed_only: bool = True, run_ids: Collectio
     keep_runs: set[str] | None = committed if committed_only else None
     if run_ids is not None:
         keep_runs = set(run_ids) if keep_runs is None else keep_runs & set(run_ids)
-    tables: list[pa.Table] = []
+    wanted: list[tuple[str, str | None]] = []
     for path in files:
         name = path.rsplit("/", 1)[-1]
         match = _PART_RE.match(name)
@@ -292,14 +299,24 @@ def read_results(output: str, *, committed_only: bool = True, run_ids: Collectio
             listed = _committed_files(manifests.get(file_run, {})) if file_run else None
             if listed is not None and name not in listed:
                 continue  # a stale part of an earlier attempt of this run id
+        wanted.append((path, file_run))
+
+    def read(item: tuple[str, str | None]) -> pa.Table | None:
+        path, file_run = item
         try:
             table = pq.read_table(path, filesystem=fs)
-        except OSError as exc:
+        except (OSError, pa.ArrowInvalid) as exc:
             if keep_runs is None and file_run not in committed:
-                continue  # an uncommitted run's file may be incomplete; it never counts anyway
+                return None  # an uncommitted run's file may be incomplete; it never counts anyway
+            if isinstance(exc, pa.ArrowInvalid):
+                raise ValueError(f"corrupt part file {path} of committed run {file_run}: {str(exc).splitlines()[0]}") from None
             raise _fs_error(output, exc) from None
         date = _RUN_DATE_RE.search(path)
-        tables.append(_normalise(table, date.group(1) if date else None))
+        return _normalise(table, date.group(1) if date else None)
+
+    # Object stores answer one request at a time slowly; a few in flight hide the latency.
+    with ThreadPoolExecutor(max_workers=min(8, max(1, len(wanted)))) as pool:
+        tables = [t for t in pool.map(read, wanted) if t is not None]
     rows = pa.concat_tables(tables, promote_options="permissive") if tables else _empty_rows()
     if keep_runs is not None and rows.num_rows:
         rows = rows.filter(pc.is_in(rows.column("run_id"), value_set=pa.array(sorted(keep_runs), type=pa.string())))
@@ -613,7 +630,7 @@ def drift_sql(class_names: Iterable[str]) -> str:
         for c in class_names
     )
     return f"""
-SELECT coalesce(run_date, CAST(processed_at AS DATE)) AS day, model_version, count(*) AS cells,
+SELECT CAST(coalesce(run_date, CAST(processed_at AS DATE)) AS VARCHAR) AS day, model_version, count(*) AS cells,
        avg(confidence) AS mean_confidence,
        avg(CASE WHEN out_of_distribution THEN 1.0 ELSE 0.0 END) AS ood_share,
        avg(CASE WHEN needs_review THEN 1.0 ELSE 0.0 END) AS review_share{shares}
@@ -672,6 +689,11 @@ def format_frame(frame: pd.DataFrame, fmt: str = "table") -> str:
         return frame.to_csv(index=False)
     if not len(frame):
         return "(no rows)\n" if not len(frame.columns) else " ".join(map(str, frame.columns)) + "\n(no rows)\n"
+    if list(frame.columns) == ["explain_key", "explain_value"]:  # a plan reads best as DuckDB drew it
+        return "".join(f"{k}\n{v}\n" for k, v in zip(frame.explain_key, frame.explain_value))
+    frame = frame.copy()
+    for col in frame.select_dtypes(include="object").columns:
+        frame[col] = frame[col].where(frame[col].notna(), "")
     with pd.option_context("display.max_colwidth", 120, "display.width", 250):
         return frame.to_string(index=False, na_rep="", float_format=lambda v: f"{v:.4g}") + "\n"
 
@@ -690,4 +712,10 @@ def run_query(output: str, sql: str | None = None, fmt: str = "table", canned: s
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    return format_frame(query_frame(output, sql, canned=canned, sample=sample, **differential_options), fmt)
+    frame = query_frame(output, sql, canned=canned, sample=sample, **differential_options)
+    if canned == "differential" and fmt == "table":  # percent to 0.1 for people; csv/json keep full precision
+        frame = frame.copy()
+        for col in ("percent", "ci_low", "ci_high"):
+            frame[col] = frame[col].map(lambda v: "-" if pd.isna(v) else f"{v:.1f}")
+        frame["ood_share"] = frame["ood_share"].map(lambda v: f"{v:.1%}")
+    return format_frame(frame, fmt)

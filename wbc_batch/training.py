@@ -373,6 +373,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             )
         crash_at = cfg.get("fault_injection_epoch")
         if crash_at is not None and rank == world - 1 and epoch == int(crash_at) and start_epoch == 0:
+            time.sleep(5)  # let the controller register this epoch's checkpoint first
             os._exit(1)  # a real worker death, to exercise FailureConfig and the resume path
 
 
@@ -782,6 +783,34 @@ def update_metadata(model_uri: str, updates: dict[str, Any]) -> dict[str, Any]:
     data.update(updates)
     storage.write_bytes(uri, (json.dumps(data, indent=2, allow_nan=False) + "\n").encode())
     return data
+
+
+def calibrate(model_uri: str | None, data_uri: str, write: bool = False) -> dict[str, Any]:
+    """Refit temperature and review threshold of an artifact on its validation split.
+
+    Uses real images picked by content hash from the artifact's split.csv.
+    With ``write`` the two keys are set in model.json by read-modify-write
+    (everything else, and model.keras, stays as it is).
+
+    Returns:
+        :func:`calibration_from_val` output plus ``val_nll_raw`` and ``val_nll_calibrated``.
+    """
+    from wbc_batch.model import load_artifact, shipped_model_dir
+
+    artifact = load_artifact(model_uri)
+    split_of = read_split_csv(artifact.uri)
+    if split_of is None:
+        raise ValueError(f"model {artifact.uri} has no {SPLIT_FILE}: cannot tell its validation images")
+    got = collect_logits(artifact, data_uri, "val", split_of)
+    result: dict[str, Any] = calibration_from_val(got["logits"], got["labels"])
+    result["val_nll_raw"] = metrics.nll(got["logits"], got["labels"], 1.0)
+    result["val_nll_calibrated"] = metrics.nll(got["logits"], got["labels"], result["temperature"])
+    if write:
+        update_metadata(
+            str(model_uri or shipped_model_dir()),
+            {"temperature": result["temperature"], "review_threshold": result["review_threshold"]},
+        )
+    return result
 
 
 def _copy_artifact(src: str, dst: str) -> None:

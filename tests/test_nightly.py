@@ -1,0 +1,362 @@
+"""Nightly runs: what counts as new, the lease, and real killed / concurrent runs against S3 on loopback.
+
+The fast tests drive the planner and the lease directly (local files and a real moto S3 server).
+The slow ones start ``python jobs/nightly.py`` as real processes, kill one with SIGKILL, race two,
+and read what a query would see straight from the bucket (boto3 + pyarrow, not the code under test).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.results_factory import cell, make_table, write_run
+from wbc_batch import storage
+from wbc_batch.nightly import (
+    EXIT_LEASE_HELD,
+    Lease,
+    LeaseHeldError,
+    LeaseLostError,
+    committed_rows,
+    default_run_id,
+    plan_night,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+V1 = "1.0.0"
+
+
+# --- planning --------------------------------------------------------------------------------
+
+
+def _row(uri: str, sha: str | None, status: str = "ok", kind: str | None = None, version: str = V1) -> dict[str, Any]:
+    return {"image_uri": uri, "image_sha256": sha, "status": status, "error_kind": kind,
+            "model_version": version, "run_id": "r"}
+
+
+@pytest.mark.parametrize(
+    ("rows", "current", "options", "expected"),
+    [
+        ([], "h1", {}, "new"),
+        ([_row("a", "h1")], "h1", {}, "skipped_done"),
+        ([_row("a", "h0")], "h1", {}, "changed"),
+        ([_row("a", "h1", "error", "transient")], "h1", {}, "retried"),
+        ([_row("a", "h1", "error", "permanent")], "h1", {}, "skipped_permanent"),
+        ([_row("a", "h1", "error", "permanent")], "h1", {"retry_errors": True}, "retried"),
+        ([_row("a", "h1", "error", "transient"), _row("a", "h1")], "h1", {}, "skipped_done"),
+        ([_row("a", None, "error", "transient")], None, {}, "retried"),
+        # model policy: by default any version's row counts; with the flag only the current one
+        ([_row("a", "h1", version="0.9.0")], "h1", {}, "skipped_done"),
+        ([_row("a", "h1", version="0.9.0")], "h1", {"reprocess_on_model_change": True}, "new"),
+        ([_row("a", "h1", version="0.9.0"), _row("a", "h1")], "h1", {"reprocess_on_model_change": True}, "skipped_done"),
+    ],
+)
+def test_plan_night_sorts_each_image(rows: list[dict[str, Any]], current: str | None, options: dict[str, bool],
+                                     expected: str) -> None:
+    plan = plan_night({"a": current}, rows, V1, **options)
+    found = [c for c in ("new", "changed", "retried", "skipped_done", "skipped_permanent") if "a" in getattr(plan, c)]
+    assert found == [expected]
+    assert plan.to_process == (["a"] if expected in ("new", "changed", "retried") else [])
+
+
+def test_plan_summary_counts_every_category() -> None:
+    rows = [_row("done", "d"), _row("bad", "b", "error", "permanent"), _row("moved", "m0")]
+    plan = plan_night({"done": "d", "bad": "b", "moved": "m1", "fresh": "f"}, rows, V1)
+    summary = plan.summary()
+    assert summary["counts"] == {"new": 1, "changed": 1, "retried": 0, "skipped_done": 1, "skipped_permanent": 1,
+                                 "vanished": 0, "to_process": 2}
+    assert summary["new"] == ["fresh"] and summary["changed"] == ["moved"] and summary["skipped_permanent"] == ["bad"]
+
+
+def test_default_run_id_is_one_per_utc_night() -> None:
+    import datetime as dt
+
+    late = dt.datetime(2026, 11, 26, 23, 59, tzinfo=dt.UTC)
+    assert default_run_id(late) == "nightly-20261126" == default_run_id(late.replace(hour=0))
+
+
+def test_committed_rows_ignore_uncommitted_runs(tmp_path: Path) -> None:
+    out = str(tmp_path / "out")
+    write_run(out, "good", make_table([cell("/in/s/a.jpg", "s", "neutrophil")], "good"))
+    write_run(out, "killed", make_table([cell("/in/s/b.jpg", "s", "monocyte")], "killed"), status=None)
+    write_run(out, "failed", make_table([cell("/in/s/c.jpg", "s", "monocyte")], "failed"), status="failed")
+    committed, rows = committed_rows(out)
+    assert committed == {"good"}
+    assert [r["image_uri"] for r in rows] == ["/in/s/a.jpg"]
+    assert committed_rows(str(tmp_path / "empty")) == (set(), [])
+
+
+# --- the lease -------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["local", "s3"])
+def output_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An OUTPUT on local disk or in a fresh bucket of the loopback S3 server."""
+    if request.param == "local":
+        return str(tmp_path / "out")
+    bucket = request.getfixturevalue("s3_bucket")
+    return f"s3://{bucket}/results"
+
+
+def test_second_lease_is_refused_with_the_holder_named(output_uri: str) -> None:
+    with Lease(output_uri, "night-a", ttl_s=60):
+        with pytest.raises(LeaseHeldError, match=r"another nightly run holds the lease .*run night-a"):
+            Lease(output_uri, "night-b", ttl_s=60).acquire()
+    # released: the next run takes it at once, without waiting for the expiry
+    with Lease(output_uri, "night-c", ttl_s=60) as lease:
+        assert lease.took_over is None
+
+
+def test_expired_lease_is_taken_over_and_its_old_holder_cannot_renew(output_uri: str) -> None:
+    dead = Lease(output_uri, "killed", ttl_s=0.5)
+    dead.acquire()  # no heartbeat: as if the process was killed
+    time.sleep(0.7)
+    taker = Lease(output_uri, "next", ttl_s=60)
+    taker.acquire()
+    assert taker.took_over and taker.took_over["run_id"] == "killed"
+    with pytest.raises(LeaseLostError):
+        dead.renew()
+    dead.release()  # must not remove the new holder's lease
+    with pytest.raises(LeaseHeldError):
+        Lease(output_uri, "third", ttl_s=60).acquire()
+    taker.release()
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_racing_runs_exactly_one_wins(output_uri: str, stale: bool) -> None:
+    if stale:
+        Lease(output_uri, "killed", ttl_s=0.2).acquire()
+        time.sleep(0.4)
+    winners: list[str] = []
+    losers: list[str] = []
+    barrier = threading.Barrier(6)
+
+    def attempt(i: int) -> None:
+        lease = Lease(output_uri, f"run-{i}", ttl_s=60)
+        barrier.wait()
+        try:
+            lease.acquire()
+            winners.append(lease.run_id)
+        except LeaseHeldError as exc:
+            losers.append(str(exc))
+
+    threads = [threading.Thread(target=attempt, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(winners) == 1 and len(losers) == 5, (winners, losers)
+
+
+def test_heartbeat_renews_and_fences_a_run_that_lost_its_lease(output_uri: str) -> None:
+    fenced = threading.Event()
+    lease = Lease(output_uri, "long-run", ttl_s=0.8, fence=lambda msg: fenced.set())
+    lease.acquire()
+    lease.start_heartbeat()
+    time.sleep(1.5)  # past the ttl: only renewals keep it
+    with pytest.raises(LeaseHeldError):
+        Lease(output_uri, "intruder", ttl_s=60).acquire()
+    # an operator (or a run with a skewed clock) replaces the lease behind its back
+    storage.write_bytes(lease.uri, json.dumps({"run_id": "other", "expires_at_epoch": time.time() + 60}).encode())
+    assert fenced.wait(timeout=3), "a run that lost its lease must be stopped before it can commit"
+    lease.release()
+
+
+# --- real processes against S3 on loopback ----------------------------------------------------
+
+
+def _descendants(pid: int) -> list[int]:
+    """Process ids below ``pid`` (from /proc), so Ray processes of a killed driver can be checked."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _start(inp: str, out: str, *args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3", "RAY_DEDUP_LOGS": "0"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, str(REPO / "jobs" / "nightly.py"), inp, out, "--batch-size", "4", *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen[str], timeout: float = 240) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def _s3() -> Any:
+    import boto3
+
+    return boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+
+
+def _keys(bucket: str, prefix: str) -> list[str]:
+    pages = _s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return sorted(o["Key"] for p in pages for o in p.get("Contents", []))
+
+
+def _committed(bucket: str, prefix: str) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """What a query sees, read independently: manifests with status succeeded, and their runs' rows."""
+    import pyarrow.parquet as pq
+
+    s3 = _s3()
+    manifests = {}
+    for key in _keys(bucket, f"{prefix}/runs/"):
+        m = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+        if m.get("status") == "succeeded":
+            manifests[m["run_id"]] = m
+    rows = []
+    for key in _keys(bucket, f"{prefix}/predictions/"):
+        table = pq.read_table(io.BytesIO(s3.get_object(Bucket=bucket, Key=key)["Body"].read()))
+        rows += [r for r in table.select(["image_uri", "image_sha256", "status", "error_kind", "run_id"]).to_pylist()
+                 if r["run_id"] in manifests]
+    return manifests, rows
+
+
+def _upload(bucket: str, key: str, data: bytes) -> None:
+    _s3().put_object(Bucket=bucket, Key=key, Body=data)
+
+
+@pytest.fixture()
+def images(samples_dir: Path) -> list[tuple[str, bytes]]:
+    """(name, bytes) of 9 real sample images from different classes."""
+    picks = []
+    for folder in sorted(p for p in samples_dir.iterdir() if p.is_dir()):
+        picks += [(f"{folder.name}-{f.name}", f.read_bytes()) for f in sorted(folder.iterdir())[:2]]
+    return picks[:9]
+
+
+@pytest.fixture()
+def reaper() -> Iterator[list[int]]:
+    """Pids of processes a test started; whatever still runs at the end is ended, by pid."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+@pytest.mark.s3
+def test_killed_run_then_rerun_then_next_nights(s3_bucket: str, images: list[tuple[str, bytes]],
+                                                reaper: list[int]) -> None:
+    """SIGKILL mid-run, re-run: exactly once. Next night: only new and changed images; a corrupt one stays skipped."""
+    inp, out = f"s3://{s3_bucket}/incoming", f"s3://{s3_bucket}/results"
+    first, later = images[:6], images[6:9]
+    for name, data in first:
+        _upload(s3_bucket, f"incoming/slide-1/{name}", data)
+    _upload(s3_bucket, "incoming/slide-1/corrupt.jpg", b"\xff\xd8\xff\xe0 not really a jpeg")
+    expected_ok = {f"{inp}/slide-1/{n}" for n, _ in first}
+
+    # 1. night 1 is killed with SIGKILL once it is under way (its first heatmap is written)
+    proc = _start(inp, out, "--run-id", "nightly-1", "--lease-seconds", "10")
+    reaper.append(proc.pid)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and not _keys(s3_bucket, "results/heatmaps/"):
+        time.sleep(0.2)
+    assert proc.poll() is None, f"run ended before it could be killed: {proc.communicate()}"
+    below = _descendants(proc.pid)
+    reaper.extend(below)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    manifests, rows = _committed(s3_bucket, "results")
+    assert manifests == {} and rows == [], "a killed run must leave nothing that counts"
+    assert not _keys(s3_bucket, "results/runs/")
+
+    # 2. re-run at once: the killed run's lease has not expired, so it is refused with a clear message
+    code, _, err = _finish(_start(inp, out, "--run-id", "nightly-1", "--lease-seconds", "10"))
+    assert code == EXIT_LEASE_HELD, err
+    assert "another nightly run holds the lease" in err and "run nightly-1" in err
+    assert "Traceback" not in err
+
+    # 3. after the expiry the re-run takes the lease over and commits exactly one row per image
+    lease = json.loads(_s3().get_object(Bucket=s3_bucket, Key="results/state/lease.json")["Body"].read())
+    time.sleep(max(0.0, lease["expires_at_epoch"] - time.time()) + 0.5)
+    code, stdout, err = _finish(_start(inp, out, "--run-id", "nightly-1", "--lease-seconds", "10"))
+    assert code == 0, err
+    manifests, rows = _committed(s3_bucket, "results")
+    assert set(manifests) == {"nightly-1"}
+    ok = Counter(r["image_uri"] for r in rows if r["status"] == "ok")
+    assert ok == Counter({u: 1 for u in expected_ok}), "exactly one successful row per image"
+    [bad] = [r for r in rows if r["status"] == "error"]
+    assert bad["image_uri"].endswith("corrupt.jpg") and bad["error_kind"] == "permanent"
+    night1 = manifests["nightly-1"]["nightly"]
+    assert night1["counts"]["new"] == 7 and night1["lease"]["took_over"]["run_id"] == "nightly-1"
+    assert "7 new" in stdout
+    assert not any(_alive(p) for p in below if p != proc.pid), "Ray processes of the killed driver outlived it"
+
+    # 4. next night: two new images, one image replaced by other bytes under the same key
+    for name, data in later[:2]:
+        _upload(s3_bucket, f"incoming/slide-2/{name}", data)
+    changed_name = first[0][0]
+    _upload(s3_bucket, f"incoming/slide-1/{changed_name}", later[2][1])
+    code, _, err = _finish(_start(inp, out, "--run-id", "nightly-2", "--lease-seconds", "10"))
+    assert code == 0, err
+    manifests, rows = _committed(s3_bucket, "results")
+    night2 = manifests["nightly-2"]
+    assert night2["nightly"]["counts"] == {"new": 2, "changed": 1, "retried": 0, "skipped_done": 5,
+                                           "skipped_permanent": 1, "vanished": 0, "to_process": 3}
+    assert night2["nightly"]["skipped_permanent"] == [f"{inp}/slide-1/corrupt.jpg"], "a corrupt image is not retried"
+    assert night2["counts"]["total"] == 3 and night2["counts"]["ok"] == 3
+    assert sorted(r["image_uri"] for r in rows if r["run_id"] == "nightly-2") == sorted(
+        [f"{inp}/slide-1/{changed_name}", *(f"{inp}/slide-2/{n}" for n, _ in later[:2])])
+    changed_rows = [r for r in rows if r["image_uri"].endswith(changed_name) and r["status"] == "ok"]
+    assert len({r["image_sha256"] for r in changed_rows}) == 2, "the changed image has a row for each content"
+
+
+@pytest.mark.slow
+@pytest.mark.s3
+def test_two_concurrent_runs_only_one_commits(s3_bucket: str, images: list[tuple[str, bytes]],
+                                              reaper: list[int]) -> None:
+    inp, out = f"s3://{s3_bucket}/incoming", f"s3://{s3_bucket}/results"
+    for name, data in images[:4]:
+        _upload(s3_bucket, f"incoming/slide-1/{name}", data)
+    procs = {rid: _start(inp, out, "--run-id", rid, "--no-heatmaps") for rid in ("nightly-a", "nightly-b")}
+    reaper.extend(p.pid for p in procs.values())
+    results = {rid: _finish(p) for rid, p in procs.items()}
+    codes = sorted(code for code, _, _ in results.values())
+    assert codes == [0, EXIT_LEASE_HELD], results
+    [(winner, _)] = [(rid, r) for rid, r in results.items() if r[0] == 0]
+    [(_, loser)] = [(rid, r) for rid, r in results.items() if r[0] != 0]
+    err_lines = [ln for ln in loser[2].splitlines() if ln.startswith("wbc-batch nightly:")]
+    assert len(err_lines) == 1 and "another nightly run holds the lease" in err_lines[0]
+    assert f"run {winner}" in err_lines[0]
+    manifests, rows = _committed(s3_bucket, "results")
+    assert set(manifests) == {winner}
+    assert Counter(r["image_uri"] for r in rows) == Counter({f"{inp}/slide-1/{n}": 1 for n, _ in images[:4]})
+    assert all(f"part-{winner}-" in k for k in _keys(s3_bucket, "results/predictions/")), "the loser wrote nothing"

@@ -1,0 +1,172 @@
+"""Report tests: known results plus real images and heatmaps, rendered to one HTML file.
+
+The Chromium test opens the report in a real headless browser, takes a
+screenshot and checks that every embedded image decoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from tests.results_factory import T0, cell, cells, make_table, write_run
+from wbc_batch import storage
+from wbc_batch.cli import main
+from wbc_batch.report import write_report
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "pbc"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--hide-scrollbars", "--mute-audio"]
+
+
+def _heatmap(rgb: np.ndarray) -> bytes:
+    """A Grad-CAM-like overlay: a JET blob centred on the image."""
+    h, w = rgb.shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w]
+    cam = np.exp(-(((yy - h / 2) / (h / 4)) ** 2 + ((xx - w / 2) / (w / 4)) ** 2))
+    colour = cv2.applyColorMap((cam * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    blended = cv2.addWeighted(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), 0.55, colour, 0.45, 0)
+    return cv2.imencode(".jpg", blended)[1].tobytes()
+
+
+def _write_images(base: str, output: str, sample: str, folder: str, n: int, ext: str = ".jpg") -> list[dict]:
+    """Copy ``n`` bundled images of a class into ``base/sample`` (re-encoded as ``ext``) with their heatmaps."""
+    rows = []
+    for src in sorted((SAMPLES / folder).iterdir())[:n]:
+        bgr = cv2.imread(str(src))
+        data = cv2.imencode(ext, bgr)[1].tobytes()
+        uri = storage.join(base, sample, src.stem + ext)
+        storage.write_bytes(uri, data)
+        sha = hashlib.sha256(data).hexdigest()
+        heat = storage.join(output, "heatmaps", sha[:2], f"{sha}-1.0.0.jpg")
+        storage.write_bytes(heat, _heatmap(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)))
+        rows.append(cell(uri, sample, folder, image_sha256=sha, heatmap_uri=heat))
+    return rows
+
+
+def _build(base: str, output: str) -> None:
+    """slide-A: 15 white cells, 5 need review (one a TIFF, one a missing file); slide-B: mostly OOD; domain shift."""
+    a = (_write_images(base, output, "slide-A", "neutrophil", 6) + _write_images(base, output, "slide-A", "lymphocyte", 4)
+         + _write_images(base, output, "slide-A", "monocyte", 2, ext=".tif") + _write_images(base, output, "slide-A", "eosinophil", 2))
+    for r, conf in zip([a[0], a[6], a[10], a[12]], [0.41, 0.62, 0.55, 0.78]):
+        r["confidence"] = conf
+    b = _write_images(base, output, "slide-B", "lymphocyte", 3)
+    for r in b[:2]:
+        r["out_of_distribution"] = True
+    missing = cell(storage.join(base, "slide-A", "gone.jpg"), "slide-A", "neutrophil", confidence=0.3)
+    evil = cell(storage.join(base, "<script>alert(1)</script>", "x.jpg"), "<script>alert(1)</script>", "basophil")
+    rows = a + b + [missing, evil, cell(storage.join(base, "slide-A", "bad.jpg"), "slide-A", None)]
+    write_run(output, "run-1", make_table(rows, "run-1"),
+              domain_shift={"detected": True, "ood_share": 0.11, "samples": ["slide-B"]})
+
+
+@pytest.fixture()
+def report_case(tmp_path: Path) -> tuple[str, str]:
+    base, out = str(tmp_path / "input"), str(tmp_path / "out")
+    _build(base, out)
+    return base, out
+
+
+def test_report_is_self_contained(report_case: tuple[str, str], tmp_path: Path) -> None:
+    _, out = report_case
+    path = write_report(out)
+    assert path == str(Path(out) / "reports" / "run-1.html")
+    doc = Path(path).read_text()
+    assert doc.index('id="domain-shift"') < doc.index("<h2>Run summary")  # warning at the top
+    assert 'id="unreliable"' in doc and "slide-B — NOT REPORTABLE" in doc
+    assert doc.count("<svg") == 2
+    srcs = re.findall(r'<img src="([^"]*)"', doc)
+    assert len(srcs) == 2 * 6  # 6 cells awaiting review with files x (original, heatmap); the missing one has none
+    assert all(s.startswith("data:image/jpeg;base64,") for s in srcs)
+    assert "gone.jpg" in doc and "original: not found" in doc
+    assert not re.search(r'(src|href)="(?!data:)', doc)  # nothing fetched from anywhere
+    assert "<script>" not in doc and "&lt;script&gt;alert(1)&lt;/script&gt;" in doc
+    # slide-A: 6 neutrophils of 15 white cells (one missing-file cell counts: it was classified)
+    assert re.search(r"<td>neutrophil</td><td class=num>7</td><td class=num>46.7</td>", doc)
+
+
+def test_report_scope_is_the_run_as_of_its_commit(report_case: tuple[str, str], tmp_path: Path) -> None:
+    base, out = report_case
+    later = make_table(cells("slide-A", {"basophil": 5}, prefix=base), "run-2", processed_at=T0.replace(hour=12))
+    write_run(out, "run-2", later, finished_at=T0.replace(hour=12, minute=5))
+    doc1 = Path(write_report(out, "run-1", str(tmp_path / "r1.html"))).read_text()
+    doc2 = Path(write_report(out, out_file=str(tmp_path / "r2.html"))).read_text()
+    assert "Run run-1" in doc1 and "Run run-2" in doc2
+    assert re.search(r"<td>basophil</td><td class=num>1</td>", doc1)  # the run-1 basophil only
+    assert re.search(r"<td>basophil</td><td class=num>5</td>", doc2)  # slide-A as of run-2
+    assert "slide-B" not in doc2.split("<h2>Differential")[1].split("<h2>Charts")[0]
+
+
+def test_report_errors(tmp_path: Path, report_case: tuple[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    _, out = report_case
+    write_run(out, "run-9", make_table([], "run-9"), status="failed")
+    with pytest.raises(ValueError, match="not committed"):
+        write_report(out, "run-9")
+    with pytest.raises(ValueError, match="no run 'nope'"):
+        write_report(out, "nope")
+    empty = str(tmp_path / "empty")
+    write_run(empty, "r0", make_table([], "r0"), status=None)
+    with pytest.raises(ValueError, match="no committed run"):
+        write_report(empty)
+    assert main(["report", out, "--run-id", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("wbc-batch report: invalid input: no run 'nope'") and err.count("\n") == 1
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "no results under" in capsys.readouterr().err
+    target = tmp_path / "cli.html"
+    assert main(["report", out, "--out", str(target)]) == 0
+    assert capsys.readouterr().out.strip() == str(target) and target.stat().st_size > 10_000
+
+
+@pytest.mark.s3
+def test_report_from_s3(s3_bucket: str) -> None:
+    base, out = f"s3://{s3_bucket}/input", f"s3://{s3_bucket}/out"
+    _build(base, out)
+    uri = write_report(out)
+    assert uri == f"{out}/reports/run-1.html"
+    doc = storage.read_bytes(uri).decode()
+    assert len(re.findall(r'<img src="data:image/jpeg;base64,', doc)) == 12
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (apt-get install -y chromium)")
+def test_report_renders_in_chromium(report_case: tuple[str, str], tmp_path: Path) -> None:
+    _, out = report_case
+    report = Path(write_report(out, out_file=str(tmp_path / "report.html")))
+    # A copy with a probe script: the report itself has none, and its CSP forbids scripts.
+    probe = ("<script>window.addEventListener('load',()=>{const i=[...document.images];"
+             "document.body.dataset.images=i.length;"
+             "document.body.dataset.loaded=i.filter(x=>x.complete&&x.naturalWidth>0).length;"
+             "document.body.dataset.svgs=document.querySelectorAll('svg').length;"
+             "document.body.dataset.height=document.documentElement.scrollHeight;});</script>")
+    doc = report.read_text().replace("style-src 'unsafe-inline'", "style-src 'unsafe-inline'; script-src 'unsafe-inline'")
+    checked = tmp_path / "checked.html"
+    checked.write_text(doc.replace("</body>", probe + "</body>"))
+    base = [_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000"]
+    dom = subprocess.run([*base, "--dump-dom", checked.as_uri()], capture_output=True, text=True, timeout=120, check=True).stdout
+    body = re.search(r"<body([^>]*)>", dom).group(1)
+    attrs = dict(re.findall(r'data-(\w+)="(\d+)"', body))
+    assert attrs["images"] == "12" and attrs["loaded"] == "12", attrs
+    assert attrs["svgs"] == "2"
+
+    shot = tmp_path / "report.png"
+    subprocess.run([*base, f"--screenshot={shot}", "--window-size=1280,2400", report.as_uri()],
+                   capture_output=True, text=True, timeout=120, check=True)
+    png = cv2.imread(str(shot))
+    assert png is not None and png.shape[:2] == (2400, 1280)
+    assert png.std() > 20  # not a blank page
+    keep = os.environ.get("WBC_REPORT_SCREENSHOT")
+    if keep:  # for a person to look at
+        shutil.copy(shot, keep)

@@ -1,0 +1,187 @@
+"""Ray Train job, artifact, evaluation and promotion on the bundled samples (real Ray, real files)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from wbc_batch import training
+from wbc_batch.cli import main
+from wbc_batch.model import SPLIT_FILE, ModelMetadata, load_artifact, read_metadata, save_artifact
+from wbc_batch.splits import LabelledImage, assign_splits, sha256_hex
+
+CLASSES = ["basophil", "eosinophil", "ig", "lymphocyte", "monocyte", "neutrophil", "non_wbc"]
+
+
+@pytest.fixture(scope="module")
+def data_with_junk(samples_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The samples plus what the real dataset has: a '.jpg' that is not an image, and a non-image name."""
+    root = tmp_path_factory.mktemp("data") / "pbc"
+    shutil.copytree(samples_dir, root)
+    (root / "neutrophil" / ".DS_169665.jpg").write_bytes(b"\x00\x00\x00\x01Bud1" + b"\x00" * 64)
+    (root / "neutrophil" / "notes.txt").write_text("not an image")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(ray_local: None, data_with_junk: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Two CPU workers, 2 epochs at 32 px; the last worker dies after epoch 0 and the run resumes."""
+    out = tmp_path_factory.mktemp("train")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("wbc_batch.training").addHandler(handler)
+    try:
+        summary = training.run_training(
+            training.TrainConfig(
+                data_uri=str(data_with_junk), model_out=str(out / "candidate"), workers=2, epochs=2, image_size=32,
+                batch_size=16, storage_path=str(out / "checkpoints"), fault_injection_epoch=0, version="0.0.1-test",
+            )
+        )
+    finally:
+        logging.getLogger("wbc_batch.training").removeHandler(handler)
+    summary["warnings"] = [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+    return summary
+
+
+@pytest.mark.slow
+def test_two_workers_stay_in_sync_and_resume_after_a_worker_dies(trained: dict[str, Any]) -> None:
+    last = trained["final_epoch"]
+    assert last["world_size"] == 2 and last["epoch"] == 1
+    # the worker died after epoch 0; the restarted group loaded that checkpoint and ran only epoch 1
+    assert last["start_epoch"] == 1
+    digests = trained["replica_trainable_sha256"]
+    assert sorted(digests) == ["0", "1"]
+    # different data shards on each worker: identical weights only if the gradients were all-reduced
+    assert digests["0"] == digests["1"] == last["trainable_sha256"]
+
+
+@pytest.mark.slow
+def test_non_images_are_skipped_with_a_warning(trained: dict[str, Any]) -> None:
+    joined = "\n".join(trained["warnings"])
+    assert ".DS_169665.jpg: not an image" in joined
+    assert "notes.txt: not an image file name" in joined
+    assert sum(trained["split_counts"].values()) == 64
+
+
+@pytest.mark.slow
+def test_artifact_holds_the_trained_weights_split_and_calibration(trained: dict[str, Any]) -> None:
+    art = load_artifact(trained["model_out"])
+    meta = art.meta
+    assert meta.class_names == CLASSES and meta.image_size == 32 and meta.version == "0.0.1-test"
+    assert meta.gradcam_layer == "cam_features" and meta.non_wbc_classes == ["non_wbc"]
+    assert meta.temperature > 0 and 0 < meta.review_threshold <= 1.0 + 1e-9
+    assert meta.training_data["split_counts"] == trained["split_counts"]
+    assert len(meta.training_data["fingerprint_sha256"]) == 64
+    assert meta.metrics["split"] == "test" and len(meta.metrics["confusion_matrix"]) == 7
+    ckpt = np.load(Path(trained["checkpoint"]) / training.WEIGHTS_FILE)
+    for saved, loaded in zip((ckpt[k] for k in sorted(ckpt.files)), art.model.get_weights()):
+        np.testing.assert_array_equal(saved, loaded)
+    rows = (Path(trained["model_out"]) / SPLIT_FILE).read_text().splitlines()
+    assert rows[0] == "sha256,label,split,uri" and len(rows) == 65
+    assert {r.split(",")[2] for r in rows[1:]} == {"train", "val", "test"}
+
+
+@pytest.mark.slow
+def test_evaluate_uses_the_models_test_split(trained: dict[str, Any], data_with_junk: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval.json"
+    result = training.evaluate(trained["model_out"], str(data_with_junk), out_json=str(out))
+    assert result["split"] == "test" and result["n_images"] == trained["split_counts"]["test"]
+    m = result["metrics"]
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "precision", "recall", "confusion_matrix",
+                "ece_raw", "ece_calibrated", "coverage_at_99_5", "review", "wbc", "mature5"):
+        assert key in m, key
+    assert m["wbc"]["classes"] == CLASSES[:6] and m["mature5"]["n"] == 5
+    assert json.loads(out.read_text())["n_images"] == result["n_images"]
+    everything = training.evaluate(trained["model_out"], str(data_with_junk), split="all")
+    assert everything["n_images"] == 64 and any(".DS_" in s["uri"] for s in everything["skipped"])
+
+
+@pytest.mark.slow
+def test_cli_evaluate_prints_and_refuses_a_tampered_model(
+    trained: dict[str, Any], data_with_junk: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["evaluate", trained["model_out"], str(data_with_junk), "--out", str(tmp_path / "e.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "accuracy" in printed and "5 mature classes" in printed and (tmp_path / "e.json").is_file()
+    tampered = tmp_path / "tampered"
+    shutil.copytree(trained["model_out"], tampered)
+    with open(tampered / "model.keras", "ab") as fh:
+        fh.write(b"\x00")
+    assert main(["evaluate", str(tampered), str(data_with_junk)]) == 4
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not match model.json" in err[0]
+
+
+# --- promotion and 5-class models, with hand-made models (no training needed) ----------------
+
+
+def _split_csv(data: Path) -> str:
+    rows = training.list_labelled_files(str(data))
+    items = [LabelledImage(r["rel"], sha256_hex(Path(r["uri"]).read_bytes()), r["label"], r["folder"]) for r in rows
+             if not Path(r["uri"]).name.startswith(".")]
+    return training.split_csv_text(items, assign_splits(items))
+
+
+def _constant_model(tmp: Path, name: str, classes: list[str], always: str, split_csv: str) -> str:
+    """An artifact whose logits ignore the image and always favour one class."""
+    import keras
+
+    from wbc_batch.architecture import build_classifier
+
+    model = build_classifier(keras, len(classes), image_size=32)
+    dense = model.get_layer("logits")
+    kernel, bias = dense.get_weights()
+    bias[:] = 0.0
+    bias[classes.index(always)] = 5.0
+    dense.set_weights([np.zeros_like(kernel), bias])
+    meta = ModelMetadata(version=name, class_names=classes, image_size=32, gradcam_layer="cam_features",
+                         non_wbc_classes=[c for c in classes if c == "non_wbc"])
+    uri = str(tmp / name)
+    save_artifact(model, meta, uri, split_csv=split_csv)
+    return uri
+
+
+def test_publish_promotes_only_a_better_model_and_keeps_the_previous(data_with_junk: Path, tmp_path: Path) -> None:
+    split = _split_csv(data_with_junk)
+    # test split of the samples: 1 image per white-cell class, 3 non_wbc (erythroblast + platelet)
+    worse = _constant_model(tmp_path, "always-basophil", CLASSES, "basophil", split)
+    better = _constant_model(tmp_path, "always-non-wbc", CLASSES, "non_wbc", split)
+    loc = tmp_path / "published"
+
+    first = training.publish(worse, str(loc), str(data_with_junk))
+    assert first["promoted"] and first["reason"] == "no current model"
+    assert read_metadata(str(loc / "current")).version == "always-basophil"
+
+    second = training.publish(better, str(loc), str(data_with_junk))
+    assert second["promoted"], second["reason"]
+    assert second["candidate"]["split"] == "test"
+    assert read_metadata(str(loc / "current")).version == "always-non-wbc"
+    assert read_metadata(str(loc / "versions" / "always-basophil")).version == "always-basophil"
+    load_artifact(str(loc / "current"))  # sha256 still matches after the copy
+
+    third = training.publish(worse, str(loc), str(data_with_junk))
+    assert not third["promoted"] and "does not beat" in third["reason"]
+    assert read_metadata(str(loc / "current")).version == "always-non-wbc"
+
+
+def test_five_class_model_evaluates_and_is_not_published_over_a_seven_class_one(data_with_junk: Path, tmp_path: Path) -> None:
+    split = _split_csv(data_with_junk)
+    mature = list(training.MATURE_CLASSES)
+    five = _constant_model(tmp_path, "five", mature, "neutrophil", split)
+    result = training.evaluate(five, str(data_with_junk), split="test")
+    # only images of the model's own classes are scored; ig and non_wbc images are reported as skipped
+    assert result["n_images"] == 5 and result["metrics"]["accuracy"] == pytest.approx(1 / 5)
+    assert result["metrics"]["mature5"]["n"] == 5 and "wbc" in result["metrics"]
+    skipped = {Path(s["uri"]).parent.name for s in result["skipped"]}
+    assert "ig" in skipped and skipped <= {"ig", "erythroblast", "platelet"}
+    loc = tmp_path / "published"
+    training.publish(_constant_model(tmp_path, "seven", CLASSES, "non_wbc", split), str(loc), str(data_with_junk))
+    refused = training.publish(five, str(loc), str(data_with_junk))
+    assert not refused["promoted"] and "class lists differ" in refused["reason"]
