@@ -315,12 +315,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _root_cause(exc: BaseException) -> BaseException:
+    """The first known failure inside Ray's wrappers (RayTaskError.cause, UserCodeException.__cause__)."""
+    from wbc_batch.model import ModelArtifactError
+    from wbc_batch.storage import StorageError
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (CliError, ModelArtifactError, StorageError)):
+            return current
+        current = getattr(current, "cause", None) or current.__cause__
+    return exc
+
+
 def _error_message(exc: BaseException) -> tuple[str, int]:
     """Turn a known failure into one line and an exit code."""
     from wbc_batch.imaging import ImageDecodeError
     from wbc_batch.model import ModelArtifactError
     from wbc_batch.storage import StorageError
 
+    exc = _root_cause(exc)
     if isinstance(exc, CliError):
         return str(exc), exc.code
     if isinstance(exc, ModelArtifactError):
@@ -331,13 +347,14 @@ def _error_message(exc: BaseException) -> tuple[str, int]:
         return f"not found: {exc.filename or exc}", EXIT_USAGE
     if isinstance(exc, (ValueError, ImageDecodeError)):
         return f"invalid input: {exc}", EXIT_USAGE
-    return f"failed: {type(exc).__name__}: {exc}", EXIT_FAILED
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"failed: {type(exc).__name__}: {first}", EXIT_FAILED
 
 
 def _quiet_libraries() -> None:
     """Keep Ray's and TensorFlow's progress chatter out of a normal run's output."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ["WBC_QUIET"] = "1"
     for name in ("ray", "ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -358,6 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("WBC_DEBUG"):
             raise
         message, code = _error_message(exc)
+        message = (message.splitlines() or [""])[0]  # one line, whatever the exception held
         print(f"wbc-batch {args.command}: {message}", file=sys.stderr)
         return code
 

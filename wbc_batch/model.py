@@ -120,11 +120,18 @@ def is_trusted_location(uri: str) -> bool:
     """Local artifacts are trusted; remote ones only under prefixes the operator lists.
 
     ``WBC_TRUSTED_MODEL_PREFIXES`` is a comma-separated list of URI prefixes.
+    A prefix matches whole path segments only (``s3://lab/models`` trusts
+    ``s3://lab/models/v3`` but not ``s3://lab/models-evil/v3``), and a URI
+    with a ``..`` segment is never trusted.
     """
     if not storage.is_remote(uri):
         return True
-    prefixes = [p.strip() for p in os.environ.get(TRUSTED_PREFIXES_ENV, "").split(",") if p.strip()]
-    return any(uri.startswith(p) for p in prefixes)
+    if ".." in uri.split("/"):
+        return False
+    prefixes = [p.strip().rstrip("/") for p in os.environ.get(TRUSTED_PREFIXES_ENV, "").split(",") if p.strip()]
+    target = uri.rstrip("/")
+    return any(p.startswith("s3://") and len(p) > len("s3://") and (target == p or target.startswith(p + "/"))
+               for p in prefixes)
 
 
 def shipped_model_dir() -> Path:

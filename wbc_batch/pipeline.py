@@ -240,11 +240,19 @@ class BatchClassifier:
 
 def render_explanations(batch: dict[str, np.ndarray], output_uri: str, write_heatmaps: bool,
                         suspect_below: float) -> dict[str, np.ndarray]:
-    """Measure where each map falls (localisation) and write the heatmap overlays."""
+    """Measure where each map falls (localisation) and write the heatmap overlays.
+
+    A heatmap that cannot be written (storage down after retries, disk full)
+    turns its row into a ``transient`` error row, so the run still ends and
+    a later run (nightly) retries that image.
+    """
     from wbc_batch.explain import overlay_heatmap
     from wbc_batch.localisation import localisation_metrics
 
     n = len(batch["image_uri"])
+    status = np.array(batch["status"], dtype=object)
+    error = np.array(batch["error"], dtype=object)
+    kind = np.array(batch["error_kind"], dtype=object)
     in_cell = np.full(n, np.nan, dtype=np.float32)
     peak_in = np.zeros(n, dtype=bool)
     area = np.full(n, np.nan, dtype=np.float32)
@@ -258,12 +266,19 @@ def render_explanations(batch: dict[str, np.ndarray], output_uri: str, write_hea
         in_cell[i], peak_in[i], area[i] = m["cam_in_cell"], m["cam_peak_in_cell"], m["cell_area_share"]
         if write_heatmaps:
             uri = results.heatmap_uri(output_uri, batch["image_sha256"][i], batch["model_version"][i])
-            storage.write_bytes(uri, encode_jpeg(overlay_heatmap(rgb, cam), quality=85))
+            try:
+                storage.write_bytes(uri, encode_jpeg(overlay_heatmap(rgb, cam), quality=85))
+            except storage.StorageError as exc:
+                status[i], error[i], kind[i] = "error", f"heatmap write failed: {exc}", "transient"
+                continue
             uris[i] = uri
-    ok = batch["status"] == "ok"
+    ok = status == "ok"
     suspect = ok & (np.nan_to_num(in_cell, nan=0.0) < suspect_below)
     out = {k: v for k, v in batch.items() if k not in ("image_bytes", "cam")}
     out.update(
+        status=status,
+        error=error,
+        error_kind=kind,
         cam_in_cell=in_cell,
         cam_peak_in_cell=peak_in,
         cell_area_share=area,
@@ -275,6 +290,19 @@ def render_explanations(batch: dict[str, np.ndarray], output_uri: str, write_hea
 
 
 # --- the run --------------------------------------------------------------
+
+
+def _quiet_ray_data() -> None:
+    """In a quiet CLI run, keep Ray Data's per-dataset INFO lines and progress bars off the console."""
+    if not os.environ.get("WBC_QUIET"):
+        return
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    for name in ("ray.data", "ray.data._internal.execution.streaming_executor"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _init_ray(address: str | None) -> None:
@@ -348,6 +376,7 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
     workers, gpus_per, cpus_per = 0, 0.0, 0.0
     if uris:
         _init_ray(config.ray_address)
+        _quiet_ray_data()
         workers, gpus_per, cpus_per = _plan_resources(config)
         items = [{"image_uri": u, "sample_id": sample_id_for(u, config.sample_id_regex)} for u in uris]
         blocks = max(1, min(len(items) // config.batch_size + 1, 512))
@@ -367,6 +396,9 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
             compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=cpus_per,
             num_gpus=gpus_per,
+            # A killed actor is restarted and its batch retried (Ray Data's defaults, stated here).
+            max_restarts=-1,
+            max_task_retries=-1,
         )
         suspect_below = float(meta.metrics.get("explanation_suspect_below", DEFAULT_SUSPECT_BELOW)) \
             if isinstance(meta.metrics, dict) else DEFAULT_SUSPECT_BELOW

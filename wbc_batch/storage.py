@@ -79,6 +79,17 @@ def _is_not_found(exc: Exception) -> bool:
     return code in ("404", "NoSuchKey", "NotFound")
 
 
+def _reason(exc: Exception) -> str:
+    """A short, credential-free reason: the S3 error code, or the botocore exception class."""
+    code = getattr(exc, "response", {}).get("Error", {}).get("Code") if hasattr(exc, "response") else None
+    if code:
+        return str(code)
+    name = type(exc).__name__
+    if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ReadTimeoutError"):
+        return f"{name} (is the S3 endpoint reachable?)"
+    return name
+
+
 def read_bytes(uri: str) -> bytes:
     """Read a whole object or file.
 
@@ -96,9 +107,9 @@ def read_bytes(uri: str) -> bytes:
     except ClientError as exc:
         if _is_not_found(exc):
             raise FileNotFoundError(uri) from None
-        raise StorageError(f"cannot read {uri}: {exc.response.get('Error', {}).get('Code', 'error')}") from None
+        raise StorageError(f"cannot read {uri}: {_reason(exc)}") from None
     except BotoCoreError as exc:
-        raise StorageError(f"cannot read {uri}: {type(exc).__name__}") from None
+        raise StorageError(f"cannot read {uri}: {_reason(exc)}") from None
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -110,7 +121,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         try:
             s3_client().put_object(Bucket=bucket, Key=key, Body=data)
         except (ClientError, BotoCoreError) as exc:
-            raise StorageError(f"cannot write {uri}: {type(exc).__name__}") from None
+            raise StorageError(f"cannot write {uri}: {_reason(exc)}") from None
         return
     path = Path(uri)
     try:
@@ -135,7 +146,7 @@ def write_bytes_if_absent(uri: str, data: bytes) -> bool:
         True if this call created it, False if it already existed.
     """
     if is_remote(uri):
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         bucket, key = split_s3(uri)
         try:
@@ -144,7 +155,9 @@ def write_bytes_if_absent(uri: str, data: bytes) -> bool:
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
                 return False
-            raise StorageError(f"cannot write {uri}: {exc.response.get('Error', {}).get('Code')}") from None
+            raise StorageError(f"cannot write {uri}: {_reason(exc)}") from None
+        except BotoCoreError as exc:
+            raise StorageError(f"cannot write {uri}: {_reason(exc)}") from None
     path = Path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -160,7 +173,7 @@ def exists(uri: str) -> bool:
     """True when the file or object exists."""
     if not is_remote(uri):
         return Path(uri).exists()
-    from botocore.exceptions import ClientError
+    from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, key = split_s3(uri)
     try:
@@ -169,16 +182,26 @@ def exists(uri: str) -> bool:
     except ClientError as exc:
         if _is_not_found(exc):
             return False
-        raise StorageError(f"cannot reach {uri}: {exc.response.get('Error', {}).get('Code')}") from None
+        raise StorageError(f"cannot reach {uri}: {_reason(exc)}") from None
+    except BotoCoreError as exc:
+        raise StorageError(f"cannot reach {uri}: {_reason(exc)}") from None
 
 
 def delete(uri: str) -> None:
     """Delete a file or object if present."""
     if is_remote(uri):
+        from botocore.exceptions import BotoCoreError, ClientError
+
         bucket, key = split_s3(uri)
-        s3_client().delete_object(Bucket=bucket, Key=key)
-    else:
+        try:
+            s3_client().delete_object(Bucket=bucket, Key=key)
+        except (ClientError, BotoCoreError) as exc:
+            raise StorageError(f"cannot delete {uri}: {_reason(exc)}") from None
+        return
+    try:
         Path(uri).unlink(missing_ok=True)
+    except OSError as exc:
+        raise StorageError(f"cannot delete {uri}: {exc.strerror or exc}") from None
 
 
 def list_files(prefix: str) -> list[str]:
@@ -221,9 +244,9 @@ def _list_s3(prefix: str) -> list[str]:
             for obj in page.get("Contents", []):
                 out.append(f"s3://{bucket}/{obj['Key']}")
     except ClientError as exc:
-        raise StorageError(f"cannot list {prefix}: {exc.response.get('Error', {}).get('Code')}") from None
+        raise StorageError(f"cannot list {prefix}: {_reason(exc)}") from None
     except BotoCoreError as exc:
-        raise StorageError(f"cannot list {prefix}: {type(exc).__name__} (is the S3 endpoint reachable?)") from None
+        raise StorageError(f"cannot list {prefix}: {_reason(exc)}") from None
     return sorted(out)
 
 
@@ -273,10 +296,18 @@ def list_images(input_uri: str) -> list[str]:
 
 
 def check_writable(uri: str) -> None:
-    """Fail early with a clear message when OUTPUT cannot be written."""
+    """Fail early with a clear message when OUTPUT cannot be written.
+
+    Raises:
+        StorageError: "OUTPUT <uri> is not writable: <reason>".
+    """
     probe = join(uri, f".wbc-write-probe-{os.getpid()}")
-    write_bytes(probe, b"probe")
-    delete(probe)
+    try:
+        write_bytes(probe, b"probe")
+        delete(probe)
+    except StorageError as exc:
+        reason = str(exc).removeprefix(f"cannot write {probe}: ").removeprefix(f"cannot delete {probe}: ")
+        raise StorageError(f"OUTPUT {uri} is not writable: {reason}") from None
 
 
 @lru_cache(maxsize=8)
@@ -284,7 +315,9 @@ def _arrow_s3() -> Any:
     import pyarrow.fs as pafs
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    kwargs: dict[str, Any] = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=6)}
+    attempts = int(os.environ.get("WBC_S3_MAX_ATTEMPTS", "6"))
+    kwargs: dict[str, Any] = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=attempts),
+                              "connect_timeout": 5.0, "request_timeout": 30.0}
     if endpoint:
         kwargs["endpoint_override"] = endpoint
         kwargs["scheme"] = "https" if endpoint.startswith("https") else "http"

@@ -298,8 +298,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     threads = max(1, int(cfg.get("cpus_per_worker", 1)))
+    # intra-op only: collective all-reduce ops block an inter-op thread while they
+    # wait for the peers, so a single inter-op thread deadlocks the strategy
     tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(threads)
     tf_keras.utils.set_random_seed(int(cfg["seed"]))
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
 

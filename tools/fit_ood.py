@@ -1,0 +1,157 @@
+"""Fit the out-of-distribution statistics of a model artifact and measure them.
+
+Why a tool: the shipped model was trained before OOD statistics existed, and
+the statistics only need the model's embeddings of its own train/val split,
+so they can be added afterwards without retraining or re-saving the model.
+The Gaussians are fitted on the train split, the threshold on the val split
+at ``--fpr``; the test split and simulated shifts of its original images
+(``wbc_batch.ood.SHIFTS``) are scored for the figures in ``docs/OOD.md``.
+
+Only ``model.json["ood"]`` is changed, by read-modify-write right before the
+write (other keys may be edited by others meanwhile); ``model.keras`` is
+never touched, so its sha256 still matches.
+
+Images come from ``--cache`` (an npz with X (N,S,S,3) uint8 model inputs, y,
+s = split name, classes; made with the classify preprocessing) when given,
+else from ``--data`` (the labelled class folders) and the artifact's
+``split.csv``. Shifts are applied to the original test images from
+``--data`` when that folder exists, else to the cached model inputs.
+
+Usage: python tools/fit_ood.py [--model DIR] [--cache X.npz] [--data DIR] [--fpr 0.025] [--dry-run] [--report OUT.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from wbc_batch.imaging import decode_image, resize_for_model  # noqa: E402
+from wbc_batch.model import META_FILE, SPLIT_FILE, ModelMetadata, load_artifact, shipped_model_dir  # noqa: E402
+from wbc_batch.ood import SHIFTS, OodScorer, fit_ood, quality_features, simulate_shift  # noqa: E402
+
+DEFAULT_DATA = "/work/shared/data/pbc"
+
+
+def embed(model: Any, embedding_layer: str, images: np.ndarray, batch: int = 256) -> np.ndarray:
+    """(N, D) float32 pooled embeddings; the same tensor GradCam returns, without the backward pass."""
+    import keras
+
+    sub = keras.Model(model.inputs, model.get_layer(embedding_layer).output)
+    out = [np.asarray(sub.predict_on_batch(images[i : i + batch].astype(np.float32))) for i in range(0, len(images), batch)]
+    return np.concatenate(out).astype(np.float32)
+
+
+def read_split(model_dir: Path) -> list[dict[str, str]]:
+    """Rows of the artifact's split.csv (sha256, label, split, uri relative to the data folder)."""
+    path = model_dir / SPLIT_FILE
+    if not path.is_file():
+        raise SystemExit(f"error: {path} not found; pass --cache or use an artifact with {SPLIT_FILE}")
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def load_labelled(args: argparse.Namespace, meta: ModelMetadata, model_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Model inputs, class indices and split names of every labelled image."""
+    if args.cache:
+        d = np.load(args.cache, allow_pickle=False)
+        if list(d["classes"]) != list(meta.class_names):
+            raise SystemExit(f"error: cache classes {list(d['classes'])} differ from the model's {meta.class_names}")
+        return d["X"], d["y"].astype(np.int64), d["s"].astype(str)
+    rows = read_split(model_dir)
+    index = {c: i for i, c in enumerate(meta.class_names)}
+    images = np.empty((len(rows), meta.image_size, meta.image_size, 3), dtype=np.uint8)
+    for i, row in enumerate(rows):
+        with open(os.path.join(args.data, row["uri"]), "rb") as fh:
+            images[i] = resize_for_model(decode_image(fh.read()), meta.image_size)
+    labels = np.array([index[r["label"]] for r in rows], dtype=np.int64)
+    return images, labels, np.array([r["split"] for r in rows])
+
+
+def test_originals(args: argparse.Namespace, model_dir: Path, fallback: np.ndarray) -> tuple[list[np.ndarray], str]:
+    """Full-resolution test images for the shifts, or the model inputs when the folder is absent."""
+    if args.data and os.path.isdir(args.data) and (model_dir / SPLIT_FILE).is_file():
+        rows = [r for r in read_split(model_dir) if r["split"] == "test"]
+        out = []
+        for r in rows:
+            with open(os.path.join(args.data, r["uri"]), "rb") as fh:
+                out.append(decode_image(fh.read()))
+        return out, f"original test images from {args.data}"
+    return list(fallback), "cached 128 px test model inputs (originals not available)"
+
+
+def write_ood(model_dir: Path, stats: dict[str, Any]) -> None:
+    """Replace only the "ood" key of model.json, re-reading it right before an atomic write."""
+    path = model_dir / META_FILE
+    data = json.loads(path.read_text())
+    data["ood"] = stats
+    ModelMetadata.from_dict(data)  # refuse to write something the loader would reject
+    fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=".model.json.")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(shipped_model_dir()), help="artifact folder to update (local)")
+    ap.add_argument("--cache", default=None, help="npz of decoded model inputs (X, y, s, classes); default: decode --data")
+    ap.add_argument("--data", default=DEFAULT_DATA, help="labelled class folders that split.csv's uris are relative to")
+    ap.add_argument("--fpr", type=float, default=0.025, help="share of validation images to flag")
+    ap.add_argument("--dry-run", action="store_true", help="measure only; leave model.json unchanged")
+    ap.add_argument("--report", default=None, help="also write the evaluation figures to this JSON file")
+    args = ap.parse_args()
+
+    model_dir = Path(args.model)
+    art = load_artifact(model_dir)
+    meta = art.meta
+    t0 = time.time()
+    images, labels, split = load_labelled(args, meta, model_dir)
+    emb = embed(art.model, meta.embedding_layer, images)
+    feats = quality_features(images)
+    print(f"embedded and measured {len(images)} images in {time.time() - t0:.0f} s", file=sys.stderr)
+    tr, va, te = split == "train", split == "val", split == "test"
+    stats = fit_ood(
+        emb[tr], labels[tr], None, emb[va], None, fpr=args.fpr,  # type: ignore[arg-type]
+        num_classes=len(meta.class_names), features_train=feats[tr], features_val=feats[va],
+    )
+    scorer = OodScorer(stats)
+
+    def flagged(e: np.ndarray, f: np.ndarray) -> np.ndarray:
+        return scorer.score_features(e, f)[1]
+
+    test_flags = flagged(emb[te], feats[te])
+    per_class = {c: round(float(test_flags[labels[te] == i].mean()), 4) for i, c in enumerate(meta.class_names)}
+    originals, source = test_originals(args, model_dir, images[te])
+    shifts: dict[str, float] = {}
+    for kind in SHIFTS:
+        shifted = np.stack([resize_for_model(simulate_shift(o, kind), meta.image_size) for o in originals])
+        shifts[kind] = round(float(flagged(embed(art.model, meta.embedding_layer, shifted), quality_features(shifted)).mean()), 4)
+        print(f"{kind}: {shifts[kind]:.1%} flagged", file=sys.stderr)
+    stats["evaluation"] = {
+        "val_flagged": round(stats["val_flagged_share"], 4),
+        "test_flagged": round(float(test_flags.mean()), 4),
+        "test_flagged_per_class": per_class,
+        "n_test": int(te.sum()),
+        "shifted_test_flagged": shifts,
+        "shift_source": source,
+    }
+    print(json.dumps(stats["evaluation"], indent=2))
+    if args.report:
+        Path(args.report).write_text(json.dumps(stats["evaluation"], indent=2))
+    if not args.dry_run:
+        write_ood(model_dir, stats)
+        print(f"wrote model.json['ood'] of {model_dir}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
