@@ -174,6 +174,12 @@ class TreeSampler:
         self._sample()
 
 
+def _own_cpu() -> float:
+    """CPU seconds (user + system, all threads) of this process so far."""
+    t = os.times()
+    return t.user + t.system
+
+
 def machine_busy(before: Any, after: Any) -> float:
     """Share of all cores busy (any process) between two ``psutil.cpu_times()``."""
     idle = (after.idle + getattr(after, "iowait", 0.0)) - (before.idle + getattr(before, "iowait", 0.0))
@@ -258,6 +264,7 @@ def run_pipeline(manifest: Path, n: int, workdir: Path, batch_size: int, workers
         "ray_start_s": res["ray_start_s"],
         "child_wall_s": round(wall, 2),
         "tree_cpu_util": round(sampler.stats.cpu_seconds / (wall * ncpu), 3),
+        "cpu_ms_per_image": round(sampler.stats.cpu_seconds / n * 1e3, 2),
         "machine_busy": busy,
         "peak_rss_mb": round(sampler.stats.peak_rss_mb, 1),
         "median_rss_mb_second_half": round(statistics.median(half), 1) if half else 0.0,
@@ -290,13 +297,15 @@ def run_baseline(model: Any, layer: str, image_size: int, paths: list[Path], out
 
     one(paths[0], -1)  # warm-up: the notebook pays tracing once per session, not per image
     load_before = os.getloadavg()[0]
+    cpu0 = _own_cpu()
     t0 = time.perf_counter()
     for i, p in enumerate(paths):
         one(p, i)
     seconds = time.perf_counter() - t0
+    cpu = _own_cpu() - cpu0
     shutil.rmtree(out_dir, ignore_errors=True)
     return {"n": len(paths), "seconds": round(seconds, 3), "images_per_s": round(len(paths) / seconds, 3),
-            "load_before": round(load_before, 2)}
+            "cpu_ms_per_image": round(cpu / len(paths) * 1e3, 2), "load_before": round(load_before, 2)}
 
 
 def run_floor(cam: Any, image_size: int, paths: list[Path], batch_size: int) -> dict[str, Any]:
@@ -321,16 +330,20 @@ def run_floor(cam: Any, image_size: int, paths: list[Path], batch_size: int) -> 
     decode(blobs[0])
     load_before = os.getloadavg()[0]
     with ThreadPoolExecutor(max_workers=ncpu) as pool:
+        cpu0 = _own_cpu()
         t0 = time.perf_counter()
         images = np.stack(list(pool.map(decode, blobs)))
         t_decode = (time.perf_counter() - t0) / len(blobs)
+        cpu_decode = (_own_cpu() - cpu0) / len(blobs)
     x = images.astype(np.float32)
     cam(x[:batch_size])  # warm-up (tracing)
+    cpu0 = _own_cpu()
     t0 = time.perf_counter()
     cams = []
     for s in range(0, len(x), batch_size):
         cams.append(cam(x[s:s + batch_size]).cams)
     t_model = (time.perf_counter() - t0) / len(x)
+    cpu_model = (_own_cpu() - cpu0) / len(x)
     cam_arr = np.concatenate(cams)
 
     # Beyond the floor, single thread, per image (the pipeline spreads it over tasks).
@@ -353,6 +366,7 @@ def run_floor(cam: Any, image_size: int, paths: list[Path], batch_size: int) -> 
         "model_images_per_s": round(1.0 / t_model, 1),
         "decode_images_per_s": round(1.0 / t_decode, 1),
         "images_per_s": round(floor, 2),
+        "cpu_ms_per_image": round((cpu_model + cpu_decode) * 1e3, 2),
         "extra_single_thread_ms_per_image": {"sha256": round(t_hash * 1e3, 3), "render": round(t_render * 1e3, 3)},
         "load_before": round(load_before, 2),
     }
@@ -371,7 +385,7 @@ def machine_info() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    free = subprocess.run(["free", "-g"], capture_output=True, text=True).stdout.strip()
+    free = subprocess.run(["free", "-g"], capture_output=True, text=True).stdout.strip("\n")
     return {"nproc": os.cpu_count(), "cpu_model": model or platform.processor(), "free_g": free,
             "python": platform.python_version(), "platform": platform.platform()}
 
@@ -399,6 +413,11 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
             "machine_busy": _spread([r["machine_busy"] for r in runs]),
             "vs_baseline": round(med / b_med, 2),
             "vs_floor": round(med / f_med, 3),
+            "cpu_ms_per_image": _spread([r["cpu_ms_per_image"] for r in runs]),
+            "cpu_vs_baseline": round(statistics.median(r["cpu_ms_per_image"] for r in report["baseline"])
+                                     / statistics.median(r["cpu_ms_per_image"] for r in runs), 2),
+            "cpu_vs_floor": round(statistics.median(r["cpu_ms_per_image"] for r in report["floor"])
+                                  / statistics.median(r["cpu_ms_per_image"] for r in runs), 3),
         }
     sizes = report["sizes"]
     if len(sizes) >= 2:
@@ -444,21 +463,25 @@ def to_markdown(report: dict[str, Any]) -> str:
         "",
         "## Throughput",
         "",
-        "| what | images/s (median) | min..max | notes |",
-        "| --- | ---: | --- | --- |",
+        "| what | images/s (median) | min..max | CPU ms/image | notes |",
+        "| --- | ---: | --- | ---: | --- |",
     ]
     b = s["baseline_images_per_s"]
+    b_cpu = statistics.median(r["cpu_ms_per_image"] for r in report["baseline"])
+    f_cpu = statistics.median(r["cpu_ms_per_image"] for r in report["floor"])
     lines.append(f"| seed-style baseline (n={report['baseline'][0]['n']}) | {b['median']:.2f} | "
-                 f"{b['min']:.2f}..{b['max']:.2f} | cv2.imread, model.predict on 1 image, tf-explain GradCAM, "
+                 f"{b['min']:.2f}..{b['max']:.2f} | {b_cpu:.0f} | cv2.imread, model.predict on 1 image, tf-explain GradCAM, "
                  "cv2.imwrite PNG |")
     f = s["floor_images_per_s"]
-    lines.append(f"| floor (n={fl['n']}) | {f['median']:.2f} | {f['min']:.2f}..{f['max']:.2f} | "
+    lines.append(f"| floor (n={fl['n']}) | {f['median']:.2f} | {f['min']:.2f}..{f['max']:.2f} | {f_cpu:.0f} | "
                  f"model {fl['model_ms_per_image']:.2f} ms/img + decode {fl['decode_ms_per_image']:.2f} ms/img "
                  f"({m['nproc']} threads) |")
     for n, p in s["pipeline"].items():
         ips = p["images_per_s"]
         lines.append(f"| pipeline n={n} | {ips['median']:.2f} | {ips['min']:.2f}..{ips['max']:.2f} | "
-                     f"{p['vs_baseline']:.1f}x baseline, {100 * p['vs_floor']:.0f}% of floor |")
+                     f"{p['cpu_ms_per_image']['median']:.0f} | {p['vs_baseline']:.1f}x baseline, "
+                     f"{100 * p['vs_floor']:.0f}% of floor; by CPU time {p['cpu_vs_baseline']:.1f}x baseline, "
+                     f"{100 * p['cpu_vs_floor']:.0f}% of floor |")
     lines += [
         "",
         "Pipeline images/s run from the start of `run_classify` (listing the manifest) to the committed "
@@ -469,14 +492,20 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"{fl['extra_single_thread_ms_per_image']['render']:.2f} ms/image for rendering and "
         f"{fl['extra_single_thread_ms_per_image']['sha256']:.3f} ms/image for hashing.",
         "",
+        "CPU ms/image (CPU seconds of every thread and process involved, per image) is the figure that "
+        "contention disturbs least: wall-clock rates depend on how much of the shared machine each "
+        "measurement got, CPU time mostly on the work done. The pipeline's CPU time includes its fixed "
+        "costs (Ray workers starting, the model loading in the actor), which weigh on small sizes.",
+        "",
         "## Pipeline: scaling, CPU and memory",
         "",
-        "| n | seconds (median) | images/s | Ray start s | tree CPU util | machine busy | peak RSS of Ray tree MB "
-        "| Parquet files | load avg before |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| n | seconds | images/s | CPU ms/image | Ray start s | tree CPU util | machine busy "
+        "| peak RSS of Ray tree MB | Parquet files | load avg before |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in report["pipeline"]:
-        lines.append(f"| {r['n']} | {r['seconds']:.1f} | {r['images_per_s']:.2f} | {r['ray_start_s']:.1f} | "
+        lines.append(f"| {r['n']} | {r['seconds']:.1f} | {r['images_per_s']:.2f} | {r['cpu_ms_per_image']:.0f} | "
+                     f"{r['ray_start_s']:.1f} | "
                      f"{100 * r['tree_cpu_util']:.0f}% | {100 * r['machine_busy']:.0f}% | {r['peak_rss_mb']:.0f} | "
                      f"{r['parquet_files']} | {r['load_before']:.1f} |")
     if "scaling" in s:

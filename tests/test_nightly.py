@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -61,7 +60,8 @@ def _row(uri: str, sha: str | None, status: str = "ok", kind: str | None = None,
         # model policy: by default any version's row counts; with the flag only the current one
         ([_row("a", "h1", version="0.9.0")], "h1", {}, "skipped_done"),
         ([_row("a", "h1", version="0.9.0")], "h1", {"reprocess_on_model_change": True}, "new"),
-        ([_row("a", "h1", version="0.9.0"), _row("a", "h1")], "h1", {"reprocess_on_model_change": True}, "skipped_done"),
+        ([_row("a", "h1", version="0.9.0"), _row("a", "h1")], "h1", {"reprocess_on_model_change": True},
+         "skipped_done"),
     ],
 )
 def test_plan_night_sorts_each_image(rows: list[dict[str, Any]], current: str | None, options: dict[str, bool],
@@ -163,16 +163,24 @@ def test_racing_runs_exactly_one_wins(output_uri: str, stale: bool) -> None:
 
 def test_heartbeat_renews_and_fences_a_run_that_lost_its_lease(output_uri: str) -> None:
     fenced = threading.Event()
-    lease = Lease(output_uri, "long-run", ttl_s=2.0, fence=lambda msg: fenced.set())
+    lease = Lease(output_uri, "long-run", ttl_s=4.0, fence=lambda msg: fenced.set())
     lease.acquire()
+    first = json.loads(storage.read_bytes(lease.uri))
     lease.start_heartbeat()
-    time.sleep(3.0)  # past the ttl: only renewals keep it
+    deadline = time.time() + 30  # generous: a loaded machine may delay the thread, not change the outcome
+    doc = first
+    while time.time() < deadline and doc["renewals"] < 2:
+        time.sleep(0.1)
+        doc = json.loads(storage.read_bytes(lease.uri))
+    assert doc["renewals"] >= 2 and doc["owner"] == first["owner"]
+    assert doc["expires_at_epoch"] > first["expires_at_epoch"], "renewals must push the expiry forward"
     with pytest.raises(LeaseHeldError):
         Lease(output_uri, "intruder", ttl_s=60).acquire()
     # an operator (or a run with a skewed clock) replaces the lease behind its back
     storage.write_bytes(lease.uri, json.dumps({"run_id": "other", "expires_at_epoch": time.time() + 60}).encode())
-    assert fenced.wait(timeout=5), "a run that lost its lease must be stopped before it can commit"
+    assert fenced.wait(timeout=30), "a run that lost its lease must be stopped before it can commit"
     lease.release()
+    assert json.loads(storage.read_bytes(lease.uri))["run_id"] == "other", "release must not touch another's lease"
 
 
 # --- real processes against S3 on loopback ----------------------------------------------------

@@ -17,7 +17,8 @@ else from ``--data`` (the labelled class folders) and the artifact's
 ``split.csv``. Shifts are applied to the original test images from
 ``--data`` when that folder exists, else to the cached model inputs.
 
-Usage: python tools/fit_ood.py [--model DIR] [--cache X.npz] [--data DIR] [--fpr 0.025] [--dry-run] [--report OUT.json]
+Usage: python tools/fit_ood.py [--model DIR] [--cache X.npz] [--data DIR] [--fpr 0.025] [--dry-run]
+                               [--report OUT.json] [--work-cache /tmp/ood-work.npz]
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from wbc_batch.imaging import decode_image, resize_for_model  # noqa: E402
 from wbc_batch.model import META_FILE, SPLIT_FILE, ModelMetadata, load_artifact, shipped_model_dir  # noqa: E402
-from wbc_batch.ood import SHIFTS, OodScorer, fit_ood, quality_features, simulate_shift  # noqa: E402
+from wbc_batch.ood import QUALITY_FEATURES, SHIFTS, OodScorer, fit_ood, quality_features, simulate_shift  # noqa: E402
 
 DEFAULT_DATA = "/work/shared/data/pbc"
 
@@ -49,6 +50,35 @@ def embed(model: Any, embedding_layer: str, images: np.ndarray, batch: int = 256
     sub = keras.Model(model.inputs, model.get_layer(embedding_layer).output)
     out = [np.asarray(sub.predict_on_batch(images[i : i + batch].astype(np.float32))) for i in range(0, len(images), batch)]
     return np.concatenate(out).astype(np.float32)
+
+
+class WorkCache:
+    """Embeddings and quality features per named input set, saved between runs.
+
+    Embedding 10k images takes minutes on a shared CPU; re-running the tool
+    (another --fpr, a fix to the report) should not pay that again. Entries
+    are keyed by the model's sha256 and the feature list, so a cache made for
+    another model or feature set is ignored.
+    """
+
+    def __init__(self, path: str | None, model_sha256: str) -> None:
+        self.path = path
+        self.tag = f"{model_sha256[:16]}|{','.join(QUALITY_FEATURES)}"
+        self.data: dict[str, np.ndarray] = {}
+        if path and os.path.isfile(path):
+            with np.load(path, allow_pickle=False) as d:
+                if str(d["tag"]) == self.tag:
+                    self.data = {k: d[k] for k in d.files if k != "tag"}
+
+    def get(self, name: str, model: Any, embedding_layer: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(embeddings, quality features) of ``images``, computed once per name."""
+        if f"{name}/emb" in self.data and len(self.data[f"{name}/emb"]) == len(images):
+            return self.data[f"{name}/emb"], self.data[f"{name}/feat"]
+        emb, feat = embed(model, embedding_layer, images), quality_features(images)
+        self.data[f"{name}/emb"], self.data[f"{name}/feat"] = emb, feat
+        if self.path:
+            np.savez(self.path, tag=np.array(self.tag), **self.data)
+        return emb, feat
 
 
 def read_split(model_dir: Path) -> list[dict[str, str]]:
@@ -77,16 +107,20 @@ def load_labelled(args: argparse.Namespace, meta: ModelMetadata, model_dir: Path
     return images, labels, np.array([r["split"] for r in rows])
 
 
-def test_originals(args: argparse.Namespace, model_dir: Path, fallback: np.ndarray) -> tuple[list[np.ndarray], str]:
-    """Full-resolution test images for the shifts, or the model inputs when the folder is absent."""
+def test_originals(args: argparse.Namespace, model_dir: Path, fallback: np.ndarray) -> tuple[list[np.ndarray], str, str]:
+    """Full-resolution test images for the shifts, or the model inputs when the folder is absent.
+
+    Returns:
+        The images, a description for the report and a cache key for the source.
+    """
     if args.data and os.path.isdir(args.data) and (model_dir / SPLIT_FILE).is_file():
         rows = [r for r in read_split(model_dir) if r["split"] == "test"]
         out = []
         for r in rows:
             with open(os.path.join(args.data, r["uri"]), "rb") as fh:
                 out.append(decode_image(fh.read()))
-        return out, f"original test images from {args.data}"
-    return list(fallback), "cached 128 px test model inputs (originals not available)"
+        return out, f"original test images from {args.data}", "original"
+    return list(fallback), "cached model inputs of the test split (originals not available)", "input"
 
 
 def write_ood(model_dir: Path, stats: dict[str, Any]) -> None:
@@ -109,15 +143,16 @@ def main() -> None:
     ap.add_argument("--fpr", type=float, default=0.025, help="share of validation images to flag")
     ap.add_argument("--dry-run", action="store_true", help="measure only; leave model.json unchanged")
     ap.add_argument("--report", default=None, help="also write the evaluation figures to this JSON file")
+    ap.add_argument("--work-cache", default=None, help="npz to keep embeddings and features in between runs")
     args = ap.parse_args()
 
     model_dir = Path(args.model)
     art = load_artifact(model_dir)
     meta = art.meta
     t0 = time.time()
+    cache = WorkCache(args.work_cache, meta.model_sha256)
     images, labels, split = load_labelled(args, meta, model_dir)
-    emb = embed(art.model, meta.embedding_layer, images)
-    feats = quality_features(images)
+    emb, feats = cache.get("labelled", art.model, meta.embedding_layer, images)
     print(f"embedded and measured {len(images)} images in {time.time() - t0:.0f} s", file=sys.stderr)
     tr, va, te = split == "train", split == "val", split == "test"
     stats = fit_ood(
@@ -131,11 +166,11 @@ def main() -> None:
 
     test_flags = flagged(emb[te], feats[te])
     per_class = {c: round(float(test_flags[labels[te] == i].mean()), 4) for i, c in enumerate(meta.class_names)}
-    originals, source = test_originals(args, model_dir, images[te])
+    originals, source, key = test_originals(args, model_dir, images[te])
     shifts: dict[str, float] = {}
     for kind in SHIFTS:
         shifted = np.stack([resize_for_model(simulate_shift(o, kind), meta.image_size) for o in originals])
-        shifts[kind] = round(float(flagged(embed(art.model, meta.embedding_layer, shifted), quality_features(shifted)).mean()), 4)
+        shifts[kind] = round(float(flagged(*cache.get(f"shift/{key}/{kind}", art.model, meta.embedding_layer, shifted)).mean()), 4)
         print(f"{kind}: {shifts[kind]:.1%} flagged", file=sys.stderr)
     stats["evaluation"] = {
         "val_flagged": round(stats["val_flagged_share"], 4),

@@ -95,10 +95,11 @@ class Explainer:
         self.num_classes = int(model.output_shape[-1])
         # tf-explain's smoothgrad and occlusion expect probabilities at the output.
         self._softmax_model = keras.Model(model.inputs, keras.layers.Softmax(name="probabilities")(model.output))
+        self._predictor = _Predictor(self._softmax_model)  # compiled once, reused by every call
         self._gradcam: GradCam | None = None
 
     def _targets(self, images: np.ndarray, classes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        probs = _Predictor(self._softmax_model).predict(images)
+        probs = self._predictor.predict(images)
         predicted = probs.argmax(axis=1).astype(np.int32)
         if classes is None:
             return predicted, probs
@@ -168,9 +169,8 @@ class Explainer:
         from tf_explain.core.occlusion_sensitivity import OcclusionSensitivity
 
         occ = OcclusionSensitivity(batch_size=64)
-        predictor = _Predictor(self._softmax_model)
         return np.stack([
-            occ.get_sensitivity_map(predictor, image, c, OCCLUSION_PATCH) - (1.0 - p_i)
+            occ.get_sensitivity_map(self._predictor, image, c, OCCLUSION_PATCH) - (1.0 - p_i)
             for image, p_i in zip(images, p)
         ])
 

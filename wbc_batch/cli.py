@@ -357,6 +357,7 @@ def _quiet_libraries() -> None:
     os.environ["WBC_QUIET"] = "1"
     for name in ("ray", "ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

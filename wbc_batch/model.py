@@ -210,7 +210,11 @@ def load_artifact(uri: str | os.PathLike[str] | None = None, *, allow_untrusted:
         )
     import keras
 
-    model = keras.saving.load_model(model_path, compile=False, safe_mode=True)
+    try:
+        model = keras.saving.load_model(model_path, compile=False, safe_mode=True)
+    except ValueError as exc:  # safe_mode refuses Python lambdas and other code in the file
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ModelArtifactError(f"model file of {uri} refused by Keras safe_mode: {reason}") from None
     if int(model.output_shape[-1]) != len(meta.class_names):
         raise ModelArtifactError(
             f"model has {model.output_shape[-1]} outputs but model.json names {len(meta.class_names)} classes"

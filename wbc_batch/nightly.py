@@ -49,6 +49,9 @@ read, so of several runs racing to take over one stale lease exactly one
 wins. Release is a compare-and-swap that marks the lease released, never an
 unconditional delete, so a run can never remove a lease it no longer owns.
 
+On S3 the store must honour ``If-None-Match``/``If-Match``; each acquire
+first checks that with a probe object and refuses a store that ignores them.
+
 Race semantics and assumptions: a holder that cannot renew (lost the CAS, or
 storage unreachable) for ``0.75 * ttl`` by its own monotonic clock ends its
 process at once (``os._exit``) before anyone may take over, so it never
@@ -73,7 +76,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -133,6 +136,27 @@ class _LeaseStore:
 
 
 class _S3LeaseStore(_LeaseStore):
+    def verify_conditional_writes(self) -> None:
+        """Refuse a store that ignores ``If-None-Match`` / ``If-Match`` (the lease would be unsafe there).
+
+        Some S3-compatible stores accept the headers and overwrite anyway; a
+        lease on such a store would let two runs commit. Three small writes to
+        a probe object beside the lease tell the difference.
+        """
+        probe = storage.join(self.uri.rsplit("/", 1)[0], f".conditional-probe-{uuid.uuid4().hex}")
+        probe_store = _S3LeaseStore(probe)
+        try:
+            first = probe_store.create(b"1")
+            second = storage.write_bytes_if_absent(probe, b"2")
+            wrong_etag = probe_store.swap(b"3", '"0000000000000000000000000000000a"')
+        finally:
+            storage.delete(probe)
+        if first is None or second or wrong_etag is not None:
+            raise storage.StorageError(
+                f"the object store behind {self.uri} ignores conditional writes (If-None-Match/If-Match); "
+                "a nightly lease cannot be safe there"
+            )
+
     def create(self, data: bytes) -> str | None:
         if not storage.write_bytes_if_absent(self.uri, data):
             return None
@@ -152,7 +176,8 @@ class _S3LeaseStore(_LeaseStore):
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return None
-            raise storage.StorageError(f"cannot read lease {self.uri}: {exc.response.get('Error', {}).get('Code')}") from None
+            code = exc.response.get("Error", {}).get("Code")
+            raise storage.StorageError(f"cannot read lease {self.uri}: {code}") from None
         except BotoCoreError as exc:
             raise storage.StorageError(f"cannot read lease {self.uri}: {type(exc).__name__}") from None
 
@@ -234,7 +259,8 @@ class Lease:
             the default ends the process so it cannot commit.
     """
 
-    def __init__(self, output_uri: str, run_id: str, ttl_s: float = DEFAULT_LEASE_SECONDS, fence: Any = None) -> None:
+    def __init__(self, output_uri: str, run_id: str, ttl_s: float = DEFAULT_LEASE_SECONDS,
+                 fence: Callable[[str], None] | None = None) -> None:
         if ttl_s <= 0:
             raise ValueError(f"lease seconds must be positive, got {ttl_s}")
         self.uri = storage.join(output_uri, LEASE_PATH)
@@ -250,7 +276,7 @@ class Lease:
         self._lock = threading.Lock()  # the heartbeat and check() must not race on one ETag
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._fence = fence or _exit_on_lost_lease
+        self._fence: Callable[[str], None] = fence or _exit_on_lost_lease
         self.took_over: dict[str, Any] | None = None
 
     def _document(self, released: bool = False) -> bytes:
@@ -271,6 +297,8 @@ class Lease:
 
     def acquire(self) -> None:
         """Take the lease, or raise :class:`LeaseHeldError` naming the current holder."""
+        if isinstance(self.store, _S3LeaseStore):
+            self.store.verify_conditional_writes()
         for _ in range(3):  # a lease deleted by hand between our steps: start over
             self._acquired_at = _now()
             etag = self.store.create(self._document())

@@ -155,7 +155,7 @@ def _class_means(x: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndar
 def _squared_distances(x: np.ndarray, centres: np.ndarray, precision: np.ndarray) -> np.ndarray:
     """(B, C) squared Mahalanobis distances of rows of ``x`` to each centre under one precision."""
     diff = x[:, None, :] - centres[None, :, :]
-    return np.einsum("bcd,de,bce->bc", diff, precision, diff)
+    return np.einsum("bcd,bcd->bc", diff @ precision, diff)
 
 
 # --------------------------------------------------------------------------- scorer
@@ -234,7 +234,7 @@ class OodScorer:
         diff = np.asarray(features, dtype=np.float64) - self.quality_means[nearest]
         return {
             "embedding": to_class[np.arange(len(nearest)), nearest] - to_background,
-            "quality": np.einsum("bd,de,be->b", diff, self.quality_precision, diff),
+            "quality": np.einsum("bd,bd->b", diff @ self.quality_precision, diff),
             "nearest_class": nearest,
         }
 
@@ -243,7 +243,9 @@ class OodScorer:
 
         Args:
             embeddings: (B, D) float32 from :class:`wbc_batch.explain.GradCam`.
-            images: (B, S, S, 3) uint8 model input (RGB, already resized).
+            images: (B, S, S, 3) uint8 model input (RGB, already resized); the
+                float32 batch of :func:`wbc_batch.imaging.prepare_batch` holds
+                the same whole numbers and is accepted too.
 
         Returns:
             ``ood_score`` (B,) float32, higher = more unusual, and

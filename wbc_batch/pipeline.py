@@ -396,9 +396,9 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
             compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=cpus_per,
             num_gpus=gpus_per,
-            # A killed actor is restarted and its batch retried (Ray Data's defaults, stated here).
-            max_restarts=-1,
-            max_task_retries=-1,
+            # Fault tolerance is Ray Data's default for actor pools (max_restarts=-1, max_task_retries=-1):
+            # a killed actor is restarted and its batch retried; tests/test_hardening.py kills one mid-run.
+            # Passing them here would go through the deprecated ray_remote_args (Ray 2.60).
         )
         suspect_below = float(meta.metrics.get("explanation_suspect_below", DEFAULT_SUSPECT_BELOW)) \
             if isinstance(meta.metrics, dict) else DEFAULT_SUSPECT_BELOW

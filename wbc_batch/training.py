@@ -350,8 +350,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     for epoch in range(start_epoch, epochs):
         t0 = time.time()
         hist = model.fit(creator, epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=steps, verbose=0)
-        trainable = [v.numpy() for v in model.trainable_variables]
-        digest = weights_sha256(trainable)
+        # every rank must read the weights: BatchNormalization's moving statistics are
+        # sync-on-read variables, and reading them is an all-reduce (the mean over workers)
+        weights = model.get_weights()
+        opt_state = [v.numpy() for v in optimizer.variables]
+        digest = weights_sha256([v.numpy() for v in model.trainable_variables])
         epoch_metrics = {
             "epoch": epoch,
             "start_epoch": start_epoch,
@@ -364,8 +367,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as d:
             Path(d, f"replica-{rank}.json").write_text(json.dumps({"rank": rank, "epoch": epoch, "trainable_sha256": digest}))
             if rank == 0:
-                np.savez(Path(d, WEIGHTS_FILE), **{f"w{i:04d}": a for i, a in enumerate(model.get_weights())})
-                np.savez(Path(d, OPTIMIZER_FILE), **{f"v{i:04d}": v.numpy() for i, v in enumerate(optimizer.variables)})
+                np.savez(Path(d, WEIGHTS_FILE), **{f"w{i:04d}": a for i, a in enumerate(weights)})
+                np.savez(Path(d, OPTIMIZER_FILE), **{f"v{i:04d}": a for i, a in enumerate(opt_state)})
                 Path(d, STATE_FILE).write_text(json.dumps(epoch_metrics))
             ray.train.report(
                 epoch_metrics,
@@ -379,6 +382,38 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
 
 # --- driver -----------------------------------------------------------------
+
+
+def _dashboard_running() -> bool:
+    """True when the connected Ray cluster serves the dashboard (and with it the state API)."""
+    from ray._private.worker import get_dashboard_url
+
+    try:
+        return bool(get_dashboard_url())
+    except Exception:  # noqa: BLE001 - any failure means no usable state API
+        return False
+
+
+def _trainer_class() -> type:
+    """``TensorflowTrainer``, minus Ray 2.60's placement-group cleaner when there is no dashboard.
+
+    Why: the cleaner asks the state API (served by the dashboard) whether the
+    train controller is alive. Without a dashboard (``include_dashboard=False``,
+    as in tests and on minimal clusters) the answer is empty, the cleaner reads
+    that as "dead" and removes the placement group of the *running* workers,
+    which kills them mid-epoch. The cleaner only matters when the controller
+    dies uncleanly, so dropping it there is the lesser evil.
+    """
+    from ray.train.tensorflow import TensorflowTrainer
+
+    class WbcTensorflowTrainer(TensorflowTrainer):  # type: ignore[misc, valid-type]
+        def _create_default_callbacks(self) -> list[Any]:
+            callbacks = super()._create_default_callbacks()
+            if _dashboard_running():
+                return callbacks
+            return [c for c in callbacks if type(c).__name__ != "PlacementGroupCleanerCallback"]
+
+    return WbcTensorflowTrainer
 
 
 def _ensure_ray(address: str | None) -> None:
@@ -494,7 +529,6 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     """
     import keras
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.tensorflow import TensorflowTrainer
 
     from wbc_batch.architecture import CAM_LAYER, EMBEDDING_LAYER, build_classifier
     from wbc_batch.model import save_artifact
@@ -514,7 +548,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
         storage_kwargs: dict[str, Any] = {"storage_path": path, "storage_filesystem": fs}
     else:
         storage_kwargs = {"storage_path": str(Path(root).resolve())}
-    trainer = TensorflowTrainer(
+    trainer = _trainer_class()(
         train_loop_per_worker=train_loop_per_worker,
         train_loop_config={
             "num_classes": len(classes),

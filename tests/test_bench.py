@@ -1,0 +1,76 @@
+"""The benchmark harness runs end to end on a tiny input and writes a complete report.
+
+Not a timing test: the machine is shared, so only the report's structure and
+internal consistency are checked, never a throughput figure.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = REPO / "samples" / "pbc"
+
+
+@pytest.mark.slow
+def test_bench_harness_writes_a_complete_report(tmp_path: Path) -> None:
+    out, raw = tmp_path / "BENCHMARKS.md", tmp_path / "bench.json"
+    cmd = [sys.executable, str(REPO / "bench" / "run.py"), "--sizes", "16,24", "--baseline-n", "2",
+           "--floor-n", "16", "--batch-size", "8", "--data", str(SAMPLES), "--workdir", str(tmp_path / "work"),
+           "--out", str(out), "--json", str(raw)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(REPO))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(raw.read_text())
+
+    assert report["sizes"] == [16, 24]
+    assert report["images"]["unique"] == 64  # the bundled samples: 8 folders x 8
+    assert report["machine"]["nproc"] >= 1 and report["machine"]["free_g"]
+    assert [r["n"] for r in report["baseline"]] == [2]
+    floor = report["floor"][0]
+    assert floor["model_ms_per_image"] > 0 and floor["decode_ms_per_image"] > 0
+    expected_floor = 1e3 / (floor["model_ms_per_image"] + floor["decode_ms_per_image"])
+    assert floor["images_per_s"] == pytest.approx(expected_floor, rel=0.01)
+    assert [r["n"] for r in report["pipeline"]] == [16, 24]
+    for r in report["pipeline"]:
+        assert r["images_per_s"] > 0 and r["seconds"] > 0
+        assert 0 < r["tree_cpu_util"] <= 1.0
+        assert r["peak_rss_mb"] > 100, "the sampler must see the Ray tree, not only the driver"
+        assert r["processes_peak"] >= 3
+        assert r["parquet_files"] == 1
+
+    summary = report["summary"]
+    for n in ("16", "24"):
+        p = summary["pipeline"][n]
+        assert p["vs_baseline"] == pytest.approx(
+            p["images_per_s"]["median"] / summary["baseline_images_per_s"]["median"], rel=0.02)
+        assert p["vs_floor"] == pytest.approx(
+            p["images_per_s"]["median"] / summary["floor_images_per_s"]["median"], rel=0.02)
+    assert set(summary["scaling"]) >= {"marginal_images_per_s", "time_ratio", "size_ratio", "peak_rss_ratio"}
+
+    text = out.read_text()
+    for heading in ("# Benchmarks", "## Machine", "## Throughput", "## Pipeline: scaling, CPU and memory"):
+        assert heading in text
+    assert "bench/run.py" in text and "shared" in text
+    assert "| pipeline n=24 |" in text
+    assert not (tmp_path / "work" / "links").exists(), "64 samples cover 24 images without symlinks"
+
+
+def test_manifest_beyond_the_distinct_images_uses_new_uris(tmp_path: Path) -> None:
+    """Listing de-duplicates URIs, so sizes above the image count must still list n distinct URIs."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import run as bench
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    from wbc_batch import storage
+
+    _, paths = bench.find_images(SAMPLES)
+    manifest = bench.build_manifest(bench.interleave_classes(paths), 150, tmp_path)
+    uris = storage.list_images(str(manifest))
+    assert len(uris) == 150
+    assert {Path(u).resolve() for u in uris} == {p.resolve() for p in paths}
