@@ -429,6 +429,10 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
             "time_ratio": round(p[hi]["seconds"]["median"] / p[lo]["seconds"]["median"], 2),
             "size_ratio": round(sizes[-1] / sizes[0], 2),
             "peak_rss_ratio": round(p[hi]["peak_rss_mb"]["median"] / p[lo]["peak_rss_mb"]["median"], 2),
+            # CPU of the added images only: the fixed costs (worker start, model load) cancel out.
+            "marginal_cpu_ms_per_image": round(
+                (p[hi]["cpu_ms_per_image"]["median"] * sizes[-1] - p[lo]["cpu_ms_per_image"]["median"] * sizes[0])
+                / (sizes[-1] - sizes[0]), 2),
         }
     return summary
 
@@ -512,8 +516,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         sc = s["scaling"]
         lines += ["", f"Scaling {report['sizes'][0]} -> {report['sizes'][-1]} images ({sc['size_ratio']}x): time "
                   f"x{sc['time_ratio']}, peak RSS x{sc['peak_rss_ratio']}; marginal rate "
-                  f"{sc['marginal_images_per_s']} images/s (fixed costs such as actor start and model load "
-                  "cancel out)."]
+                  f"{sc['marginal_images_per_s']} images/s and marginal CPU {sc['marginal_cpu_ms_per_image']} ms/image "
+                  "(fixed costs such as worker start and model load cancel out)."]
     lines += [
         "",
         "Tree CPU util = CPU seconds of the pipeline's process tree / (wall x nproc). Machine busy = share of "
@@ -525,6 +529,18 @@ def to_markdown(report: dict[str, Any]) -> str:
     if report.get("notes"):
         lines += ["## Notes", "", *[f"- {n}" for n in report["notes"]], ""]
     return "\n".join(lines)
+
+
+KEEP_MARKER = "<!-- Written by hand below this line; bench/run.py keeps it when it rewrites the tables. -->"
+
+
+def kept_analysis(out: Path) -> str:
+    """The hand-written part of an existing report (levers tried, conclusions), so a rerun keeps it."""
+    if not out.is_file():
+        return ""
+    text = out.read_text()
+    at = text.find(KEEP_MARKER)
+    return "\n" + text[at:] if at >= 0 else ""
 
 
 # --- main ---------------------------------------------------------------------
@@ -605,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
         if own_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     report["summary"] = summarise(report)
-    args.out.write_text(to_markdown(report))
+    args.out.write_text(to_markdown(report) + kept_analysis(args.out))
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2))
     print(json.dumps(report["summary"], indent=2))

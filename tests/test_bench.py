@@ -50,7 +50,8 @@ def test_bench_harness_writes_a_complete_report(tmp_path: Path) -> None:
             p["images_per_s"]["median"] / summary["baseline_images_per_s"]["median"], rel=0.02)
         assert p["vs_floor"] == pytest.approx(
             p["images_per_s"]["median"] / summary["floor_images_per_s"]["median"], rel=0.02)
-    assert set(summary["scaling"]) >= {"marginal_images_per_s", "time_ratio", "size_ratio", "peak_rss_ratio"}
+    assert set(summary["scaling"]) >= {"marginal_images_per_s", "marginal_cpu_ms_per_image", "time_ratio", "size_ratio",
+                                       "peak_rss_ratio"}
 
     text = out.read_text()
     for heading in ("# Benchmarks", "## Machine", "## Throughput", "## Pipeline: scaling, CPU and memory"):

@@ -368,3 +368,17 @@ def test_two_concurrent_runs_only_one_commits(s3_bucket: str, images: list[tuple
     assert set(manifests) == {winner}
     assert Counter(r["image_uri"] for r in rows) == Counter({f"{inp}/slide-1/{n}": 1 for n, _ in images[:4]})
     assert all(f"part-{winner}-" in k for k in _keys(s3_bucket, "results/predictions/")), "the loser wrote nothing"
+
+
+def test_cli_reports_a_held_lease_in_one_line(tmp_path: Path, small_input: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from wbc_batch.cli import main
+
+    out = str(tmp_path / "out")
+    with Lease(out, "nightly-holder", ttl_s=60):
+        code = main(["nightly", str(small_input), out, "--run-id", "nightly-other"])
+    captured = capsys.readouterr()
+    assert code == EXIT_LEASE_HELD
+    [line] = captured.err.strip().splitlines()
+    assert line.startswith("wbc-batch nightly: another nightly run holds the lease") and "nightly-holder" in line
+    assert not (tmp_path / "out" / "runs").exists(), "the loser must write nothing"

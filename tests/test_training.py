@@ -171,7 +171,9 @@ def test_publish_promotes_only_a_better_model_and_keeps_the_previous(data_with_j
     assert read_metadata(str(loc / "current")).version == "always-non-wbc"
 
 
-def test_five_class_model_evaluates_and_is_not_published_over_a_seven_class_one(data_with_junk: Path, tmp_path: Path) -> None:
+def test_five_class_model_evaluates_and_is_not_published_over_a_seven_class_one(
+    data_with_junk: Path, tmp_path: Path
+) -> None:
     split = _split_csv(data_with_junk)
     mature = list(training.MATURE_CLASSES)
     five = _constant_model(tmp_path, "five", mature, "neutrophil", split)
@@ -185,3 +187,22 @@ def test_five_class_model_evaluates_and_is_not_published_over_a_seven_class_one(
     training.publish(_constant_model(tmp_path, "seven", CLASSES, "non_wbc", split), str(loc), str(data_with_junk))
     refused = training.publish(five, str(loc), str(data_with_junk))
     assert not refused["promoted"] and "class lists differ" in refused["reason"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "message"),
+    [
+        (["train", "DATA", "OUT", "--workers", "0"], 2, "invalid input: workers must be >= 1, got 0"),
+        (["train", "DATA", "OUT", "--image-size", "8"], 2, "invalid input: image size must be >= 16, got 8"),
+        (["train", "DATA", "OUT", "--workers", "4", "--batch-size", "2"], 2,
+         "batch size (2) must be at least the number of workers (4)"),
+        (["evaluate", "shipped", "/nonexistent/data"], 2, "not found"),
+        (["evaluate", "/nonexistent/model", "DATA"], 4, "model error: model artifact not found"),
+    ],
+)
+def test_cli_failures_are_one_line(
+    argv: list[str], code: int, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

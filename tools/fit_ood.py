@@ -17,7 +17,7 @@ else from ``--data`` (the labelled class folders) and the artifact's
 ``split.csv``. Shifts are applied to the original test images from
 ``--data`` when that folder exists, else to the cached model inputs.
 
-Usage: python tools/fit_ood.py [--model DIR] [--cache X.npz] [--data DIR] [--fpr 0.025] [--dry-run]
+Usage: python tools/fit_ood.py [--model DIR] [--cache X.npz] [--data DIR] [--fpr 0.03] [--dry-run]
                                [--report OUT.json] [--work-cache /tmp/ood-work.npz]
 """
 
@@ -27,6 +27,7 @@ import argparse
 import csv
 import json
 import os
+import stat
 import sys
 import tempfile
 import time
@@ -38,7 +39,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from wbc_batch.imaging import decode_image, resize_for_model  # noqa: E402
 from wbc_batch.model import META_FILE, SPLIT_FILE, ModelMetadata, load_artifact, shipped_model_dir  # noqa: E402
-from wbc_batch.ood import QUALITY_FEATURES, SHIFTS, OodScorer, fit_ood, quality_features, simulate_shift  # noqa: E402
+from wbc_batch.ood import DEFAULT_FPR, QUALITY_FEATURES, SHIFTS, OodScorer, fit_ood, quality_features, simulate_shift  # noqa: E402
 
 DEFAULT_DATA = "/work/shared/data/pbc"
 
@@ -132,6 +133,7 @@ def write_ood(model_dir: Path, stats: dict[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=".model.json.")
     with os.fdopen(fd, "w") as fh:
         fh.write(json.dumps(data, indent=2))
+    os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))  # mkstemp makes 0600; keep the file's own mode
     os.replace(tmp, path)
 
 
@@ -140,7 +142,7 @@ def main() -> None:
     ap.add_argument("--model", default=str(shipped_model_dir()), help="artifact folder to update (local)")
     ap.add_argument("--cache", default=None, help="npz of decoded model inputs (X, y, s, classes); default: decode --data")
     ap.add_argument("--data", default=DEFAULT_DATA, help="labelled class folders that split.csv's uris are relative to")
-    ap.add_argument("--fpr", type=float, default=0.025, help="share of validation images to flag")
+    ap.add_argument("--fpr", type=float, default=DEFAULT_FPR, help="share of validation images to flag")
     ap.add_argument("--dry-run", action="store_true", help="measure only; leave model.json unchanged")
     ap.add_argument("--report", default=None, help="also write the evaluation figures to this JSON file")
     ap.add_argument("--work-cache", default=None, help="npz to keep embeddings and features in between runs")

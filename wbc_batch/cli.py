@@ -89,6 +89,9 @@ def _add_nightly(sub: argparse._SubParsersAction) -> None:
     p.add_argument("input", metavar="INPUT", help="local folder, s3://bucket/prefix, or manifest (.txt/.csv/.parquet)")
     p.add_argument("output", metavar="OUTPUT", help="local folder or s3://bucket/prefix holding earlier results")
     _add_run_options(p)
+    for action in p._actions:  # same option, nightly's own default
+        if action.dest == "run_id":
+            action.help = "run identifier (default: nightly-YYYYMMDD of the UTC date, one per night)"
     p.add_argument("--retry-errors", action="store_true",
                    help="also retry images whose row is a permanent error (transient errors are always retried)")
     p.add_argument("--reprocess-on-model-change", action="store_true",

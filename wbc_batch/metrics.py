@@ -115,7 +115,8 @@ def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) ->
     """(C, C) int64 counts, rows = true class, columns = predicted class."""
     labels, preds = _check_pair(labels, preds)
     if len(labels) and (min(labels.min(), preds.min()) < 0 or max(labels.max(), preds.max()) >= num_classes):
-        raise ValueError(f"class indices must lie in [0, {num_classes}), got {labels.min()}..{max(labels.max(), preds.max())}")
+        low, high = min(labels.min(), preds.min()), max(labels.max(), preds.max())
+        raise ValueError(f"class indices must lie in [0, {num_classes}), got {low}..{high}")
     cm = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(cm, (labels, preds), 1)
     return cm
@@ -239,7 +240,9 @@ def accuracy_above(conf: np.ndarray, correct: np.ndarray, threshold: float) -> t
     return acc, float(accepted.mean()) if len(conf) else float("nan")
 
 
-def subset_metrics(labels: np.ndarray, preds: np.ndarray, class_names: Sequence[str], subset: Sequence[str]) -> dict[str, Any]:
+def subset_metrics(
+    labels: np.ndarray, preds: np.ndarray, class_names: Sequence[str], subset: Sequence[str]
+) -> dict[str, Any]:
     """Figures over the images whose true class is in ``subset``.
 
     Predictions stay the argmax over *all* outputs, so a mature cell called

@@ -59,7 +59,11 @@ writes its manifest after losing the lease (self-fencing). This is safe when
 clock skew between hosts is well below ``ttl/4`` and when the Ray tasks of a
 killed driver stop with it (Ray ends a job's workers when its driver dies;
 the ttl gives that time). Choose ``--lease-seconds`` far above a renewal
-round trip; the default is 15 minutes.
+round trip; the default is 15 minutes. ``run_classify`` renews the lease
+(compare-and-swap) right before it writes the manifest (``before_commit``),
+so a driver frozen (SIGSTOP, a suspended VM) past the ttl fails that swap and
+does not commit. What remains is the window of one object write between that
+swap and the manifest write.
 """
 
 from __future__ import annotations
@@ -647,5 +651,6 @@ def run_nightly(config: ClassifyConfig, options: NightlyOptions | None = None) -
         # run_classify discards part files of an earlier, uncommitted attempt of this run id first
         # and writes the manifest (the commit) last; an empty list commits a run of zero images,
         # so every night leaves a manifest that says what it found.
-        manifest = run_classify(replace(config, run_id=run_id, uris=plan.to_process, manifest_extra=extra))
+        manifest = run_classify(replace(config, run_id=run_id, uris=plan.to_process, manifest_extra=extra,
+                                        before_commit=lambda _manifest: lease.check()))
         return manifest

@@ -42,7 +42,7 @@ import numpy as np
 from wbc_batch.localisation import cell_mask
 
 OOD_FORMAT = "wbc-batch-ood/1"
-DEFAULT_FPR = 0.025
+DEFAULT_FPR = 0.03
 DEFAULT_MAX_SHARE = 0.20
 DEFAULT_MIN_OOD = 2
 SCORE_FLOOR = 1e-6

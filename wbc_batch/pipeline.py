@@ -20,7 +20,7 @@ import os
 import re
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from pathlib import PurePosixPath
 from typing import Any
@@ -55,6 +55,7 @@ class ClassifyConfig:
     ray_address: str | None = None
     uris: list[str] | None = None
     manifest_extra: dict[str, Any] | None = None
+    before_commit: Any = None  # callable(manifest) run right before the commit; raising aborts it (nightly's lease check)
     faithfulness_sample: int = 32
 
     @classmethod
@@ -427,10 +428,13 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
         "timings": {"seconds": round(elapsed, 3), "images_per_second": round(counts.total / elapsed, 3) if elapsed else 0.0},
         "resources": {"workers": workers, "gpus_per_worker": gpus_per, "cpus_per_worker": cpus_per},
         "parquet_files": files,
-        "options": {k: v for k, v in asdict(config).items() if k not in ("uris", "manifest_extra")},
+        "options": {f.name: getattr(config, f.name) for f in fields(config)
+                    if f.name not in ("uris", "manifest_extra", "before_commit")},
     }
     manifest["options"]["n_uris"] = len(uris)
     if config.manifest_extra:
         manifest.update(config.manifest_extra)
+    if config.before_commit is not None:
+        config.before_commit(manifest)
     results.write_manifest(config.output_uri, manifest)
     return manifest

@@ -118,6 +118,15 @@ def manifest_uri(output: str, run_id: str) -> str:
     return storage.join(output, RUNS_DIR, f"{run_id}.json")
 
 
+_PART_RE = re.compile(r"^part-(?P<run_id>.+)-(?P<seq>\d{5})\.parquet$")
+
+
+def part_run_id(file_name: str) -> str | None:
+    """The run id a part file belongs to (``part-<run_id>-<nnnnn>.parquet``), or None."""
+    match = _PART_RE.match(file_name)
+    return match.group("run_id") if match else None
+
+
 def discard_previous_attempt(output: str, run_id: str) -> int:
     """Remove the manifest and part files of an earlier attempt with this run id.
 
@@ -130,7 +139,7 @@ def discard_previous_attempt(output: str, run_id: str) -> int:
         files = storage.list_files(prefix)
     except FileNotFoundError:
         return 0
-    stale = [f for f in files if f.rsplit("/", 1)[-1].startswith(f"part-{run_id}-")]
+    stale = [f for f in files if part_run_id(f.rsplit("/", 1)[-1]) == run_id]
     for f in stale:
         storage.delete(f)
     return len(stale)

@@ -192,7 +192,9 @@ def _index_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: batch[k][good] for k in ("uri", "rel", "label", "sha256")}
 
 
-def _label_and_split(batch: dict[str, np.ndarray], split_of: dict[str, str], class_index: dict[str, int]) -> dict[str, np.ndarray]:
+def _label_and_split(
+    batch: dict[str, np.ndarray], split_of: dict[str, str], class_index: dict[str, int]
+) -> dict[str, np.ndarray]:
     good = batch["ok"].astype(bool)
     return {
         "image": batch["image"][good],
@@ -324,7 +326,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         total = epochs * steps
         warm = min(3 * steps, max(1, total // 10))
         schedule = tf_keras.optimizers.schedules.CosineDecay(
-            0.0, decay_steps=max(1, total - warm), alpha=1e-3, warmup_target=float(cfg["learning_rate"]), warmup_steps=warm
+            0.0,
+            decay_steps=max(1, total - warm),
+            alpha=1e-3,
+            warmup_target=float(cfg["learning_rate"]),
+            warmup_steps=warm,
         )
         optimizer = tf_keras.optimizers.AdamW(learning_rate=schedule, weight_decay=float(cfg["weight_decay"]))
         model.compile(
@@ -365,7 +371,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             "world_size": world,
         }
         with tempfile.TemporaryDirectory() as d:
-            Path(d, f"replica-{rank}.json").write_text(json.dumps({"rank": rank, "epoch": epoch, "trainable_sha256": digest}))
+            replica = {"rank": rank, "epoch": epoch, "trainable_sha256": digest}
+            Path(d, f"replica-{rank}.json").write_text(json.dumps(replica))
             if rank == 0:
                 np.savez(Path(d, WEIGHTS_FILE), **{f"w{i:04d}": a for i, a in enumerate(weights)})
                 np.savez(Path(d, OPTIMIZER_FILE), **{f"v{i:04d}": a for i, a in enumerate(opt_state)})
@@ -429,13 +436,19 @@ def _prepare_data(config: TrainConfig) -> dict[str, Any]:
 
     rows = list_labelled_files(config.data_uri, config.label_map)
     ds = ray.data.from_items(rows).map_batches(
-        decode_batch, fn_kwargs={"image_size": config.image_size}, batch_size=config.decode_batch_size, batch_format="numpy"
+        decode_batch,
+        fn_kwargs={"image_size": config.image_size},
+        batch_size=config.decode_batch_size,
+        batch_format="numpy",
     )
     ds = ds.materialize()
     for bad in ds.map_batches(_failed_rows, batch_format="numpy").take_all():
         log.warning("skipping %s: %s", bad["uri"], bad["error"])
     index = ds.map_batches(_index_rows, batch_format="numpy").take_all()
-    items = [splits.LabelledImage(str(r["rel"]), str(r["sha256"]), str(r["label"]), str(r["rel"]).split("/")[0]) for r in index]
+    items = [
+        splits.LabelledImage(str(r["rel"]), str(r["sha256"]), str(r["label"]), str(r["rel"]).split("/")[0])
+        for r in index
+    ]
     if not items:
         raise TrainingError(f"no decodable images under {config.data_uri}")
     classes = sorted({it.label for it in items})
@@ -489,7 +502,9 @@ def _predict_logits(model: Any, images: np.ndarray, batch_size: int = 64) -> np.
 
 
 def _run_name(config: TrainConfig, fingerprint: str) -> str:
-    settings = f"{config.image_size}-{config.epochs}-{config.batch_size}-{config.learning_rate}-{config.workers}-{config.seed}"
+    """Same data and settings give the same name, so re-running a killed job resumes it."""
+    c = config
+    settings = "-".join(str(v) for v in (c.image_size, c.epochs, c.batch_size, c.learning_rate, c.workers, c.seed))
     return config.run_name or f"wbc-train-{fingerprint[:12]}-{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
 
 
@@ -511,7 +526,12 @@ def calibration_from_val(logits: np.ndarray, labels: np.ndarray) -> dict[str, fl
     temperature = metrics.fit_temperature(logits, labels)
     probs = metrics.softmax(logits, temperature)
     threshold, coverage = metrics.coverage_at_accuracy(probs.max(axis=1), probs.argmax(axis=1) == labels)
-    return {"temperature": temperature, "review_threshold": threshold, "val_coverage": coverage, "val_n": int(len(labels))}
+    return {
+        "temperature": temperature,
+        "review_threshold": threshold,
+        "val_coverage": coverage,
+        "val_n": int(len(labels)),
+    }
 
 
 def run_training(config: TrainConfig) -> dict[str, Any]:
@@ -537,7 +557,8 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     _ensure_ray(config.ray_address)
     data = _prepare_data(config)
     classes: list[str] = data["classes"]
-    train_ds = data["labelled"].map_batches(_only_split, fn_kwargs={"split": "train"}, batch_format="numpy").materialize()
+    train_ds = data["labelled"].map_batches(_only_split, fn_kwargs={"split": "train"}, batch_format="numpy")
+    train_ds = train_ds.materialize()
     n_train = data["split_counts"]["train"]
     steps = max(1, n_train // config.batch_size)
     class_weights = balanced_class_weights([data["train_label_counts"][c] for c in classes])
@@ -596,7 +617,11 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     test_report: dict[str, Any] = {}
     if len(y_test):
         test_report = metrics.classification_report(
-            _predict_logits(model, x_test), y_test, classes, calibration["temperature"], calibration["review_threshold"],
+            _predict_logits(model, x_test),
+            y_test,
+            classes,
+            calibration["temperature"],
+            calibration["review_threshold"],
             subsets={"wbc": wbc, "mature5": list(MATURE_CLASSES)},
         )
     version = config.version or f"{datetime.now(timezone.utc):%Y%m%d.%H%M%S}-{data['fingerprint'][:8]}"
@@ -630,7 +655,9 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
             "run_name": run_name,
             "final_epoch": final_state,
         },
-        metrics={"split": "test", **test_report, "calibration": calibration} if test_report else {"calibration": calibration},
+        metrics={"split": "test", **test_report, "calibration": calibration}
+        if test_report
+        else {"calibration": calibration},
     )
     split_text = split_csv_text(data["items"], data["split_of"])
     save_artifact(model, meta, config.model_out, split_csv=split_text)
@@ -662,7 +689,11 @@ def _read_and_hash(uri: str) -> tuple[str, bytes]:
 
 
 def collect_logits(
-    artifact: Any, data_uri: str, split: str | None = "test", split_of: dict[str, str] | None = None, batch_size: int = 64
+    artifact: Any,
+    data_uri: str,
+    split: str | None = "test",
+    split_of: dict[str, str] | None = None,
+    batch_size: int = 64,
 ) -> dict[str, Any]:
     """Run a loaded artifact over the labelled images of one split.
 
@@ -686,7 +717,8 @@ def collect_logits(
             if split is not None and split_of is not None and split_of.get(sha) != split:
                 continue
             if row["label"] not in names:
-                skipped.append({"uri": row["uri"], "reason": f"class {row['label']!r} is not one of the model's classes"})
+                reason = f"class {row['label']!r} is not one of the model's classes"
+                skipped.append({"uri": row["uri"], "reason": reason})
                 continue
             chosen.append((row["uri"], names.index(row["label"]), data))
 
@@ -785,7 +817,8 @@ def format_summary(result: dict[str, Any]) -> str:
     """A few readable lines of an evaluation result."""
     m = result["metrics"]
     lines = [
-        f"model {result['model']['version']} on {result['n_images']} images ({result['split']} split of {result['data']})",
+        f"model {result['model']['version']} on {result['n_images']} images "
+        f"({result['split']} split of {result['data']})",
         f"accuracy {m['accuracy']:.4f}  balanced {m['balanced_accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
         f"ECE raw {m['ece_raw']:.4f} calibrated {m['ece_calibrated']:.4f} (T={m['temperature']:.3f})",
     ]
@@ -795,7 +828,8 @@ def format_summary(result: dict[str, Any]) -> str:
         lines.append(f"review threshold {r['threshold']:.4f}: {r['coverage']:.1%} of cells above it, accuracy {acc}")
     for key, label in (("wbc", "white-cell classes"), ("mature5", "5 mature classes")):
         if key in m:
-            lines.append(f"{label} ({m[key]['n']} images): accuracy {m[key]['accuracy']:.4f}  macro-F1 {m[key]['macro_f1']:.4f}")
+            sub = m[key]
+            lines.append(f"{label} ({sub['n']} images): accuracy {sub['accuracy']:.4f}  macro-F1 {sub['macro_f1']:.4f}")
     lines.append("recall: " + ", ".join(f"{c} {'n/a' if r is None else f'{r:.3f}'}" for c, r in m["recall"].items()))
     if result["skipped"]:
         lines.append(f"skipped {len(result['skipped'])} files (see JSON)")
@@ -899,7 +933,8 @@ def publish(candidate_uri: str, location: str, data_uri: str, split: str = "test
         if not cand_info["score"] > previous["score"]:
             return {
                 "promoted": False,
-                "reason": f"candidate (macro-F1, accuracy, -NLL) {cand_info['score']} does not beat current {previous['score']}",
+                "reason": f"candidate (macro-F1, accuracy, -NLL) {cand_info['score']} "
+                f"does not beat current {previous['score']}",
                 "current": current, "candidate": cand_info, "previous": previous,
             }
         _copy_artifact(current, storage.join(location, "versions", cur_meta.version))
