@@ -46,7 +46,8 @@ def cmyk_jpeg(width: int = 32, height: int = 24, cmyk: tuple[int, int, int, int]
     ac_counts = [0] * 16
     ac_counts[0] = 1  # one code of length 1: EOB
     out += b"\xff\xc4" + struct.pack(">H", 2 + 17 + 1) + b"\x10" + bytes(ac_counts) + b"\x00"
-    out += b"\xff\xda" + struct.pack(">HB", 6 + 2 * 4, 4) + b"".join(bytes([c + 1, 0]) for c in range(4)) + b"\x00\x3f\x00"
+    out += b"\xff\xda" + struct.pack(">HB", 6 + 2 * 4, 4) + b"".join(bytes([c + 1, 0]) for c in range(4))
+    out += b"\x00\x3f\x00"  # spectral selection 0..63, no successive approximation
     bits: list[int] = []
 
     def put(value: int, n: int) -> None:

@@ -27,7 +27,7 @@ def shipped():
 
 @pytest.fixture(scope="module")
 def explainer(shipped) -> Explainer:
-    return Explainer(shipped.model, shipped.meta.gradcam_layer)
+    return Explainer(shipped.model, shipped.meta.gradcam_layer, occlusion_patch=16)  # 64 passes per image, not 256
 
 
 @pytest.fixture(scope="module")
@@ -90,12 +90,12 @@ def test_vanilla_gradients_are_the_logit_gradient(explainer: Explainer, shipped,
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6 * expected.max())
 
 
-def test_occlusion_is_a_probability_drop(attributions) -> None:
+def test_occlusion_is_a_logit_drop(attributions) -> None:
     attr = attributions("occlusion")
     for i in range(2):
-        p = float(attr.probabilities[i, attr.targets[i]])
-        assert attr.maps[i].max() <= p + 1e-5 and attr.maps[i].min() >= p - 1.0 - 1e-5
-        assert attr.maps[i].max() > 0.05  # grey patches on the cell do lower its probability
+        m = attr.maps[i]
+        assert m.max() > 0.5, "grey patches on the cell must lower its logit"
+        assert m.min() < 0.1  # most patches, on plain background, barely matter
 
 
 def test_explainer_guards(explainer: Explainer, batch: np.ndarray) -> None:

@@ -47,9 +47,9 @@ def test_bench_harness_writes_a_complete_report(tmp_path: Path) -> None:
     for n in ("16", "24"):
         p = summary["pipeline"][n]
         assert p["vs_baseline"] == pytest.approx(
-            p["images_per_s"]["median"] / summary["baseline_images_per_s"]["median"], rel=0.02)
+            p["images_per_s"]["median"] / summary["baseline_images_per_s"]["median"], rel=0.02, abs=0.01)
         assert p["vs_floor"] == pytest.approx(
-            p["images_per_s"]["median"] / summary["floor_images_per_s"]["median"], rel=0.02)
+            p["images_per_s"]["median"] / summary["floor_images_per_s"]["median"], rel=0.02, abs=1e-3)
     assert set(summary["scaling"]) >= {"marginal_images_per_s", "marginal_cpu_ms_per_image", "time_ratio", "size_ratio",
                                        "peak_rss_ratio"}
 

@@ -29,7 +29,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
@@ -110,7 +109,8 @@ class FaultProxy:
                     if self.command != "HEAD":
                         self.wfile.write(payload)
                     return
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "connection")}
+                hop = ("transfer-encoding", "connection")
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in hop}
                 if body or self.command in ("PUT", "POST"):
                     headers["Content-Length"] = str(len(body))
                 conn = http.client.HTTPConnection(proxy.upstream, timeout=60)
@@ -257,10 +257,25 @@ class Cli:
             if proc.poll() is None:
                 self.kill(proc)
                 proc.communicate()
+            for pid in self._stragglers(proc.pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def _stragglers(self, pgid: int) -> list[int]:
+        """Processes left in the run's session that carry this runner's RAY_TMPDIR (reparented Ray helpers)."""
+        mark = f"RAY_TMPDIR={self.env['RAY_TMPDIR']}".encode()
+        out = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
             try:
-                os.killpg(proc.pid, signal.SIGKILL)  # stragglers of its Ray (same session)
-            except (ProcessLookupError, PermissionError):
-                pass
+                if os.getpgid(int(entry.name)) == pgid and mark in (entry / "environ").read_bytes().split(b"\0"):
+                    out.append(int(entry.name))
+            except (OSError, ProcessLookupError):
+                continue
+        return out
 
 
 @pytest.fixture()
@@ -420,7 +435,7 @@ def test_actor_killed_mid_run_still_gives_exactly_one_row_per_image(
                 killed = (busy or actors)[0]
                 killed_title = _cmdline(killed)
                 os.kill(killed, signal.SIGKILL)
-                print(f"killed {killed} ({killed_title.strip()}) {time.monotonic() - first_seen:.1f}s after it appeared")
+                print(f"killed {killed} ({killed_title.strip()}), {time.monotonic() - first_seen:.1f}s after it began")
         else:
             restarted |= {pid for pid in actors if pid != killed}
         time.sleep(0.2)
@@ -603,7 +618,8 @@ def test_credentials_never_reach_outputs_or_logs_and_names_never_come_from_keys(
     blobs: dict[str, bytes] = {f"s3://{s3_bucket}/{k}": client.get_object(Bucket=s3_bucket, Key=k)["Body"].read()
                                for k in written}
     for name in [n for n in blobs if n.endswith(".parquet")]:  # zstd pages hide text from a byte search
-        blobs[name + " (decoded)"] = json.dumps(pq.read_table(io.BytesIO(blobs[name])).to_pylist(), default=str).encode()
+        decoded = pq.read_table(io.BytesIO(blobs[name])).to_pylist()
+        blobs[name + " (decoded)"] = json.dumps(decoded, default=str).encode()
     blobs.update({f"captured[{i}]": s.encode() for i, s in enumerate(run.captured)})
     ray_files = [p for p in ray_tmp.rglob("*") if p.is_file() and not p.is_symlink()]
     assert any("session_" in str(p) and p.suffix in (".log", ".out", ".err") for p in ray_files), "no Ray logs found"
@@ -647,14 +663,16 @@ def test_remote_model_needs_an_explicit_trust(s3_bucket: str, monkeypatch: pytes
     blob = bytearray((shipped_model_dir() / "model.keras").read_bytes())
     blob[2000:2008] = b"tampered"
     client.put_object(Bucket=s3_bucket, Key="models/v2/model.keras", Body=bytes(blob))
-    client.put_object(Bucket=s3_bucket, Key="models/v2/model.json", Body=(shipped_model_dir() / "model.json").read_bytes())
+    meta = (shipped_model_dir() / "model.json").read_bytes()
+    client.put_object(Bucket=s3_bucket, Key="models/v2/model.json", Body=meta)
     with pytest.raises(ModelArtifactError, match="does not match model.json"):
         load_artifact(f"s3://{s3_bucket}/models/v2")
 
 
 def test_least_privilege_s3_policy_exists() -> None:
     policy = json.loads((REPO / "infra" / "iam" / "s3-policy.json").read_text())
-    actions = {a for st in policy["Statement"] for a in ([st["Action"]] if isinstance(st["Action"], str) else st["Action"])}
+    actions = {a for st in policy["Statement"]
+               for a in ([st["Action"]] if isinstance(st["Action"], str) else st["Action"])}
     assert not [a for a in actions if "*" in a]
     assert all(st["Effect"] == "Allow" and "*" != st["Resource"] for st in policy["Statement"])
 

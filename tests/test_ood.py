@@ -29,9 +29,10 @@ from wbc_batch.ood import (
 )
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "pbc"
-# Share of the 64 shifted samples that must be flagged: at least the issue's
-# 95% target where the shipped model measures 100% on the test split, lower
-# for the two zooms, which the test split flags ~80% of (docs/OOD.md).
+# Share of the 64 shifted samples that must be flagged: the issue's 95% target
+# where the shipped statistics flag 99-100% of the shifted test split, lower
+# for the two zooms, of which they flag 89% and 84% (measured on these
+# samples: 53/64 and 47/64; docs/OOD.md).
 MIN_FLAGGED = {kind: 0.95 for kind in SHIFTS} | {"zoom_in": 0.6, "zoom_out": 0.6}
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -50,6 +51,12 @@ def shipped():
 
     art = load_artifact()
     return art, GradCam(art.model, art.meta.gradcam_layer, art.meta.embedding_layer)
+
+
+@pytest.fixture(scope="module")
+def clean_scores(shipped, originals) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and flags of the untouched samples with the shipped statistics."""
+    return _score(shipped, OodScorer.from_metadata(shipped[0].meta), originals)
 
 
 def _inputs(rgbs: list[np.ndarray], size: int) -> np.ndarray:
@@ -72,18 +79,17 @@ def test_shipped_model_carries_statistics(shipped) -> None:
     assert scorer is not None and scorer.embedding_dim == 192
 
 
-def test_bundled_samples_mostly_in_distribution(shipped, originals) -> None:
-    scorer = OodScorer.from_metadata(shipped[0].meta)
-    scores, flags = _score(shipped, scorer, originals)
+def test_bundled_samples_mostly_in_distribution(clean_scores) -> None:
+    scores, flags = clean_scores
     assert scores.shape == (64,) and scores.dtype == np.float32
     assert flags.dtype == bool
     assert flags.sum() <= 4, f"{flags.sum()} of 64 untouched samples flagged"
 
 
 @pytest.mark.parametrize("kind", sorted(SHIFTS))
-def test_simulated_shift_flagged(shipped, originals, kind: str) -> None:
+def test_simulated_shift_flagged(shipped, originals, clean_scores, kind: str) -> None:
     scorer = OodScorer.from_metadata(shipped[0].meta)
-    clean, _ = _score(shipped, scorer, originals)
+    clean, _ = clean_scores
     shifted, flags = _score(shipped, scorer, [simulate_shift(r, kind) for r in originals])
     assert flags.mean() >= MIN_FLAGGED[kind], f"{kind}: only {flags.mean():.0%} flagged"
     assert np.median(shifted) > np.median(clean)
@@ -94,7 +100,8 @@ def test_score_does_not_depend_on_batch(shipped, originals, batch_size: int) -> 
     scorer = OodScorer.from_metadata(shipped[0].meta)
     rgbs = originals[::4]
     whole, _ = _score(shipped, scorer, rgbs)
-    parts = np.concatenate([_score(shipped, scorer, rgbs[i : i + batch_size])[0] for i in range(0, len(rgbs), batch_size)])
+    chunks = [rgbs[i : i + batch_size] for i in range(0, len(rgbs), batch_size)]
+    parts = np.concatenate([_score(shipped, scorer, chunk)[0] for chunk in chunks])
     np.testing.assert_allclose(parts, whole, rtol=1e-4, atol=1e-4)
 
 
@@ -132,7 +139,12 @@ def test_five_class_model(originals) -> None:
     stats = fit_ood(emb[train], labels[train], images[train], emb[val], images[val], fpr=0.05)
     assert stats["num_classes"] == 5
     meta = ModelMetadata(
-        version="0.0.1", class_names=list("abcde"), image_size=32, gradcam_layer="cam_features", non_wbc_classes=[], ood=stats
+        version="0.0.1",
+        class_names=list("abcde"),
+        image_size=32,
+        gradcam_layer="cam_features",
+        non_wbc_classes=[],
+        ood=stats,
     )
     scorer = OodScorer.from_metadata(ModelMetadata.from_dict(json.loads(meta.to_json())))
     assert scorer is not None
@@ -224,3 +236,37 @@ class TestDomainShiftSummary:
             domain_shift_summary(5, 6, {}, max_share=0.2)
         with pytest.raises(ValueError, match="max_share"):
             domain_shift_summary(5, 1, {}, max_share=1.5)
+
+
+def test_fit_tool_changes_only_the_ood_key(tmp_path: Path) -> None:
+    """tools/fit_ood.py rewrites model.json by read-modify-write of "ood" alone, keeping the file mode."""
+    import importlib.util
+    import os
+    import shutil
+
+    from wbc_batch.model import shipped_model_dir
+
+    tool_path = Path(__file__).resolve().parent.parent / "tools" / "fit_ood.py"
+    spec = importlib.util.spec_from_file_location("fit_ood_tool", tool_path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    shutil.copy(shipped_model_dir() / "model.json", tmp_path / "model.json")
+    os.chmod(tmp_path / "model.json", 0o644)
+    before = json.loads((tmp_path / "model.json").read_text())
+    tool.write_ood(tmp_path, {"format": OOD_FORMAT, "marker": 1})
+    after = json.loads((tmp_path / "model.json").read_text())
+    assert after["ood"] == {"format": OOD_FORMAT, "marker": 1}
+    assert {k: v for k, v in after.items() if k != "ood"} == {k: v for k, v in before.items() if k != "ood"}
+    assert os.stat(tmp_path / "model.json").st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["model.json"]
+
+
+def test_float_batch_from_prepare_batch_scores_like_uint8(shipped, originals) -> None:
+    """The pipeline may hand over prepare_batch's float32 batch instead of uint8."""
+    art, cam = shipped
+    scorer = OodScorer.from_metadata(art.meta)
+    floats = imaging.prepare_batch(originals[:8], art.meta.image_size)
+    emb = cam(floats).embeddings
+    a, _ = scorer.score(emb, floats)
+    b, _ = scorer.score(emb, floats.astype(np.uint8))
+    np.testing.assert_array_equal(a, b)

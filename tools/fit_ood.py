@@ -39,7 +39,15 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from wbc_batch.imaging import decode_image, resize_for_model  # noqa: E402
 from wbc_batch.model import META_FILE, SPLIT_FILE, ModelMetadata, load_artifact, shipped_model_dir  # noqa: E402
-from wbc_batch.ood import DEFAULT_FPR, QUALITY_FEATURES, SHIFTS, OodScorer, fit_ood, quality_features, simulate_shift  # noqa: E402
+from wbc_batch.ood import (  # noqa: E402
+    DEFAULT_FPR,
+    QUALITY_FEATURES,
+    SHIFTS,
+    OodScorer,
+    fit_ood,
+    quality_features,
+    simulate_shift,
+)
 
 DEFAULT_DATA = "/work/shared/data/pbc"
 
@@ -49,7 +57,9 @@ def embed(model: Any, embedding_layer: str, images: np.ndarray, batch: int = 256
     import keras
 
     sub = keras.Model(model.inputs, model.get_layer(embedding_layer).output)
-    out = [np.asarray(sub.predict_on_batch(images[i : i + batch].astype(np.float32))) for i in range(0, len(images), batch)]
+    out = [
+        np.asarray(sub.predict_on_batch(images[i : i + batch].astype(np.float32))) for i in range(0, len(images), batch)
+    ]
     return np.concatenate(out).astype(np.float32)
 
 
@@ -91,7 +101,9 @@ def read_split(model_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def load_labelled(args: argparse.Namespace, meta: ModelMetadata, model_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def load_labelled(
+    args: argparse.Namespace, meta: ModelMetadata, model_dir: Path
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Model inputs, class indices and split names of every labelled image."""
     if args.cache:
         d = np.load(args.cache, allow_pickle=False)
@@ -108,7 +120,9 @@ def load_labelled(args: argparse.Namespace, meta: ModelMetadata, model_dir: Path
     return images, labels, np.array([r["split"] for r in rows])
 
 
-def test_originals(args: argparse.Namespace, model_dir: Path, fallback: np.ndarray) -> tuple[list[np.ndarray], str, str]:
+def shift_originals(
+    args: argparse.Namespace, model_dir: Path, fallback: np.ndarray
+) -> tuple[list[np.ndarray], str, str]:
     """Full-resolution test images for the shifts, or the model inputs when the folder is absent.
 
     Returns:
@@ -140,7 +154,9 @@ def write_ood(model_dir: Path, stats: dict[str, Any]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(shipped_model_dir()), help="artifact folder to update (local)")
-    ap.add_argument("--cache", default=None, help="npz of decoded model inputs (X, y, s, classes); default: decode --data")
+    ap.add_argument(
+        "--cache", default=None, help="npz of decoded model inputs (X, y, s, classes); default: decode --data"
+    )
     ap.add_argument("--data", default=DEFAULT_DATA, help="labelled class folders that split.csv's uris are relative to")
     ap.add_argument("--fpr", type=float, default=DEFAULT_FPR, help="share of validation images to flag")
     ap.add_argument("--dry-run", action="store_true", help="measure only; leave model.json unchanged")
@@ -154,12 +170,20 @@ def main() -> None:
     t0 = time.time()
     cache = WorkCache(args.work_cache, meta.model_sha256)
     images, labels, split = load_labelled(args, meta, model_dir)
-    emb, feats = cache.get("labelled", art.model, meta.embedding_layer, images)
+    source = "labelled/cache" if args.cache else "labelled/data"  # the two may order images differently
+    emb, feats = cache.get(source, art.model, meta.embedding_layer, images)
     print(f"embedded and measured {len(images)} images in {time.time() - t0:.0f} s", file=sys.stderr)
     tr, va, te = split == "train", split == "val", split == "test"
     stats = fit_ood(
-        emb[tr], labels[tr], None, emb[va], None, fpr=args.fpr,  # type: ignore[arg-type]
-        num_classes=len(meta.class_names), features_train=feats[tr], features_val=feats[va],
+        emb[tr],
+        labels[tr],
+        None,
+        emb[va],
+        None,
+        fpr=args.fpr,
+        num_classes=len(meta.class_names),
+        features_train=feats[tr],
+        features_val=feats[va],
     )
     scorer = OodScorer(stats)
 
@@ -168,11 +192,12 @@ def main() -> None:
 
     test_flags = flagged(emb[te], feats[te])
     per_class = {c: round(float(test_flags[labels[te] == i].mean()), 4) for i, c in enumerate(meta.class_names)}
-    originals, source, key = test_originals(args, model_dir, images[te])
+    originals, source, key = shift_originals(args, model_dir, images[te])
     shifts: dict[str, float] = {}
     for kind in SHIFTS:
         shifted = np.stack([resize_for_model(simulate_shift(o, kind), meta.image_size) for o in originals])
-        shifts[kind] = round(float(flagged(*cache.get(f"shift/{key}/{kind}", art.model, meta.embedding_layer, shifted)).mean()), 4)
+        emb_s, feat_s = cache.get(f"shift/{key}/{kind}", art.model, meta.embedding_layer, shifted)
+        shifts[kind] = round(float(flagged(emb_s, feat_s).mean()), 4)
         print(f"{kind}: {shifts[kind]:.1%} flagged", file=sys.stderr)
     stats["evaluation"] = {
         "val_flagged": round(stats["val_flagged_share"], 4),

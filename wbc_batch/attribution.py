@@ -23,10 +23,13 @@ method                       tf-explain call, and what we do around it
                              gradient*; we multiply by ``(image - baseline)`` as
                              the method defines, then sum ``|.|`` over RGB.
 ``occlusion``                ``OcclusionSensitivity.get_sensitivity_map`` with 8 px
-                             grey patches on the softmax model; tf-explain returns
-                             ``1 - p(occluded)``; we store ``p - p(occluded)``, the
-                             probability drop (signed: negative where occluding
-                             *raises* the probability), and draw its positive part.
+                             grey patches; it returns ``1 - score(occluded)``; we
+                             give it the *logits* and store ``logit - logit(occluded)``,
+                             the logit drop (signed: negative where occluding
+                             *raises* it), and draw its positive part. On
+                             probabilities a confident cell (p ~ 1) barely moves
+                             under one patch (measured: a drop of 2e-6 at most
+                             on a sample monocyte), so the map would be empty.
 ``gradcam``                  ours; (16, 16) ReLU'd map before normalisation.
 ============================ =====================================================
 
@@ -86,29 +89,30 @@ class _Predictor:
 class Explainer:
     """Computes attribution maps with any of :data:`METHODS` for one model."""
 
-    def __init__(self, model: Any, gradcam_layer: str, seed: int = 0) -> None:
+    def __init__(self, model: Any, gradcam_layer: str, seed: int = 0, occlusion_patch: int = OCCLUSION_PATCH) -> None:
         import keras
 
         self.model = model
+        self.occlusion_patch = occlusion_patch
         self.gradcam_layer = gradcam_layer
         self.seed = seed
         self.num_classes = int(model.output_shape[-1])
-        # tf-explain's smoothgrad and occlusion expect probabilities at the output.
+        # tf-explain's smoothgrad loss expects probabilities at the output.
         self._softmax_model = keras.Model(model.inputs, keras.layers.Softmax(name="probabilities")(model.output))
-        self._predictor = _Predictor(self._softmax_model)  # compiled once, reused by every call
+        self._predictor = _Predictor(model)  # logits; compiled once, reused by every call
         self._gradcam: GradCam | None = None
 
     def _targets(self, images: np.ndarray, classes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        probs = self._predictor.predict(images)
-        predicted = probs.argmax(axis=1).astype(np.int32)
+        logits = self._predictor.predict(images)
+        predicted = logits.argmax(axis=1).astype(np.int32)
         if classes is None:
-            return predicted, probs
+            return predicted, logits
         classes = np.asarray(classes, np.int32)
         if classes.shape != (len(images),):
             raise ValueError(f"expected classes of shape ({len(images)},), got {classes.shape}")
         if np.any(classes >= self.num_classes) or np.any(classes < -1):
             raise ValueError(f"class index out of range: expected -1 or 0..{self.num_classes - 1}")
-        return np.where(classes >= 0, classes, predicted).astype(np.int32), probs
+        return np.where(classes >= 0, classes, predicted).astype(np.int32), logits
 
     def __call__(self, images: np.ndarray, method: str, classes: np.ndarray | None = None) -> Attribution:
         """Explain a batch.
@@ -127,7 +131,9 @@ class Explainer:
         expected = tuple(int(d) for d in self.model.input_shape[1:])
         if images.ndim != 4 or images.shape[1:] != expected:
             raise ValueError(f"expected images (B, {', '.join(map(str, expected))}), got {images.shape}")
-        targets, probs = self._targets(images, classes)
+        targets, logits = self._targets(images, classes)
+        z = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs = z / z.sum(axis=1, keepdims=True)
         if method == "gradcam":
             if self._gradcam is None:
                 self._gradcam = GradCam(self.model, self.gradcam_layer)
@@ -137,7 +143,7 @@ class Explainer:
             maps = np.zeros((len(images), *images.shape[1:3]), np.float32)
             for c in np.unique(targets):
                 idx = np.flatnonzero(targets == c)
-                maps[idx] = compute(images[idx], int(c), probs[idx, c])
+                maps[idx] = compute(images[idx], int(c), logits[idx, c])
         return Attribution(maps.astype(np.float32), targets, probs.astype(np.float32), method)
 
     def _vanilla_gradients(self, images: np.ndarray, c: int, _p: np.ndarray) -> np.ndarray:
@@ -165,13 +171,14 @@ class Explainer:
         mean_grads = np.asarray(IntegratedGradients.get_integrated_gradients(path, self.model, c, IG_STEPS))
         return np.abs(((images - 0.0) * mean_grads).sum(axis=-1))  # baseline is black (zeros)
 
-    def _occlusion(self, images: np.ndarray, c: int, p: np.ndarray) -> np.ndarray:
+    def _occlusion(self, images: np.ndarray, c: int, logit: np.ndarray) -> np.ndarray:
         from tf_explain.core.occlusion_sensitivity import OcclusionSensitivity
 
         occ = OcclusionSensitivity(batch_size=64)
+        # tf-explain gives 1 - logit(occluded); minus (1 - logit) leaves the drop.
         return np.stack([
-            occ.get_sensitivity_map(self._predictor, image, c, OCCLUSION_PATCH) - (1.0 - p_i)
-            for image, p_i in zip(images, p)
+            occ.get_sensitivity_map(self._predictor, image, c, self.occlusion_patch) - (1.0 - float(z))
+            for image, z in zip(images, logit)
         ])
 
 

@@ -12,7 +12,7 @@ measurement on the PBC test split and simulated shifts (``docs/OOD.md``):
    embeddings. The subtraction removes the directions every image varies in,
    which flagged more shifted images at the same false-positive rate than
    the plain distance; the energy score and max-logit were much weaker
-   (no better than 60% on any colour shift), so logits are not used.
+   (8-56% of colour-shifted images flagged), so logits are not used.
 2. **Image quality** on the model input: focus (log variance of the
    Laplacian), colour (mean and std of L, a, b), chroma detail relative to
    luma detail (low-quality JPEG smears the colour channels first) and the
@@ -181,7 +181,8 @@ class OodScorer:
             raise ValueError(f"expected quality features {list(QUALITY_FEATURES)}, got {qual['features']}")
         self.quality_means = np.asarray(qual["class_means"], dtype=np.float64)
         self.quality_precision = np.asarray(qual["precision"], dtype=np.float64)
-        self.normalisation = {c: (float(stats["normalisation"][c]["median"]), float(stats["normalisation"][c]["scale"])) for c in COMPONENTS}
+        norm = stats["normalisation"]
+        self.normalisation = {c: (float(norm[c]["median"]), float(norm[c]["scale"])) for c in COMPONENTS}
         self.threshold = float(stats["threshold"])
         self.stats = dict(stats)
         k, d = self.class_means.shape
@@ -283,9 +284,9 @@ def _fuse(components: Mapping[str, np.ndarray], normalisation: Mapping[str, tupl
 def fit_ood(
     embeddings_train: np.ndarray,
     labels_train: np.ndarray,
-    images_train: np.ndarray,
+    images_train: np.ndarray | None,
     embeddings_val: np.ndarray,
-    images_val: np.ndarray,
+    images_val: np.ndarray | None,
     fpr: float = DEFAULT_FPR,
     num_classes: int | None = None,
     features_train: np.ndarray | None = None,
@@ -301,9 +302,9 @@ def fit_ood(
     Args:
         embeddings_train: (N, D) float, pooled embeddings of the train split.
         labels_train: (N,) int class indices.
-        images_train: (N, S, S, 3) uint8 model inputs (ignored if ``features_train`` given).
+        images_train: (N, S, S, 3) uint8 model inputs; may be None when ``features_train`` is given.
         embeddings_val: (M, D) float.
-        images_val: (M, S, S, 3) uint8 (ignored if ``features_val`` given).
+        images_val: (M, S, S, 3) uint8; may be None when ``features_val`` is given.
         fpr: share of validation images to flag, e.g. 0.025.
         num_classes: K; defaults to ``max(labels_train) + 1``.
         features_train, features_val: precomputed :func:`quality_features`.
@@ -333,10 +334,14 @@ def fit_ood(
     bg_cov, bg_shrink = shrunk_covariance(e_tr - bg_mean)
     bg_precision = np.linalg.inv(bg_cov)
 
-    f_tr = quality_features(images_train) if features_train is None else np.asarray(features_train, dtype=np.float64)
-    f_va = quality_features(images_val) if features_val is None else np.asarray(features_val, dtype=np.float64)
+    if (images_train is None and features_train is None) or (images_val is None and features_val is None):
+        raise ValueError("expected images or precomputed quality features for both the train and the val split")
+    f_tr = np.asarray(features_train if features_train is not None else quality_features(images_train), np.float64)
+    f_va = np.asarray(features_val if features_val is not None else quality_features(images_val), np.float64)
     if len(f_tr) != len(e_tr) or len(f_va) != len(e_va):
-        raise ValueError(f"expected one image per embedding, got {len(f_tr)}/{len(e_tr)} train and {len(f_va)}/{len(e_va)} val")
+        raise ValueError(
+            f"expected one image per embedding, got {len(f_tr)}/{len(e_tr)} train and {len(f_va)}/{len(e_va)} val"
+        )
     q_means = _class_means(f_tr, labels, k)
     q_resid = f_tr - q_means[labels]
     # A tiny ridge keeps a degenerate feature (e.g. constant test images) invertible.
@@ -424,12 +429,15 @@ def domain_shift_summary(
     for sample_id, (n, ood) in sorted(per_sample.items()):
         if ood < 0 or ood > n:
             raise ValueError(f"sample {sample_id!r}: expected 0 <= ood <= n, got {ood} of {n}")
-        samples[sample_id] = {"n": int(n), "ood": int(ood), "share": round(ood / n, 4) if n else 0.0, "shifted": shifted(n, ood)}
+        share_i = round(ood / n, 4) if n else 0.0
+        samples[sample_id] = {"n": int(n), "ood": int(ood), "share": share_i, "shifted": shifted(n, ood)}
     share = n_ood / n_images if n_images else 0.0
     run_shifted = shifted(n_images, n_ood)
     bad = [s for s, v in samples.items() if v["shifted"]]
     detected = run_shifted or bool(bad)
-    parts = [f"{n_ood} of {n_images} images ({share:.1%}) out of distribution; limit {max_share:.0%} per sample and run"]
+    parts = [
+        f"{n_ood} of {n_images} images ({share:.1%}) out of distribution; limit {max_share:.0%} per sample and run"
+    ]
     if bad:
         listed = ", ".join(f"{s} ({samples[s]['ood']}/{samples[s]['n']})" for s in bad[:10])
         more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
