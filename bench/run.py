@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -597,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     manifests = {n: build_manifest(paths, n, workdir) for n in sizes}
     report: dict[str, Any] = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([".venv/bin/python", "bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": shlex.join([".venv/bin/python", "bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine_info(),
         "images": {"root": str(root), "unique": len(paths)},
         "model": {"version": meta.version, "image_size": meta.image_size},

@@ -53,6 +53,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-id-regex", default=None,
                    help="regex with a named group 'sample' applied to the URI (default: parent folder name)")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: connect or start a local one)")
+    p.add_argument("--faithfulness-sample", type=int, default=8,
+                   help="images per run for the deletion/insertion and pixel-retention checks (0: off; default 8)")
 
 
 def _cmd_classify(args: argparse.Namespace) -> int:

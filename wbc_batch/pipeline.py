@@ -56,7 +56,7 @@ class ClassifyConfig:
     uris: list[str] | None = None
     manifest_extra: dict[str, Any] | None = None
     before_commit: Any = None  # callable(manifest) run right before the commit; raising aborts it (nightly's lease check)
-    faithfulness_sample: int = 32
+    faithfulness_sample: int = 8
 
     @classmethod
     def from_args(cls, args: Any) -> ClassifyConfig:
@@ -75,10 +75,13 @@ class ClassifyConfig:
             review_threshold=args.review_threshold,
             sample_id_regex=args.sample_id_regex,
             ray_address=args.ray_address,
+            faithfulness_sample=getattr(args, "faithfulness_sample", 8),
         )
 
     def validate(self) -> None:
         """Guard clauses for values the CLI cannot check by type alone."""
+        if self.faithfulness_sample < 0:
+            raise ValueError(f"--faithfulness-sample must be >= 0, got {self.faithfulness_sample}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.workers is not None and self.workers < 1:
@@ -347,6 +350,43 @@ def _plan_resources(config: ClassifyConfig) -> tuple[int, float, float]:
     return workers, gpus_per, cpus_per
 
 
+def _domain_shift(meta: Any, counts: results.RunCounts) -> dict[str, Any]:
+    """The run's and each sample's out-of-distribution share; ``detected`` raises the alarm."""
+    if not meta.ood:
+        return {"detected": False, "evaluated": False, "reason": "the model carries no OOD statistics"}
+    from wbc_batch.ood import DEFAULT_MAX_SHARE, domain_shift_summary
+
+    max_share = float(meta.ood.get("max_share", DEFAULT_MAX_SHARE)) if isinstance(meta.ood, dict) else DEFAULT_MAX_SHARE
+    per_sample = {k: (v[0], v[1]) for k, v in counts.per_sample.items()}
+    summary = domain_shift_summary(counts.ok, counts.out_of_distribution, per_sample, max_share=max_share)
+    return {"evaluated": True, **summary}
+
+
+def _faithfulness_on_sample(artifact: Any, uris: list[str]) -> dict[str, Any] | None:
+    """Deletion/insertion AUC and pixel retention on a few of the run's images (in the driver).
+
+    About 80 forward passes per image, so the sample is small by default.
+    """
+    if not uris:
+        return None
+    from wbc_batch.explain import GradCam
+    from wbc_batch.faithfulness import faithfulness_summary
+
+    images = []
+    for uri in uris:
+        try:
+            images.append(resize_for_model(decode_image(storage.read_bytes(uri)), artifact.meta.image_size))
+        except (ImageDecodeError, OSError, storage.StorageError) as exc:
+            log.warning("faithfulness sample: skipping %s: %s", uri, exc)
+    if not images:
+        return None
+    batch = np.stack(images).astype(np.float32)
+    cam = GradCam(artifact.model, artifact.meta.gradcam_layer, artifact.meta.embedding_layer)(batch)
+    summary = faithfulness_summary(artifact.model, batch, cam.cams, cam.targets, artifact.meta.temperature)
+    summary["image_uris"] = uris[: len(images)]
+    return summary
+
+
 def run_classify(config: ClassifyConfig) -> dict[str, Any]:
     """Classify every image of a run and commit it; returns the run manifest.
 
@@ -364,7 +404,6 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
     run_id = config.run_id or new_run_id()
     artifact = load_artifact(config.model_uri, allow_untrusted=config.allow_untrusted_model)
     meta = artifact.meta
-    del artifact
     uris = list(config.uris) if config.uris is not None else storage.list_images(config.input_uri)
     if not uris and config.uris is None:
         raise ValueError(f"no images found under {config.input_uri} (looked for .jpg .jpeg .png .tif .tiff .bmp)")
@@ -407,12 +446,18 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
                             fn_kwargs={"output_uri": config.output_uri, "write_heatmaps": config.write_heatmaps,
                                        "suspect_below": suspect_below},
                             batch_size=config.batch_size, num_cpus=0.5)
+        faithfulness_uris: list[str] = []
         for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
             table = results.batch_to_table(batch, schema)
             counts.add(table)
             writer.add(table)
+            if len(faithfulness_uris) < config.faithfulness_sample:
+                ok_uris = [u for u, st in zip(batch["image_uri"], batch["status"]) if st == "ok"]
+                faithfulness_uris.extend(ok_uris[: config.faithfulness_sample - len(faithfulness_uris)])
     files = writer.close()
     elapsed = time.perf_counter() - t0
+    faithfulness = _faithfulness_on_sample(artifact, faithfulness_uris if uris else [])
+    del artifact
     manifest = {
         "run_id": run_id,
         "status": "succeeded",
@@ -432,6 +477,9 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
                     if f.name not in ("uris", "manifest_extra", "before_commit")},
     }
     manifest["options"]["n_uris"] = len(uris)
+    manifest["domain_shift"] = _domain_shift(meta, counts)
+    if faithfulness is not None:
+        manifest["faithfulness"] = faithfulness
     if config.manifest_extra:
         manifest.update(config.manifest_extra)
     if config.before_commit is not None:
