@@ -188,3 +188,64 @@ def test_gpu_actors_are_scheduled_on_a_declared_gpu(samples_dir: Path, tmp_path:
     resources = json.loads(proc.stdout.strip().splitlines()[-1])
     assert resources["gpus_per_worker"] == 1.0 and resources["workers"] == 1
     assert json.loads((tmp_path / "out" / "runs" / "gpu.json").read_text())["counts"]["ok"] == 2
+
+
+@pytest.mark.slow
+def test_five_class_model_classifies_end_to_end(ray_local, small_input: Path, tmp_path: Path) -> None:
+    """A model trained on the 5 mature classes only (the notebook's setting) works in classify and query."""
+    import keras
+
+    from wbc_batch.architecture import build_classifier
+    from wbc_batch.model import ModelMetadata, save_artifact
+    from wbc_batch.query import differential
+
+    classes = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
+    model = build_classifier(keras, len(classes), image_size=32)
+    meta = ModelMetadata(version="0.0.1-five", class_names=classes, image_size=32, gradcam_layer="cam_features",
+                         non_wbc_classes=[])
+    save_artifact(model, meta, str(tmp_path / "five"))
+    out = tmp_path / "out"
+    assert cli_main(["classify", str(small_input), str(out), "--model", str(tmp_path / "five"),
+                     "--run-id", "five", "--faithfulness-sample", "2"]) == 0
+    rows = read_rows(str(out))
+    assert (rows.status == "ok").all() and set(rows.predicted_class) <= set(classes)
+    assert sorted(c for c in rows.columns if c.startswith("p_")) == sorted(f"p_{c}" for c in classes)
+    manifest = json.loads((out / "runs" / "five.json").read_text())
+    assert manifest["model"]["class_names"] == classes
+    assert manifest["domain_shift"]["evaluated"] is False  # no OOD statistics in this artifact
+    assert manifest["faithfulness"]["n_images"] == 2
+    diff = differential(str(out))
+    assert set(diff.sample_id) == {"slide-A", "slide-B"}
+    assert (diff.groupby("sample_id").white_cells.first() == 6).all()
+
+
+@pytest.mark.slow
+def test_shifted_batch_raises_domain_shift(ray_local, samples_dir: Path, tmp_path: Path) -> None:
+    """Images from 'another lab' (hue-rotated stain) are flagged and the run says domain_shift."""
+    from wbc_batch.query import differential
+
+    shifted = tmp_path / "in" / "other-lab"
+    normal = tmp_path / "in" / "our-lab"
+    shifted.mkdir(parents=True)
+    normal.mkdir(parents=True)
+    for folder in ("neutrophil", "lymphocyte", "monocyte"):
+        for p in sorted((samples_dir / folder).iterdir())[:3]:
+            shutil.copy(p, normal / p.name)
+            bgr = cv2.imread(str(p))
+            hsv = cv2.cvtColor(bgr, cv2.COLOR_BGR2HSV)
+            hsv[..., 0] = (hsv[..., 0].astype(int) + 30) % 180  # 60 degree hue rotation
+            cv2.imwrite(str(shifted / p.name), cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR))
+    out = tmp_path / "out"
+    assert cli_main(["classify", str(tmp_path / "in"), str(out), "--run-id", "shift", "--no-heatmaps",
+                     "--faithfulness-sample", "0"]) == 0
+    rows = read_rows(str(out))
+    other = rows[rows.sample_id == "other-lab"]
+    ours = rows[rows.sample_id == "our-lab"]
+    assert other.out_of_distribution.mean() >= 0.9 and other.needs_review.all()
+    assert ours.out_of_distribution.mean() <= 0.2
+    manifest = json.loads((out / "runs" / "shift.json").read_text())
+    assert manifest["domain_shift"]["detected"] is True
+    assert manifest["domain_shift"]["samples"]["other-lab"]["shifted"] is True
+    assert manifest["domain_shift"]["samples"]["our-lab"]["shifted"] is False
+    diff = differential(str(out)).groupby("sample_id").reliable.first()
+    assert not diff["other-lab"] and diff["our-lab"]
