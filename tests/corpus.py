@@ -2,7 +2,7 @@
 
 ``write_bad_corpus`` writes the files whose outcome is decided by decoding;
 the inputs whose outcome is decided by listing or naming (symlinks, ``../``
-keys, an empty input) have their own helpers below. ``docs/GUARANTEES.md``
+keys, an empty input) have their own helpers below. ``README.md (Guarantees and failure handling)``
 ("Bad input: what happens") documents every outcome; ``EXPECTED_ERRORS``
 holds the text each error row's message contains.
 """
