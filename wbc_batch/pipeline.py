@@ -29,7 +29,7 @@ import numpy as np
 
 from wbc_batch import results, storage
 from wbc_batch.imaging import ImageDecodeError, decode_image, encode_jpeg, resize_for_model
-from wbc_batch.model import ModelArtifactError, load_artifact
+from wbc_batch.model import load_artifact
 
 log = logging.getLogger(__name__)
 

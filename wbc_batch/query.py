@@ -202,17 +202,21 @@ def _order_columns(table: pa.Table) -> pa.Table:
     return table.select(base[:at] + p_cols + base[at:] + extra)
 
 
+def parse_time(value: Any) -> datetime | None:
+    """A manifest's ISO time as an aware datetime (naive means UTC); None when absent or malformed."""
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
 def _runs_table(manifests: Mapping[str, Mapping[str, Any]]) -> pa.Table:
     """One row per manifest with the fields people filter and sort on."""
 
-    def ts(value: Any) -> datetime | None:
-        if not value:
-            return None
-        try:
-            parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-        except ValueError:
-            return None
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)  # naive = UTC
+    ts = parse_time
 
     rows: list[dict[str, Any]] = []
     for rid, m in manifests.items():

@@ -60,25 +60,17 @@ def _pick_run(results: query.Results, run_id: str | None) -> dict[str, Any]:
 
 def _runs_as_of(results: query.Results, manifest: Mapping[str, Any]) -> set[str]:
     """Committed runs that finished no later than this one (ISO strings in UTC sort by time)."""
-    cutoff = _parse_time(manifest.get("finished_at"))
+    cutoff = query.parse_time(manifest.get("finished_at"))
     out = {str(manifest["run_id"])}
     if cutoff is None:
         return out
     for rid in query.committed_run_ids(results.manifests):
-        finished = _parse_time(results.manifests[rid].get("finished_at"))
+        finished = query.parse_time(results.manifests[rid].get("finished_at"))
         if finished is not None and finished <= cutoff:
             out.add(rid)
     return out
 
 
-def _parse_time(value: Any) -> datetime | None:
-    if not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
 def _filter_runs(results: query.Results, run_ids: set[str]) -> query.Results:
