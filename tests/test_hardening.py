@@ -379,6 +379,7 @@ def test_slowdown_and_500_are_retried_and_unreadable_images_become_transient_row
     assert manifest["counts"]["errors_by_kind"] == {"transient": 2}
     # the pyarrow path (query) retries through the same faults
     faults_before = sum(fault_proxy.faults.values())
+    fault_proxy.rate = 1.0  # every request of the query faults first (at most max_consecutive times in a row)
     q = run.run("query", output, "SELECT status, count(*) AS n FROM predictions GROUP BY status ORDER BY status",
                 "--format", "json", timeout=180)
     assert q.returncode == 0, q.stderr[-3000:]

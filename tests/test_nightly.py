@@ -326,6 +326,9 @@ def test_killed_run_then_rerun_then_next_nights(s3_bucket: str, images: list[tup
     night1 = manifests["nightly-1"]["nightly"]
     assert night1["counts"]["new"] == 7 and night1["lease"]["took_over"]["run_id"] == "nightly-1"
     assert "7 new" in stdout
+    deadline = time.time() + 90  # the killed driver's raylet/GCS notice it is gone and exit on their own
+    while any(_alive(p) for p in below if p != proc.pid) and time.time() < deadline:
+        time.sleep(2)
     assert not any(_alive(p) for p in below if p != proc.pid), "Ray processes of the killed driver outlived it"
 
     # 4. next night: two new images, one image replaced by other bytes under the same key
