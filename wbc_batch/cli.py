@@ -37,10 +37,18 @@ def _add_classify(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_classify)
 
 
+def _trust_model_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-model", action="store_true", help="allow a model from a remote location not listed as trusted")
+
+
+def _ray_address_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: connect or start a local one)")
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     """Options shared by classify and nightly."""
     p.add_argument("--model", default=None, help="model artifact folder or s3:// URI (default: the shipped model)")
-    p.add_argument("--trust-model", action="store_true", help="allow a model from a remote location not listed as trusted")
+    _trust_model_option(p)
     p.add_argument("--batch-size", type=int, default=32, help="images per model batch (default 32)")
     p.add_argument("--workers", type=int, default=None, help="model actors (default: GPUs if any, else 1)")
     p.add_argument("--gpus-per-worker", type=float, default=None,
@@ -52,7 +60,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="confidence under which a cell needs review (default: the model's)")
     p.add_argument("--sample-id-regex", default=None,
                    help="regex with a named group 'sample' applied to the URI (default: parent folder name)")
-    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: connect or start a local one)")
+    _ray_address_option(p)
     p.add_argument("--faithfulness-sample", type=int, default=8,
                    help="images per run for the deletion/insertion and pixel-retention checks (0: off; default 8)")
 
@@ -213,7 +221,7 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
                    help="class to explain, by name or index (default: each image's predicted class)")
     p.add_argument("--out", default="explanations", help="local folder or s3:// prefix (default ./explanations)")
     p.add_argument("--model", default=None, help="model artifact folder or s3:// URI (default: the shipped model)")
-    p.add_argument("--trust-model", action="store_true", help="allow a model from a remote location not listed as trusted")
+    _trust_model_option(p)
     p.set_defaults(func=_cmd_explain)
 
 
@@ -248,7 +256,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--version", default=None, help="model version string (default: UTC time plus data fingerprint)")
     p.add_argument("--publish", metavar="LOCATION", default=None,
                    help="make the candidate LOCATION/current if it beats the current model there")
-    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: connect or start a local one)")
+    _ray_address_option(p)
     p.set_defaults(func=_cmd_train)
 
 
@@ -281,7 +289,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=["train", "val", "test", "all"], default="test",
                    help="which images, by the model's split.csv (default test; all images if it has none)")
     p.add_argument("--out", default=None, help="write the full JSON here (local path or s3:// URI)")
-    p.add_argument("--trust-model", action="store_true", help="allow a model from a remote location not listed as trusted")
+    _trust_model_option(p)
     p.set_defaults(func=_cmd_evaluate)
 
 
@@ -298,15 +306,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 # --- registry -------------------------------------------------------------
-# Each command adds itself here: (name, function that declares its parser).
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_classify]
-
-
-def _optional_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
-    """Commands declared in their own small sections below."""
-    helpers = {"_add_run_options"}
-    return [f for name, f in sorted(globals().items())
-            if name.startswith("_add_") and name not in helpers and f not in COMMANDS]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_classify, _add_evaluate, _add_explain, _add_nightly, _add_query, _add_report, _add_train,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -315,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for add in COMMANDS + _optional_commands():
+    for add in COMMANDS:
         add(sub)
     return parser
 

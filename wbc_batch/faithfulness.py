@@ -57,6 +57,15 @@ def _check(images: np.ndarray, cams: np.ndarray, targets: np.ndarray) -> None:
         raise ValueError(f"expected targets ({n},), got {targets.shape}")
 
 
+def _as_arrays(images: Any, cams: Any, targets: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inputs as float32 images and maps and int64 targets, shape-checked."""
+    images = np.asarray(images, np.float32)
+    cams = np.asarray(cams, np.float32)
+    targets = np.asarray(targets, np.int64)
+    _check(images, cams, targets)
+    return images, cams, targets
+
+
 def _forward(model: Any) -> Any:
     """A compiled inference function returning logits as numpy, called in fixed chunks."""
     import tensorflow as tf
@@ -156,10 +165,7 @@ def deletion_insertion(
         ``fractions`` (steps+1,), ``deletion`` and ``insertion`` (N, steps+1)
         probability curves, ``deletion_auc`` and ``insertion_auc`` (N,).
     """
-    images = np.asarray(images, np.float32)
-    targets = np.asarray(targets, np.int64)
-    cams = np.asarray(cams, np.float32)
-    _check(images, cams, targets)
+    images, cams, targets = _as_arrays(images, cams, targets)
     run = run or _forward(model)
     size = images.shape[1]
     ranks = pixel_ranks(cams, size, np.random.default_rng(seed))
@@ -188,10 +194,7 @@ def pixel_retention(
         ``percents``, ``probability`` (N, P) of the explained class and
         ``kept`` (N, P) bool: the explained class is still the top class.
     """
-    images = np.asarray(images, np.float32)
-    targets = np.asarray(targets, np.int64)
-    cams = np.asarray(cams, np.float32)
-    _check(images, cams, targets)
+    images, cams, targets = _as_arrays(images, cams, targets)
     run = run or _forward(model)
     size = images.shape[1]
     ranks = pixel_ranks(cams, size, np.random.default_rng(seed))
@@ -237,10 +240,7 @@ def faithfulness_summary(
     Raises:
         ValueError: mismatched shapes, no images, or a non-positive temperature.
     """
-    images = np.asarray(images, np.float32)
-    cams = np.asarray(cams, np.float32)
-    targets = np.asarray(targets, np.int64)
-    _check(images, cams, targets)
+    images, cams, targets = _as_arrays(images, cams, targets)
     if not temperature > 0:
         raise ValueError(f"expected a positive temperature, got {temperature}")
     run = _forward(model)

@@ -356,7 +356,7 @@ def _domain_shift(meta: Any, counts: results.RunCounts) -> dict[str, Any]:
         return {"detected": False, "evaluated": False, "reason": "the model carries no OOD statistics"}
     from wbc_batch.ood import DEFAULT_MAX_SHARE, domain_shift_summary
 
-    max_share = float(meta.ood.get("max_share", DEFAULT_MAX_SHARE)) if isinstance(meta.ood, dict) else DEFAULT_MAX_SHARE
+    max_share = float(meta.ood.get("max_share", DEFAULT_MAX_SHARE))
     per_sample = {k: (v[0], v[1]) for k, v in counts.per_sample.items()}
     summary = domain_shift_summary(counts.ok, counts.out_of_distribution, per_sample, max_share=max_share)
     return {"evaluated": True, **summary}
@@ -440,8 +440,7 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
             # a killed actor is restarted and its batch retried; tests/test_hardening.py kills one mid-run.
             # Passing them here would go through the deprecated ray_remote_args (Ray 2.60).
         )
-        suspect_below = float(meta.metrics.get("explanation_suspect_below", DEFAULT_SUSPECT_BELOW)) \
-            if isinstance(meta.metrics, dict) else DEFAULT_SUSPECT_BELOW
+        suspect_below = float(meta.metrics.get("explanation_suspect_below", DEFAULT_SUSPECT_BELOW))
         ds = ds.map_batches(render_explanations,
                             fn_kwargs={"output_uri": config.output_uri, "write_heatmaps": config.write_heatmaps,
                                        "suspect_below": suspect_below},

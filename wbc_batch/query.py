@@ -215,9 +215,6 @@ def parse_time(value: Any) -> datetime | None:
 
 def _runs_table(manifests: Mapping[str, Mapping[str, Any]]) -> pa.Table:
     """One row per manifest with the fields people filter and sort on."""
-
-    ts = parse_time
-
     rows: list[dict[str, Any]] = []
     for rid, m in manifests.items():
         model = m.get("model") if isinstance(m.get("model"), dict) else {}
@@ -227,8 +224,8 @@ def _runs_table(manifests: Mapping[str, Mapping[str, Any]]) -> pa.Table:
         rows.append({
             "run_id": rid,
             "status": m.get("status"),
-            "started_at": ts(m.get("started_at")),
-            "finished_at": ts(m.get("finished_at")),
+            "started_at": parse_time(m.get("started_at")),
+            "finished_at": parse_time(m.get("finished_at")),
             "model_version": model.get("version"),
             "model_sha256": model.get("sha256"),
             "input": m.get("input"),

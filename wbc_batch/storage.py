@@ -310,18 +310,23 @@ def check_writable(uri: str) -> None:
         raise StorageError(f"OUTPUT {uri} is not writable: {reason}") from None
 
 
-@lru_cache(maxsize=8)
 def _arrow_s3() -> Any:
+    """The pyarrow S3 filesystem for the current AWS_* settings (cached per settings)."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    attempts = int(os.environ.get("WBC_S3_MAX_ATTEMPTS", "6"))
+    return _arrow_s3_for(endpoint, region, attempts)
+
+
+@lru_cache(maxsize=8)
+def _arrow_s3_for(endpoint: str | None, region: str | None, attempts: int) -> Any:
     import pyarrow.fs as pafs
 
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    attempts = int(os.environ.get("WBC_S3_MAX_ATTEMPTS", "6"))
     kwargs: dict[str, Any] = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=attempts),
                               "connect_timeout": 5.0, "request_timeout": 30.0}
     if endpoint:
         kwargs["endpoint_override"] = endpoint
         kwargs["scheme"] = "https" if endpoint.startswith("https") else "http"
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region
     return pafs.S3FileSystem(**kwargs)
