@@ -320,7 +320,7 @@ def run_floor(cam: Any, image_size: int, paths: list[Path], batch_size: int) -> 
 
     from wbc_batch.explain import overlay_heatmap
     from wbc_batch.imaging import decode_image, encode_jpeg, resize_for_model
-    from wbc_batch.localisation import localisation_metrics
+    from wbc_batch.localisation import localise
 
     ncpu = os.cpu_count() or 1
     blobs = [p.read_bytes() for p in paths]
@@ -356,7 +356,7 @@ def run_floor(cam: Any, image_size: int, paths: list[Path], batch_size: int) -> 
     t0 = time.perf_counter()
     for i in range(m):
         rgb = decode_image(blobs[i])
-        localisation_metrics(rgb, cam_arr[i])
+        localise(rgb, cam_arr[i])
         encode_jpeg(overlay_heatmap(rgb, cam_arr[i]), quality=85)
     t_render = (time.perf_counter() - t0) / m
     floor = 1.0 / (t_model + t_decode)

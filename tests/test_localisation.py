@@ -93,3 +93,32 @@ def test_metrics_on_maps_inside_outside_and_flat() -> None:
     assert m_in == localisation_metrics(rgb, inside)  # mask computed when not given
     with pytest.raises(ValueError, match="mask of shape"):
         localisation_metrics(rgb, inside, mask[: h - 1])
+
+
+def test_localise_at_half_size_agrees_with_full_size_segmentation(samples_dir: Path) -> None:
+    """classify segments a 2x-downscaled tile; its figures must match the full-size ones."""
+    from wbc_batch.localisation import localise, segmentation_view
+
+    rng = np.random.default_rng(0)
+    diffs, peaks_agree, area_ratio = [], [], []
+    for path in sorted(samples_dir.glob("*/*.jpg")):
+        rgb = _rgb(path)
+        view, scale = segmentation_view(rgb)
+        assert scale == 0.5 and view.shape[:2] == (rgb.shape[0] // 2, rgb.shape[1] // 2)
+        cam = rng.random((16, 16)).astype(np.float32) + np.pad(np.ones((6, 6), np.float32), 5) * 4
+        full = localisation_metrics(rgb, cam, cell_mask(rgb))
+        half = localise(rgb, cam)
+        diffs.append(abs(half["cam_in_cell"] - full["cam_in_cell"]))
+        peaks_agree.append(half["cam_peak_in_cell"] == full["cam_peak_in_cell"])
+        area_ratio.append(half["cell_area_share"] / max(full["cell_area_share"], 1e-6))
+    assert float(np.median(diffs)) < 0.01 and float(np.mean(diffs)) < 0.03
+    assert float(np.mean(peaks_agree)) >= 0.95
+    assert 0.9 < float(np.median(area_ratio)) < 1.1
+
+
+def test_small_images_are_segmented_as_given() -> None:
+    from wbc_batch.localisation import segmentation_view
+
+    rgb = np.zeros((128, 128, 3), np.uint8)
+    view, scale = segmentation_view(rgb)
+    assert view is rgb and scale == 1.0

@@ -96,6 +96,39 @@ def test_coverage_keeps_ties_together() -> None:
     assert thr > 0.9
 
 
+@pytest.mark.parametrize("n", [1, 10, 598, 2000])
+def test_lower_bound_without_errors_matches_closed_form(n: int) -> None:
+    # with no errors, P(0 errors | accuracy a) = a**n = alpha  =>  a = alpha**(1/n)
+    assert metrics.binomial_accuracy_lower_bound(n, 0, 0.95) == pytest.approx(0.05 ** (1 / n), abs=1e-9)
+
+
+def test_lower_bound_grows_with_evidence_and_falls_with_errors() -> None:
+    lb = metrics.binomial_accuracy_lower_bound
+    assert lb(100, 1) < lb(1000, 10) < 0.99  # same 99% observed, more cells, tighter
+    assert lb(1000, 2) < lb(1000, 1) < lb(1000, 0)
+    assert lb(0, 0) == 0.0
+    with pytest.raises(ValueError):
+        lb(10, 11)
+
+
+def test_review_threshold_with_margin_is_stricter_than_the_oracle_cut() -> None:
+    rng = np.random.default_rng(0)
+    conf = np.sort(rng.uniform(0.5, 1.0, 3000))[::-1]
+    correct = rng.uniform(size=3000) > 0.03 * (1.0 - conf)  # errors concentrate at low confidence
+    oracle_thr, oracle_cov = metrics.coverage_at_accuracy(conf, correct, 0.995)
+    thr, cov = metrics.review_threshold_with_margin(conf, correct, 0.995, 0.95)
+    assert thr > oracle_thr and 0 < cov < oracle_cov
+    accepted = conf >= thr
+    n, errors = int(accepted.sum()), int((~correct[accepted]).sum())
+    assert metrics.binomial_accuracy_lower_bound(n, errors, 0.95) >= 0.995
+
+
+def test_review_threshold_with_margin_needs_enough_cells() -> None:
+    # 50 right answers prove at most 0.05**(1/50) = 94.2% with 95% confidence
+    thr, cov = metrics.review_threshold_with_margin(np.linspace(1.0, 0.9, 50), np.ones(50, bool), 0.995, 0.95)
+    assert cov == 0.0 and thr > 1.0
+
+
 def test_accuracy_above_fixed_threshold() -> None:
     acc, cov = metrics.accuracy_above(np.array([0.99, 0.95, 0.9, 0.8]), np.array([True, True, False, True]), 0.9)
     assert acc == pytest.approx(2 / 3)

@@ -3,7 +3,7 @@
 Why a script: the figures in docs/EXPLANATIONS.md (and the model card) must be
 reproducible from the artifact's own split. Grad-CAM runs on the 128 px model
 input exactly as classify does; the cell is segmented on the original image
-(``wbc_batch.localisation.cell_mask``), as the pipeline does per row.
+(``wbc_batch.localisation.cell_mask`` on ``segmentation_view``), as the pipeline does per row.
 
 Baselines printed beside the Grad-CAM figures:
 - ``cell_area_share``: what a map spread evenly over the image scores;
@@ -16,7 +16,7 @@ Baselines printed beside the Grad-CAM figures:
 
 Usage:
     python tools/measure_explanations.py [--data /work/shared/data/pbc] [--cache /tmp/pbc128.npz]
-        [--split test] [--faithfulness-n 210] [--out /tmp/explanations.json]
+        [--split test] [--layer NAME] [--faithfulness-n 210] [--out /tmp/explanations.json]
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from wbc_batch import imaging  # noqa: E402
 from wbc_batch.explain import GradCam  # noqa: E402
 from wbc_batch.faithfulness import faithfulness_summary  # noqa: E402
-from wbc_batch.localisation import cell_mask, localisation_metrics  # noqa: E402
+from wbc_batch.localisation import cell_mask, localisation_metrics, segmentation_view  # noqa: E402
 from wbc_batch.model import SPLIT_FILE, load_artifact, shipped_model_dir  # noqa: E402
 
 
@@ -57,8 +57,8 @@ def _load_inputs(rows: list[dict], data: Path, cache: Path | None, size: int, ke
 
 def _localise(args: tuple[Path, np.ndarray, np.ndarray]) -> tuple[dict, dict, dict]:
     path, cam, centre = args
-    rgb = imaging.decode_image(path.read_bytes())
-    mask = cell_mask(rgb)
+    rgb, pixel_scale = segmentation_view(imaging.decode_image(path.read_bytes()))  # as classify does
+    mask = cell_mask(rgb, pixel_scale)
     ideal = cv2.resize(mask.astype(np.float32), cam.shape[::-1], interpolation=cv2.INTER_AREA)
     return (localisation_metrics(rgb, cam, mask), localisation_metrics(rgb, centre, mask),
             localisation_metrics(rgb, ideal, mask))
@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--cache", default="/tmp/pbc128.npz", help="decoded 128 px cache in split.csv order (optional)")
     ap.add_argument("--split", default="test", help="which split to measure")
     ap.add_argument("--faithfulness-n", type=int, default=210, help="images for faithfulness (stratified by class); 0 skips it")
+    ap.add_argument("--layer", default=None, help="Grad-CAM target layer (default: the artifact's gradcam_layer)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     args = ap.parse_args()
@@ -87,7 +88,8 @@ def main() -> None:
     ref = imaging.prepare_batch([imaging.decode_image((Path(args.data) / rows[0]["uri"]).read_bytes())], meta.image_size)
     assert np.array_equal(ref[0], X[0]), "cache differs from decode_image + prepare_batch"
 
-    gc = GradCam(art.model, meta.gradcam_layer, meta.embedding_layer)
+    layer = args.layer or meta.gradcam_layer
+    gc = GradCam(art.model, layer, meta.embedding_layer)
     parts = [gc(X[i:i + 64]) for i in range(0, len(X), 64)]
     cams = np.concatenate([p.cams for p in parts])
     targets = np.concatenate([p.targets for p in parts])
@@ -123,6 +125,7 @@ def main() -> None:
     wbc = ~np.isin(labels, non_wbc)
     out: dict = {
         "split": args.split,
+        "gradcam_layer": layer,
         "model_version": meta.version,
         "accuracy": round(float((targets == labels).mean()), 4),
         "localisation": {

@@ -21,6 +21,7 @@ import numpy as np
 
 ECE_BINS = 15
 REVIEW_TARGET_ACCURACY = 0.995
+REVIEW_CONFIDENCE = 0.95  # one-sided confidence that accepted cells reach the target
 TEMPERATURE_BOUNDS = (0.05, 20.0)
 
 
@@ -225,6 +226,76 @@ def coverage_at_accuracy(
         return float(np.nextafter(c_sorted[0], np.inf)), 0.0
     k = int(good[-1])
     return float(c_sorted[k]), float((k + 1) / len(conf))
+
+
+def binomial_accuracy_lower_bound(n: int, errors: int, confidence: float = REVIEW_CONFIDENCE) -> float:
+    """One-sided Clopper-Pearson lower bound on an accuracy seen as ``n - errors`` of ``n``.
+
+    Why: a threshold picked where the validation accuracy *just* reaches
+    99.5% reaches it on new data only about half the time; requiring the
+    lower bound to reach it leaves a margin sized by how many cells back it.
+
+    Returns:
+        The accuracy ``a`` with ``P(errors or fewer | accuracy a) = 1 - confidence``
+        (0.0 for ``n == 0``).
+    """
+    if not 0 <= errors <= n:
+        raise ValueError(f"expected 0 <= errors <= n, got errors={errors}, n={n}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    if n == 0:
+        return 0.0
+    alpha = 1.0 - confidence
+    log_choose = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) for i in range(errors + 1)]
+
+    def p_at_most_errors(acc: float) -> float:
+        if acc >= 1.0:
+            return 1.0
+        q = 1.0 - acc
+        return sum(math.exp(lc + i * math.log(q) + (n - i) * math.log(acc)) for i, lc in enumerate(log_choose)) if acc > 0 else 0.0
+
+    lo, hi = 0.0, 1.0  # p_at_most_errors rises with acc: bisect for alpha
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if p_at_most_errors(mid) > alpha:
+            hi = mid
+        else:
+            lo = mid
+    return lo
+
+
+def review_threshold_with_margin(
+    conf: np.ndarray,
+    correct: np.ndarray,
+    target: float = REVIEW_TARGET_ACCURACY,
+    confidence: float = REVIEW_CONFIDENCE,
+) -> tuple[float, float]:
+    """The lowest threshold whose accepted cells reach ``target`` with ``confidence``.
+
+    Like :func:`coverage_at_accuracy`, but a cut is valid only where the
+    Clopper-Pearson lower bound of the accepted cells' accuracy reaches the
+    target, so the threshold chosen on validation still holds on new cells.
+
+    Returns:
+        (threshold, coverage on the given cells); (just above the highest
+        confidence, 0.0) when no cut qualifies.
+    """
+    conf = np.asarray(conf, dtype=np.float64).ravel()
+    correct = np.asarray(correct, dtype=bool).ravel()
+    if conf.shape != correct.shape:
+        raise ValueError(f"conf and correct differ in length: {conf.shape[0]} vs {correct.shape[0]}")
+    if len(conf) == 0:
+        raise ValueError("cannot choose a threshold from zero cells")
+    order = np.argsort(-conf, kind="stable")
+    c_sorted, errors = conf[order], np.cumsum(~correct[order])
+    valid = np.append(c_sorted[1:] < c_sorted[:-1], True)
+    best = -1
+    for k in np.flatnonzero(valid & (1.0 - errors / np.arange(1, len(conf) + 1) >= target)):
+        if binomial_accuracy_lower_bound(int(k) + 1, int(errors[k]), confidence) >= target:
+            best = int(k)
+    if best < 0:
+        return float(np.nextafter(c_sorted[0], np.inf)), 0.0
+    return float(c_sorted[best]), float((best + 1) / len(conf))
 
 
 def accuracy_above(conf: np.ndarray, correct: np.ndarray, threshold: float) -> tuple[float, float]:

@@ -251,7 +251,7 @@ def render_explanations(batch: dict[str, np.ndarray], output_uri: str, write_hea
     a later run (nightly) retries that image.
     """
     from wbc_batch.explain import overlay_heatmap
-    from wbc_batch.localisation import localisation_metrics
+    from wbc_batch.localisation import localise
 
     n = len(batch["image_uri"])
     status = np.array(batch["status"], dtype=object)
@@ -266,7 +266,7 @@ def render_explanations(batch: dict[str, np.ndarray], output_uri: str, write_hea
             continue
         rgb = decode_image(batch["image_bytes"][i])
         cam = batch["cam"][i]
-        m = localisation_metrics(rgb, cam)
+        m = localise(rgb, cam)
         in_cell[i], peak_in[i], area[i] = m["cam_in_cell"], m["cam_peak_in_cell"], m["cell_area_share"]
         if write_heatmaps:
             uri = results.heatmap_uri(output_uri, batch["image_sha256"][i], batch["model_version"][i])

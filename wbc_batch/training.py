@@ -516,7 +516,11 @@ def _read_replica_digests(checkpoint_dir: Path) -> dict[str, str]:
 
 
 def calibration_from_val(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Temperature (NLL on val) and the review threshold at 99.5% accuracy on val.
+    """Temperature (NLL on val) and the review threshold on val.
+
+    The threshold is the lowest whose accepted validation cells reach 99.5%
+    accuracy with 95% one-sided confidence (Clopper-Pearson), so that it
+    still holds on cells the model has not seen.
 
     Returns:
         ``{"temperature", "review_threshold", "val_coverage", "val_n"}``.
@@ -525,7 +529,7 @@ def calibration_from_val(logits: np.ndarray, labels: np.ndarray) -> dict[str, fl
         raise TrainingError("cannot calibrate on an empty validation split")
     temperature = metrics.fit_temperature(logits, labels)
     probs = metrics.softmax(logits, temperature)
-    threshold, coverage = metrics.coverage_at_accuracy(probs.max(axis=1), probs.argmax(axis=1) == labels)
+    threshold, coverage = metrics.review_threshold_with_margin(probs.max(axis=1), probs.argmax(axis=1) == labels)
     return {
         "temperature": temperature,
         "review_threshold": threshold,
