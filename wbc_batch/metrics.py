@@ -192,6 +192,17 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: in
     return float(ece)
 
 
+def _ranked_cells(conf: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flat float64 confidences and bool outcomes of equal, non-zero length (for threshold choices)."""
+    conf = np.asarray(conf, dtype=np.float64).ravel()
+    correct = np.asarray(correct, dtype=bool).ravel()
+    if conf.shape != correct.shape:
+        raise ValueError(f"conf and correct differ in length: {conf.shape[0]} vs {correct.shape[0]}")
+    if len(conf) == 0:
+        raise ValueError("cannot choose a threshold from zero cells")
+    return conf, correct
+
+
 def coverage_at_accuracy(
     conf: np.ndarray, correct: np.ndarray, target: float = REVIEW_TARGET_ACCURACY
 ) -> tuple[float, float]:
@@ -210,12 +221,7 @@ def coverage_at_accuracy(
         (threshold, coverage). When no threshold reaches the target the
         threshold is just above the highest confidence and coverage is 0.
     """
-    conf = np.asarray(conf, dtype=np.float64).ravel()
-    correct = np.asarray(correct, dtype=bool).ravel()
-    if conf.shape != correct.shape:
-        raise ValueError(f"conf and correct differ in length: {conf.shape[0]} vs {correct.shape[0]}")
-    if len(conf) == 0:
-        raise ValueError("cannot choose a threshold from zero cells")
+    conf, correct = _ranked_cells(conf, correct)
     order = np.argsort(-conf, kind="stable")
     c_sorted, ok_sorted = conf[order], correct[order]
     cum_acc = np.cumsum(ok_sorted) / np.arange(1, len(conf) + 1)
@@ -280,12 +286,7 @@ def review_threshold_with_margin(
         (threshold, coverage on the given cells); (just above the highest
         confidence, 0.0) when no cut qualifies.
     """
-    conf = np.asarray(conf, dtype=np.float64).ravel()
-    correct = np.asarray(correct, dtype=bool).ravel()
-    if conf.shape != correct.shape:
-        raise ValueError(f"conf and correct differ in length: {conf.shape[0]} vs {correct.shape[0]}")
-    if len(conf) == 0:
-        raise ValueError("cannot choose a threshold from zero cells")
+    conf, correct = _ranked_cells(conf, correct)
     order = np.argsort(-conf, kind="stable")
     c_sorted, errors = conf[order], np.cumsum(~correct[order])
     valid = np.append(c_sorted[1:] < c_sorted[:-1], True)
