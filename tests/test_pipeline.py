@@ -51,6 +51,22 @@ def test_predictor_runs_on_a_tiny_batch_without_ray(samples_dir: Path, tmp_path:
     assert 0 < rendered["cam_in_cell"][0] <= 1
 
 
+def test_quality_features_from_the_read_tasks_give_the_actors_scores(samples_dir: Path) -> None:
+    """Moving the OOD quality features out of the actor must not change a score."""
+    uris = [str(p) for p in sorted(samples_dir.glob("*/*.jpg"))[::8]] + ["/nonexistent/x.jpg"]
+    batch = {"image_uri": np.array(uris, dtype=object), "sample_id": np.array(["s"] * len(uris), dtype=object)}
+    plain = load_images(batch, image_size=128)
+    with_quality = load_images(batch, image_size=128, with_quality=True)
+    assert with_quality["quality_features"].shape[0] == len(uris)
+    assert not with_quality["quality_features"][-1].any()  # the error row
+    clf = BatchClassifier(None, False, None, run_id="t")
+    a, b = clf(plain), clf(with_quality)
+    assert "quality_features" not in b
+    np.testing.assert_allclose(a["ood_score"][:-1], b["ood_score"][:-1], rtol=1e-5)
+    np.testing.assert_array_equal(a["out_of_distribution"], b["out_of_distribution"])
+    assert np.isnan(b["ood_score"][-1])
+
+
 def test_sample_id_defaults_to_parent_folder() -> None:
     assert sample_id_for("s3://b/night/slide-7/img.jpg") == "slide-7"
     assert sample_id_for("/data/slide-3/x.jpg") == "slide-3"

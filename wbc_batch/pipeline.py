@@ -2,7 +2,7 @@
 
 Reads top to bottom::
 
-    from_items(uris) -> map_batches(load_images)              tasks: fetch bytes, hash, decode, resize
+    from_items(uris) -> map_batches(load_images)              tasks: fetch bytes, hash, decode, resize, quality
                      -> map_batches(BatchClassifier, actors)  one forward + one backward per batch
                      -> map_batches(render_explanations)      tasks: localisation, heatmap JPEGs
                      -> iter_batches -> PartWriter            driver: Parquet parts, then manifest
@@ -120,17 +120,21 @@ def sample_id_for(uri: str, regex: str | None = None) -> str:
 # --- stage 1: tasks -------------------------------------------------------
 
 
-def load_images(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:
+def load_images(batch: dict[str, np.ndarray], image_size: int, with_quality: bool = False) -> dict[str, np.ndarray]:
     """Fetch, hash, decode and resize each image; failures become error rows.
 
     Args:
         batch: ``image_uri`` and ``sample_id`` columns.
         image_size: the model's input side S.
+        with_quality: also compute the OOD image-quality features of the
+            model input here, in parallel tasks, rather than in the model
+            actor, where they would cost more CPU than the CNN itself.
 
     Returns:
         The batch plus ``image_bytes``, ``image_sha256``, ``image_width``,
         ``image_height``, ``model_input`` (B, S, S, 3) uint8, ``status``,
-        ``error`` and ``error_kind``.
+        ``error`` and ``error_kind``; with ``with_quality`` also
+        ``quality_features`` (B, F) float64 (zeros on error rows).
     """
     import hashlib
 
@@ -169,6 +173,14 @@ def load_images(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.n
         out["model_input"][i] = resize_for_model(rgb, image_size)
     out.update(image_bytes=data_col, image_sha256=sha, status=status, error=error, error_kind=kind,
                image_width=width, image_height=height)
+    if with_quality:
+        from wbc_batch.ood import QUALITY_FEATURES, quality_features
+
+        ok = status == "ok"
+        features = np.zeros((n, len(QUALITY_FEATURES)), dtype=np.float64)
+        if ok.any():
+            features[ok] = quality_features(out["model_input"][ok])
+        out["quality_features"] = features
     return out
 
 
@@ -217,11 +229,14 @@ class BatchClassifier:
             probs[ok] = p / p.sum(axis=1, keepdims=True)
             cams[ok] = result.cams
             if self.ood is not None:
-                s, f = self.ood.score(result.embeddings, images)
+                if "quality_features" in batch:
+                    s, f = self.ood.score_features(result.embeddings, batch["quality_features"][ok])
+                else:
+                    s, f = self.ood.score(result.embeddings, images)
                 ood_score[ok], ood_flag[ok] = s, f
         pred = np.where(ok, self.classes[np.nan_to_num(probs, nan=0.0).argmax(axis=1)], "")
         conf = np.nanmax(np.where(ok[:, None], probs, 0.0), axis=1).astype(np.float32)
-        out = {k_: v for k_, v in batch.items() if k_ != "model_input"}
+        out = {k_: v for k_, v in batch.items() if k_ not in ("model_input", "quality_features")}
         out.update(
             predicted_class=pred,
             confidence=np.where(ok, conf, np.nan).astype(np.float32),
@@ -421,7 +436,7 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
         items = [{"image_uri": u, "sample_id": sample_id_for(u, config.sample_id_regex)} for u in uris]
         blocks = max(1, min(len(items) // config.batch_size + 1, 512))
         ds = ray.data.from_items(items, override_num_blocks=blocks)
-        ds = ds.map_batches(load_images, fn_kwargs={"image_size": meta.image_size},
+        ds = ds.map_batches(load_images, fn_kwargs={"image_size": meta.image_size, "with_quality": bool(meta.ood)},
                             batch_size=config.batch_size, num_cpus=0.5)
         ds = ds.map_batches(
             BatchClassifier,
