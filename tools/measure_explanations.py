@@ -15,7 +15,7 @@ Baselines printed beside the Grad-CAM figures:
 - for faithfulness, random maps (see ``wbc_batch.faithfulness``).
 
 Usage:
-    python tools/measure_explanations.py [--data /work/shared/data/pbc] [--cache /tmp/pbc128.npz]
+    python tools/measure_explanations.py [--model DIR] [--data /work/shared/data/pbc] [--cache /tmp/pbc128.npz]
         [--split test] [--layer NAME] [--faithfulness-n 210] [--out /tmp/explanations.json]
 """
 
@@ -66,6 +66,7 @@ def _localise(args: tuple[Path, np.ndarray, np.ndarray]) -> tuple[dict, dict, di
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="artifact folder (default: the shipped model)")
     ap.add_argument("--data", default="/work/shared/data/pbc", help="PBC root holding the split's uris")
     ap.add_argument("--cache", default="/tmp/pbc128.npz", help="decoded 128 px cache in split.csv order (optional)")
     ap.add_argument("--split", default="test", help="which split to measure")
@@ -75,9 +76,9 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     args = ap.parse_args()
 
-    art = load_artifact()
+    art = load_artifact(args.model)
     meta = art.meta
-    with open(shipped_model_dir() / SPLIT_FILE, newline="") as fh:
+    with open(Path(args.model or shipped_model_dir()) / SPLIT_FILE, newline="") as fh:
         all_rows = list(csv.DictReader(fh))
     keep = np.array([r["split"] == args.split for r in all_rows])
     rows = [r for r, k in zip(all_rows, keep) if k]
