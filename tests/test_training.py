@@ -14,6 +14,7 @@ import pytest
 from wbc_batch import training
 from wbc_batch.cli import main
 from wbc_batch.model import SPLIT_FILE, ModelMetadata, load_artifact, read_metadata, save_artifact
+from wbc_batch.ood import OodScorer
 from wbc_batch.splits import LabelledImage, assign_splits, sha256_hex
 
 CLASSES = ["basophil", "eosinophil", "ig", "lymphocyte", "monocyte", "neutrophil", "non_wbc"]
@@ -80,6 +81,12 @@ def test_artifact_holds_the_trained_weights_split_and_calibration(trained: dict[
     assert meta.training_data["split_counts"] == trained["split_counts"]
     assert len(meta.training_data["fingerprint_sha256"]) == 64
     assert meta.metrics["split"] == "test" and len(meta.metrics["confusion_matrix"]) == 7
+    # the job fits the OOD statistics classify needs for this very network
+    assert meta.ood["num_classes"] == 7 and meta.ood["fitted_on"]["n_train"] == trained["split_counts"]["train"]
+    scorer = OodScorer.from_metadata(meta)
+    images = np.full((2, 32, 32, 3), 200, np.uint8)
+    scores, flags = scorer.score(np.zeros((2, scorer.embedding_dim), np.float32), images)
+    assert scores.shape == (2,) and np.isfinite(scores).all() and flags.dtype == bool
     ckpt = np.load(Path(trained["checkpoint"]) / training.WEIGHTS_FILE)
     for saved, loaded in zip((ckpt[k] for k in sorted(ckpt.files)), art.model.get_weights()):
         np.testing.assert_array_equal(saved, loaded)

@@ -501,6 +501,35 @@ def _predict_logits(model: Any, images: np.ndarray, batch_size: int = 64) -> np.
     return np.concatenate(out) if out else np.zeros((0, int(model.output_shape[-1])), np.float32)
 
 
+def _predict_embeddings(model: Any, embedding_layer: str, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Pooled embeddings (the tensor classify's OOD score reads), in batches."""
+    import keras
+
+    sub = keras.Model(model.inputs, model.get_layer(embedding_layer).output)
+    out = [np.asarray(sub.predict_on_batch(images[i : i + batch_size].astype(np.float32)))
+           for i in range(0, len(images), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, int(sub.output_shape[-1])), np.float32)
+
+
+def fit_ood_statistics(model: Any, embedding_layer: str, x_train: np.ndarray, y_train: np.ndarray,
+                       x_val: np.ndarray, num_classes: int) -> dict[str, Any]:
+    """The OOD statistics classify needs, fitted on train and thresholded on val.
+
+    Why here: the score compares a new image with what *this* network saw,
+    so each trained artifact carries its own statistics (``model.json["ood"]``);
+    an empty dict (OOD off, with a warning) when the splits are too small.
+    """
+    from wbc_batch.ood import fit_ood
+
+    if len(x_train) < 2 or len(x_val) < 2:
+        log.warning("OOD statistics not fitted: %d train and %d val images", len(x_train), len(x_val))
+        return {}
+    return fit_ood(
+        _predict_embeddings(model, embedding_layer, x_train), y_train, x_train,
+        _predict_embeddings(model, embedding_layer, x_val), x_val, num_classes=num_classes,
+    )
+
+
 def _run_name(config: TrainConfig, fingerprint: str) -> str:
     """Same data and settings give the same name, so re-running a killed job resumes it."""
     c = config
@@ -615,6 +644,9 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     model.set_weights(weights)
     x_val, y_val = _split_arrays(data["labelled"], "val")
     calibration = calibration_from_val(_predict_logits(model, x_val), y_val)
+    x_train, y_train = _split_arrays(data["labelled"], "train")
+    ood_stats = fit_ood_statistics(model, EMBEDDING_LAYER, x_train, y_train, x_val, len(classes))
+    del x_train
     x_test, y_test = _split_arrays(data["labelled"], "test")
     non_wbc = [c for c in classes if c == splits.NON_WBC]
     wbc = [c for c in classes if c not in non_wbc]
@@ -662,6 +694,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
         metrics={"split": "test", **test_report, "calibration": calibration}
         if test_report
         else {"calibration": calibration},
+        ood=ood_stats,
     )
     split_text = split_csv_text(data["items"], data["split_of"])
     save_artifact(model, meta, config.model_out, split_csv=split_text)
