@@ -461,10 +461,10 @@ def to_markdown(report: dict[str, Any]) -> str:
         m["free_g"],
         "```",
         "",
-        "The machine was **shared** with other engineers running tests, training and Ray clusters during "
-        "the measurements, so absolute figures are noisy: baseline, floor and pipeline are interleaved per "
-        f"repeat ({report['repeats']} repeat(s)), the 1-minute load average before each measurement is "
-        "recorded, and figures are medians with min..max.",
+        "Other work on the machine disturbs wall-clock figures, so baseline, floor and pipeline are "
+        f"interleaved per repeat ({report['repeats']} repeat(s)), the 1-minute load average before each "
+        "measurement is recorded (the run itself raises it), the share of all cores busy with anything is "
+        "set beside the pipeline's own CPU use, and figures are medians with min..max.",
         "",
         "## Throughput",
         "",
