@@ -32,7 +32,7 @@ def data_with_junk(samples_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.fixture(scope="module")
 def trained(ray_local: None, data_with_junk: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Two CPU workers, 2 epochs at 32 px; the last worker dies after epoch 0 and the run resumes."""
+    """Two CPU workers, 2 epochs at 32 px with the on-cell loss; the last worker dies after epoch 0 and the run resumes."""
     out = tmp_path_factory.mktemp("train")
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
@@ -43,6 +43,7 @@ def trained(ray_local: None, data_with_junk: Path, tmp_path_factory: pytest.Temp
             training.TrainConfig(
                 data_uri=str(data_with_junk), model_out=str(out / "candidate"), workers=2, epochs=2, image_size=32,
                 batch_size=16, storage_path=str(out / "checkpoints"), fault_injection_epoch=0, version="0.0.1-test",
+                on_cell_weight=1.0,
             )
         )
     finally:
@@ -61,6 +62,21 @@ def test_two_workers_stay_in_sync_and_resume_after_a_worker_dies(trained: dict[s
     assert sorted(digests) == ["0", "1"]
     # different data shards on each worker: identical weights only if the gradients were all-reduced
     assert digests["0"] == digests["1"] == last["trainable_sha256"]
+    assert 0.0 <= last["outside_share"] <= 1.0  # the on-cell term was in the loss
+
+
+def test_augment_turns_the_cell_grid_with_the_image() -> None:
+    import tensorflow as tf
+
+    image = np.zeros((32, 32, 3), np.float32)
+    image[:8, :16] = 255.0  # bright where the "cell" is: top row of the 4x4 grid, two left cells
+    mask = np.zeros((4, 4), np.float32)
+    mask[0, :2] = 1.0
+    tf.random.set_seed(0)
+    for _ in range(12):
+        out, cells = training.augment(tf, tf.constant(image), mask=tf.constant(mask))
+        bright = out.numpy().mean(axis=2).reshape(4, 8, 4, 8).mean(axis=(1, 3)) > 100
+        np.testing.assert_array_equal(bright, cells.numpy() > 0.5)
 
 
 @pytest.mark.slow

@@ -25,6 +25,14 @@ INPUT_NAME = "image"
 STAGES: tuple[tuple[int, int, int], ...] = ((32, 1, 1), (64, 2, 2), (128, 2, 2), (192, 1, 1))
 
 
+def cam_grid_size(image_size: int) -> int:
+    """Side of the ``cam_features`` grid for an input side: three stride-2 steps with "same" padding."""
+    side = image_size
+    for _ in range(3):  # the stem, stage 2 and stage 3
+        side = -(-side // 2)
+    return side
+
+
 def _conv_bn(keras: ModuleType, x: Any, filters: int, stride: int, name: str, relu: bool = True) -> Any:
     layers = keras.layers
     x = layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False, name=f"{name}_conv")(x)

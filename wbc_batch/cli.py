@@ -248,6 +248,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, default=128, help="model input side in pixels (default 128)")
     p.add_argument("--batch-size", type=int, default=64, help="global batch size over all workers (default 64)")
     p.add_argument("--learning-rate", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
+    p.add_argument("--on-cell-weight", type=float, default=0.0,
+                   help="weight of the loss term that charges class evidence outside the segmented cell "
+                        "(0 = off, the default; 1.0 made the shipped model 1.1.0 by fine-tuning, see MODEL_CARD.md)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per training worker (default 1)")
     p.add_argument("--use-gpu", action="store_true", help="give each training worker a GPU")
     p.add_argument("--storage-path", default=None,

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from wbc_batch import imaging, metrics, splits, storage
+from wbc_batch.architecture import cam_grid_size
 from wbc_batch.model import META_FILE, MODEL_FILE, SPLIT_FILE, ModelMetadata
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class TrainConfig:
     ray_address: str | None = None
     version: str | None = None
     seed: int = 1234
+    on_cell_weight: float = 0.0
     decode_batch_size: int = 32
     label_map: dict[str, str] = field(default_factory=lambda: dict(splits.DEFAULT_LABEL_MAP))
     # Resume-path testing only: the last worker dies after this epoch on the first attempt.
@@ -95,6 +97,8 @@ class TrainConfig:
             raise ValueError(f"image size must be >= {imaging.MIN_SIDE}, got {self.image_size}")
         if self.batch_size < self.workers:
             raise ValueError(f"batch size ({self.batch_size}) must be at least the number of workers ({self.workers})")
+        if self.on_cell_weight < 0:
+            raise ValueError(f"on-cell weight must be >= 0, got {self.on_cell_weight}")
 
     @classmethod
     def from_args(cls, args: Any) -> TrainConfig:
@@ -114,6 +118,7 @@ class TrainConfig:
             publish=args.publish,
             ray_address=args.ray_address,
             version=args.version,
+            on_cell_weight=args.on_cell_weight,
         )
 
     def checkpoint_root(self) -> str:
@@ -151,7 +156,22 @@ def list_labelled_files(data_uri: str, label_map: dict[str, str] | None = None) 
     return rows
 
 
-def decode_batch(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:
+def cell_grid(rgb: np.ndarray, grid: int) -> np.ndarray:
+    """The segmented cell's share of each cell of a ``grid`` x ``grid`` partition of the whole image.
+
+    The on-cell loss compares a class-activation map of that grid with it;
+    segmentation runs on the half-size view, as classify's localisation does.
+    """
+    import cv2
+
+    from wbc_batch.localisation import cell_mask, segmentation_view
+
+    view, pixel_scale = segmentation_view(rgb)
+    mask = cell_mask(view, pixel_scale).astype(np.float32)
+    return cv2.resize(mask, (grid, grid), interpolation=cv2.INTER_AREA)
+
+
+def decode_batch(batch: dict[str, np.ndarray], image_size: int, grid: int = 0) -> dict[str, np.ndarray]:
     """Ray Data ``map_batches`` function: read, hash, decode and resize each file.
 
     Files that are not decodable images keep their row with ``ok=False`` and
@@ -161,12 +181,16 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.
         batch: columns ``uri``, ``rel``, ``label`` (object arrays).
         image_size: model input side S.
 
+        grid: with ``grid > 0`` also ``cell_grid`` (B, grid, grid) float32,
+            the cell masks the on-cell loss needs.
+
     Returns:
         The input columns plus ``sha256``, ``ok``, ``error`` and ``image``
         (B, S, S, 3) uint8 (zeros on failed rows).
     """
     n = len(batch["uri"])
     images = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
+    cells = np.zeros((n, grid, grid), dtype=np.float32)
     sha = np.empty(n, dtype=object)
     ok = np.zeros(n, dtype=bool)
     error = np.empty(n, dtype=object)
@@ -175,11 +199,17 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.
         sha[i] = splits.sha256_hex(data)
         error[i] = ""
         try:
-            images[i] = imaging.resize_for_model(imaging.decode_image(data), image_size)
+            rgb = imaging.decode_image(data)
+            images[i] = imaging.resize_for_model(rgb, image_size)
+            if grid:
+                cells[i] = cell_grid(rgb, grid)
             ok[i] = True
         except imaging.ImageDecodeError as exc:
             error[i] = str(exc)
-    return {**{k: batch[k] for k in ("uri", "rel", "label")}, "sha256": sha, "ok": ok, "error": error, "image": images}
+    out = {**{k: batch[k] for k in ("uri", "rel", "label")}, "sha256": sha, "ok": ok, "error": error, "image": images}
+    if grid:
+        out["cell_grid"] = cells
+    return out
 
 
 def _failed_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -196,16 +226,19 @@ def _label_and_split(
     batch: dict[str, np.ndarray], split_of: dict[str, str], class_index: dict[str, int]
 ) -> dict[str, np.ndarray]:
     good = batch["ok"].astype(bool)
-    return {
+    out = {
         "image": batch["image"][good],
         "label_index": np.array([class_index[str(c)] for c in batch["label"][good]], dtype=np.int64),
         "split": np.array([split_of[str(s)] for s in batch["sha256"][good]], dtype=object),
     }
+    if "cell_grid" in batch:
+        out["cell_grid"] = batch["cell_grid"][good]
+    return out
 
 
 def _only_split(batch: dict[str, np.ndarray], split: str) -> dict[str, np.ndarray]:
     keep = batch["split"] == split
-    return {"image": batch["image"][keep], "label_index": batch["label_index"][keep]}
+    return {k: batch[k][keep] for k in ("image", "label_index", "cell_grid") if k in batch}
 
 
 def data_fingerprint(items: list[splits.LabelledImage]) -> str:
@@ -247,7 +280,7 @@ def weights_sha256(arrays: list[np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-def augment(tf: Any, image: Any, seed: Any = None) -> Any:
+def augment(tf: Any, image: Any, seed: Any = None, mask: Any = None) -> Any:
     """One random view of a cell seen from above, as TensorFlow ops.
 
     A smear has no up, down, left or right, so all 8 dihedral transforms are
@@ -258,29 +291,92 @@ def augment(tf: Any, image: Any, seed: Any = None) -> Any:
     Args:
         tf: the TensorFlow module.
         image: (S, S, 3) float32 in [0, 255].
+        mask: optional (g, g) cell grid that must follow the same rotation and flip.
 
     Returns:
-        (S, S, 3) float32 in [0, 255].
+        (S, S, 3) float32 in [0, 255]; with ``mask``, the pair (image, mask).
     """
     k = tf.random.uniform([], 0, 4, dtype=tf.int32)
+    flip = tf.random.uniform([]) < 0.5
     image = tf.image.rot90(image, k)
-    image = tf.image.random_flip_left_right(image)
+    image = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
+    if mask is not None:
+        mask = tf.image.rot90(mask[..., None], k)
+        mask = tf.cond(flip, lambda: tf.image.flip_left_right(mask), lambda: mask)[..., 0]
     mean = tf.reduce_mean(image)
     contrast = tf.random.uniform([], 0.9, 1.1)
     brightness = tf.random.uniform([], 0.9, 1.1)
     image = (image - mean) * contrast + mean * brightness
     image = image * tf.random.uniform([1, 1, 3], 0.95, 1.05)
-    return tf.clip_by_value(image, 0.0, 255.0)
+    image = tf.clip_by_value(image, 0.0, 255.0)
+    return image if mask is None else (image, mask)
 
 
-def _load_shard(shard: Any) -> tuple[np.ndarray, np.ndarray]:
-    xs, ys = [], []
+def _load_shard(shard: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    xs, ys, ms = [], [], []
     for batch in shard.iter_batches(batch_size=256, batch_format="numpy"):
         xs.append(batch["image"])
         ys.append(batch["label_index"])
+        if "cell_grid" in batch:
+            ms.append(batch["cell_grid"])
     if not xs:
         raise TrainingError("this worker received no training images")
-    return np.concatenate(xs), np.concatenate(ys).astype(np.int64)
+    return np.concatenate(xs), np.concatenate(ys).astype(np.int64), (np.concatenate(ms) if ms else None)
+
+
+def on_cell_model(tf_keras: Any, classifier: Any, cam_layer: str, logits_layer: str, weight: float) -> Any:
+    """Wrap a classifier so ``fit`` adds the on-cell term to the loss.
+
+    Why: with global average pooling before one dense layer, the map
+    ``relu(A @ w_c)`` on the last stage is exactly each location's
+    contribution to the logit of ``c`` (what Grad-CAM shows). The term is the
+    share of the true class's map outside the segmented cell, so the network
+    learns to take its evidence from the cell rather than its surroundings
+    (docs/EXPLANATIONS.md; ``tools/finetune_on_cell.py`` made model 1.1.0
+    this way). The wrapper shares the classifier's variables; data are
+    ``(image, (label, cell_grid), sample_weight)``.
+    """
+    import tensorflow as tf
+
+    view = tf_keras.Model(classifier.inputs, [classifier.get_layer(cam_layer).output, classifier.output])
+    dense = classifier.get_layer(logits_layer)
+    ce_loss = tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
+
+    class OnCell(tf_keras.Model):
+        def __init__(self) -> None:
+            super().__init__()
+            self.classifier = classifier
+            self.loss_tracker = tf_keras.metrics.Mean(name="loss")
+            self.outside_tracker = tf_keras.metrics.Mean(name="outside")
+            self.acc = tf_keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+
+        def call(self, inputs: Any, training: bool = False) -> Any:
+            return self.classifier(inputs, training=training)
+
+        @property
+        def metrics(self) -> list[Any]:
+            return [self.loss_tracker, self.outside_tracker, self.acc]
+
+        def train_step(self, data: Any) -> dict[str, Any]:
+            images, (labels, cells), weights = data
+            with tf.GradientTape() as tape:
+                feats, logits = view(images, training=True)
+                ce = tf.reduce_sum(ce_loss(labels, logits) * weights) / tf.maximum(tf.reduce_sum(weights), 1e-6)
+                w_true = tf.gather(tf.transpose(dense.kernel), tf.cast(labels, tf.int32))
+                cam = tf.nn.relu(tf.einsum("bhwc,bc->bhw", feats, w_true))
+                outside = tf.reduce_sum(cam * (1.0 - cells), axis=(1, 2)) / (tf.reduce_sum(cam, axis=(1, 2)) + 1e-6)
+                outside = tf.reduce_mean(outside)
+                loss = ce + weight * outside
+                # MirroredStrategy sums gradients over replicas: scale as Keras does for its own losses
+                scaled = loss / tf.distribute.get_strategy().num_replicas_in_sync
+            grads = tape.gradient(scaled, classifier.trainable_variables)
+            self.optimizer.apply_gradients(zip(grads, classifier.trainable_variables))
+            self.loss_tracker.update_state(loss)
+            self.outside_tracker.update_state(outside)
+            self.acc.update_state(labels, logits)
+            return {m.name: m.result() for m in self.metrics}
+
+    return OnCell()
 
 
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
@@ -306,16 +402,29 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     tf_keras.utils.set_random_seed(int(cfg["seed"]))
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
 
-    x, y = _load_shard(ray.train.get_dataset_shard("train"))
+    x, y, cells = _load_shard(ray.train.get_dataset_shard("train"))
+    on_cell = float(cfg.get("on_cell_weight", 0.0))
+    if on_cell > 0 and cells is None:
+        raise TrainingError("the on-cell loss needs cell grids in the training data")
     class_weights = np.asarray(cfg["class_weights"], dtype=np.float32)
     w = class_weights[y]
     steps, epochs, global_batch = int(cfg["steps_per_epoch"]), int(cfg["epochs"]), int(cfg["batch_size"])
 
     def dataset_fn(input_context: Any) -> Any:
         per_replica = input_context.get_per_replica_batch_size(global_batch)
-        ds = tf.data.Dataset.from_tensor_slices((x, y, w))
-        ds = ds.shuffle(len(x), seed=int(cfg["seed"]) + rank, reshuffle_each_iteration=True).repeat()
-        ds = ds.map(lambda im, lab, wt: (augment(tf, tf.cast(im, tf.float32)), lab, wt), num_parallel_calls=threads)
+        if on_cell > 0:
+            ds = tf.data.Dataset.from_tensor_slices((x, y, w, cells))
+            ds = ds.shuffle(len(x), seed=int(cfg["seed"]) + rank, reshuffle_each_iteration=True).repeat()
+
+            def with_mask(im: Any, lab: Any, wt: Any, cell: Any) -> Any:
+                im, cell = augment(tf, tf.cast(im, tf.float32), mask=cell)
+                return im, (lab, cell), wt
+
+            ds = ds.map(with_mask, num_parallel_calls=threads)
+        else:
+            ds = tf.data.Dataset.from_tensor_slices((x, y, w))
+            ds = ds.shuffle(len(x), seed=int(cfg["seed"]) + rank, reshuffle_each_iteration=True).repeat()
+            ds = ds.map(lambda im, lab, wt: (augment(tf, tf.cast(im, tf.float32)), lab, wt), num_parallel_calls=threads)
         ds = ds.batch(per_replica, drop_remainder=True).prefetch(2)
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
@@ -333,11 +442,18 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             warmup_steps=warm,
         )
         optimizer = tf_keras.optimizers.AdamW(learning_rate=schedule, weight_decay=float(cfg["weight_decay"]))
-        model.compile(
-            optimizer=optimizer,
-            loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            weighted_metrics=["accuracy"],
-        )
+        if on_cell > 0:
+            from wbc_batch.architecture import CAM_LAYER, LOGITS_LAYER
+
+            fitter = on_cell_model(tf_keras, model, CAM_LAYER, LOGITS_LAYER, on_cell)
+            fitter.compile(optimizer=optimizer)
+        else:
+            fitter = model
+            model.compile(
+                optimizer=optimizer,
+                loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                weighted_metrics=["accuracy"],
+            )
         optimizer.build(model.trainable_variables)
 
     start_epoch = 0
@@ -355,7 +471,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     creator = tf_keras.utils.experimental.DatasetCreator(dataset_fn)
     for epoch in range(start_epoch, epochs):
         t0 = time.time()
-        hist = model.fit(creator, epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=steps, verbose=0)
+        hist = fitter.fit(creator, epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=steps, verbose=0)
         # every rank must read the weights: BatchNormalization's moving statistics are
         # sync-on-read variables, and reading them is an all-reduce (the mean over workers)
         weights = model.get_weights()
@@ -370,6 +486,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             "trainable_sha256": digest,
             "world_size": world,
         }
+        if "outside" in hist.history:  # the on-cell term: share of the true class's evidence outside the cell
+            epoch_metrics["outside_share"] = float(hist.history["outside"][-1])
         with tempfile.TemporaryDirectory() as d:
             replica = {"rank": rank, "epoch": epoch, "trainable_sha256": digest}
             Path(d, f"replica-{rank}.json").write_text(json.dumps(replica))
@@ -435,9 +553,10 @@ def _prepare_data(config: TrainConfig) -> dict[str, Any]:
     import ray
 
     rows = list_labelled_files(config.data_uri, config.label_map)
+    grid = cam_grid_size(config.image_size) if config.on_cell_weight > 0 else 0
     ds = ray.data.from_items(rows).map_batches(
         decode_batch,
-        fn_kwargs={"image_size": config.image_size},
+        fn_kwargs={"image_size": config.image_size, "grid": grid},
         batch_size=config.decode_batch_size,
         batch_format="numpy",
     )
@@ -616,6 +735,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
             "seed": config.seed,
             "cpus_per_worker": config.cpus_per_worker,
             "fault_injection_epoch": config.fault_injection_epoch,
+            "on_cell_weight": config.on_cell_weight,
         },
         scaling_config=ScalingConfig(
             num_workers=config.workers, use_gpu=config.use_gpu, resources_per_worker={"CPU": config.cpus_per_worker}
