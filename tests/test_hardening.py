@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.corpus import EXPECTED_ERRORS, TRICKY_S3_KEYS, cmyk_jpeg, exif_rotated_jpeg, write_bad_corpus, write_symlinks
+from tests.processes import descendants
 from wbc_batch import storage
 from wbc_batch.cli import main as cli_main
 from wbc_batch.imaging import decode_image
@@ -180,25 +181,6 @@ def fault_proxy(s3_endpoint: str) -> Iterator[FaultProxy]:
 # --- running the CLI in its own process with its own Ray --------------------
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (from /proc), so only our own Ray's workers are touched."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -246,7 +228,7 @@ class Cli:
 
     @staticmethod
     def kill(proc: subprocess.Popen) -> None:
-        for pid in [*_descendants(proc.pid), proc.pid]:
+        for pid in [*descendants(proc.pid), proc.pid]:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -427,7 +409,7 @@ def test_actor_killed_mid_run_still_gives_exactly_one_row_per_image(
     restarted: set[int] = set()
     deadline = time.monotonic() + 240
     while proc.poll() is None and time.monotonic() < deadline:
-        actors = [pid for pid in _descendants(proc.pid) if "MapBatches(BatchClassifier)" in _cmdline(pid)]
+        actors = [pid for pid in descendants(proc.pid) if "MapBatches(BatchClassifier)" in _cmdline(pid)]
         if killed is None and actors:
             first_seen = first_seen or time.monotonic()
             # kill while it runs a batch (its title ends in .submit), or 20 s after it appeared

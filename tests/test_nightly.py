@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from tests.processes import descendants
 from tests.results_factory import cell, make_table, write_run
 from wbc_batch import storage
 from wbc_batch.nightly import (
@@ -186,26 +187,6 @@ def test_heartbeat_renews_and_fences_a_run_that_lost_its_lease(output_uri: str) 
 # --- real processes against S3 on loopback ----------------------------------------------------
 
 
-def _descendants(pid: int) -> list[int]:
-    """Process ids below ``pid`` (from /proc), so Ray processes of a killed driver can be checked."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -298,7 +279,7 @@ def test_killed_run_then_rerun_then_next_nights(s3_bucket: str, images: list[tup
     while time.time() < deadline and proc.poll() is None and not _keys(s3_bucket, "results/heatmaps/"):
         time.sleep(0.2)
     assert proc.poll() is None, f"run ended before it could be killed: {proc.communicate()}"
-    below = _descendants(proc.pid)
+    below = descendants(proc.pid)
     reaper.extend(below)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)

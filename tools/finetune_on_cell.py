@@ -39,22 +39,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from wbc_batch import imaging  # noqa: E402
-from wbc_batch.localisation import cell_mask, segmentation_view  # noqa: E402
 from wbc_batch.model import SPLIT_FILE, load_artifact, shipped_model_dir  # noqa: E402
-
-EPS = 1e-6
-
-
-def grid_mask(path: Path, grid: int) -> np.ndarray:
-    """The cell's share of each cell of a ``grid`` x ``grid`` partition of the whole tile."""
-    view, scale = segmentation_view(imaging.decode_image(path.read_bytes()))
-    mask = cell_mask(view, scale).astype(np.float32)
-    return cv2.resize(mask, (grid, grid), interpolation=cv2.INTER_AREA)
+from wbc_batch.training import cell_grid, outside_share  # noqa: E402
 
 
 def load_masks(rows: list[dict], data: Path, grid: int, cache: Path) -> np.ndarray:
@@ -64,7 +54,7 @@ def load_masks(rows: list[dict], data: Path, grid: int, cache: Path) -> np.ndarr
         if masks.shape == (len(rows), grid, grid):
             return masks
     with ThreadPoolExecutor(2) as pool:
-        masks = np.stack(list(pool.map(lambda r: grid_mask(data / r["uri"], grid), rows)))
+        masks = np.stack(list(pool.map(lambda r: cell_grid(imaging.decode_image((data / r["uri"]).read_bytes()), grid), rows)))
     np.savez(cache, masks=masks)
     return masks
 
@@ -90,19 +80,13 @@ def build_step(model, cam_layer: str, logits_layer: str, optimizer, outside_weig
     view = keras.Model(model.inputs, [model.get_layer(cam_layer).output, model.output])
     dense = model.get_layer(logits_layer)
 
-    def outside_share(feats, labels, masks):
-        w = tf.gather(tf.transpose(dense.kernel), labels)  # (B, C): the true class's weights
-        cam = tf.nn.relu(tf.einsum("bhwc,bc->bhw", feats, w))
-        total = tf.reduce_sum(cam, axis=(1, 2)) + EPS
-        return tf.reduce_sum(cam * (1.0 - masks), axis=(1, 2)) / total
-
     @tf.function(reduce_retracing=True)
     def train_step(x, y, w, m):
         with tf.GradientTape() as tape:
             feats, logits = view(x, training=True)
             ce = tf.keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
             ce = tf.reduce_sum(ce * w) / tf.reduce_sum(w)
-            out = tf.reduce_mean(outside_share(feats, y, m))
+            out = tf.reduce_mean(outside_share(tf, feats, dense.kernel, y, m))
             loss = ce + outside_weight * out
         grads = tape.gradient(loss, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
@@ -112,7 +96,7 @@ def build_step(model, cam_layer: str, logits_layer: str, optimizer, outside_weig
     def eval_step(x, m):
         feats, logits = view(x, training=False)
         pred = tf.argmax(logits, axis=1, output_type=tf.int32)
-        return logits, 1.0 - outside_share(feats, pred, m)
+        return logits, 1.0 - outside_share(tf, feats, dense.kernel, pred, m)
 
     return train_step, eval_step
 

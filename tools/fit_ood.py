@@ -48,19 +48,9 @@ from wbc_batch.ood import (  # noqa: E402
     quality_features,
     simulate_shift,
 )
+from wbc_batch.training import predict_embeddings  # noqa: E402
 
 DEFAULT_DATA = "/work/shared/data/pbc"
-
-
-def embed(model: Any, embedding_layer: str, images: np.ndarray, batch: int = 256) -> np.ndarray:
-    """(N, D) float32 pooled embeddings; the same tensor GradCam returns, without the backward pass."""
-    import keras
-
-    sub = keras.Model(model.inputs, model.get_layer(embedding_layer).output)
-    out = [
-        np.asarray(sub.predict_on_batch(images[i : i + batch].astype(np.float32))) for i in range(0, len(images), batch)
-    ]
-    return np.concatenate(out).astype(np.float32)
 
 
 class WorkCache:
@@ -85,7 +75,7 @@ class WorkCache:
         """(embeddings, quality features) of ``images``, computed once per name."""
         if f"{name}/emb" in self.data and len(self.data[f"{name}/emb"]) == len(images):
             return self.data[f"{name}/emb"], self.data[f"{name}/feat"]
-        emb, feat = embed(model, embedding_layer, images), quality_features(images)
+        emb, feat = predict_embeddings(model, embedding_layer, images, 256), quality_features(images)
         self.data[f"{name}/emb"], self.data[f"{name}/feat"] = emb, feat
         if self.path:
             np.savez(self.path, tag=np.array(self.tag), **self.data)

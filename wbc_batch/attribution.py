@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from wbc_batch import imaging, storage
+from wbc_batch import imaging, metrics, storage
 from wbc_batch.explain import GradCam, overlay_heatmap
 
 METHODS: tuple[str, ...] = ("gradcam", "smoothgrad", "integrated_gradients", "occlusion", "vanilla_gradients")
@@ -63,13 +63,13 @@ class Attribution:
     Attributes:
         maps: (B, h, w) float32; (16, 16) for gradcam, (S, S) for the others.
         targets: (B,) int32, the class each map explains.
-        probabilities: (B, K) float32 softmax of the logits (uncalibrated).
+        logits: (B, K) float32, pre-softmax.
         method: one of :data:`METHODS`.
     """
 
     maps: np.ndarray
     targets: np.ndarray
-    probabilities: np.ndarray
+    logits: np.ndarray
     method: str
 
 
@@ -132,8 +132,6 @@ class Explainer:
         if images.ndim != 4 or images.shape[1:] != expected:
             raise ValueError(f"expected images (B, {', '.join(map(str, expected))}), got {images.shape}")
         targets, logits = self._targets(images, classes)
-        z = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probs = z / z.sum(axis=1, keepdims=True)
         if method == "gradcam":
             if self._gradcam is None:
                 self._gradcam = GradCam(self.model, self.gradcam_layer)
@@ -144,7 +142,7 @@ class Explainer:
             for c in np.unique(targets):
                 idx = np.flatnonzero(targets == c)
                 maps[idx] = compute(images[idx], int(c), logits[idx, c])
-        return Attribution(maps.astype(np.float32), targets, probs.astype(np.float32), method)
+        return Attribution(maps.astype(np.float32), targets, np.asarray(logits, np.float32), method)
 
     def _vanilla_gradients(self, images: np.ndarray, c: int, _p: np.ndarray) -> np.ndarray:
         from tf_explain.core.vanilla_gradients import VanillaGradients
@@ -192,13 +190,6 @@ def display_map(attribution_map: np.ndarray) -> np.ndarray:
     if m.shape[0] > 32 and m.max() > 0:
         m = np.minimum(m, np.percentile(m, 99.5))
     return m
-
-
-def _calibrated(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """softmax(logits / T) from softmax(logits): log p differs from the logits by a constant only."""
-    z = np.log(np.maximum(probs.astype(np.float64), 1e-300)) / temperature
-    e = np.exp(z - z.max())
-    return e / e.sum()
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -263,19 +254,19 @@ def explain_images(
                 raise imaging.ImageDecodeError(f"{uri}: {exc}") from None
         batch = imaging.prepare_batch(rgbs, art.meta.image_size)
         attr = explainer(batch, method, np.full(len(chunk), target, np.int32))
+        calibrated = metrics.softmax(attr.logits, art.meta.temperature)
         for i, (uri, raw, rgb) in enumerate(zip(chunk, raws, rgbs)):
             sha = hashlib.sha256(raw).hexdigest()
             explained = names[int(attr.targets[i])]
             stem = storage.join(out, f"{sha}-{method}-{explained}")
             storage.write_bytes(f"{stem}.npy", _npy_bytes(attr.maps[i]))
             storage.write_bytes(f"{stem}.jpg", imaging.encode_jpeg(overlay_heatmap(rgb, display_map(attr.maps[i]))))
-            predicted = int(attr.probabilities[i].argmax())
-            calibrated = _calibrated(attr.probabilities[i], art.meta.temperature)
+            predicted = int(calibrated[i].argmax())
             results.append({
                 "input": uri,
                 "sha256": sha,
                 "predicted_class": names[predicted],
-                "probability": round(float(calibrated[predicted]), 4),
+                "probability": round(float(calibrated[i, predicted]), 4),
                 "explained_class": explained,
                 "method": method,
                 "overlay": f"{stem}.jpg",

@@ -37,6 +37,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from wbc_batch import metrics
 from wbc_batch.explain import upsample_cam
 
 DEFAULT_STEPS = 16
@@ -78,13 +79,6 @@ def _forward(model: Any) -> Any:
         )
 
     return run
-
-
-def _probabilities(logits: np.ndarray, temperature: float) -> np.ndarray:
-    z = logits / temperature
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def pixel_ranks(cams: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -136,7 +130,7 @@ def _scores_at(
         sel = (ranks < k)[..., None]
         batch[:, j] = np.where(sel, source, images)
     logits = run(batch.reshape(n * steps, *images.shape[1:])).reshape(n, steps, -1)
-    probs = _probabilities(logits, temperature)
+    probs = metrics.softmax(logits.reshape(n * steps, -1), temperature).reshape(logits.shape)
     rows = np.arange(n)[:, None]
     return probs[rows, np.arange(steps)[None, :], targets[:, None]], logits.argmax(-1) == targets[:, None]
 

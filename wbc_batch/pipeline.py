@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from wbc_batch import results, storage
+from wbc_batch import metrics, results, storage
 from wbc_batch.imaging import ImageDecodeError, decode_image, encode_jpeg, resize_for_model
 from wbc_batch.model import load_artifact
 
@@ -223,10 +223,7 @@ class BatchClassifier:
         if ok.any():
             images = batch["model_input"][ok]
             result = self.cam(images.astype(np.float32))
-            logits = result.logits / np.float32(self.meta.temperature)
-            logits = logits - logits.max(axis=1, keepdims=True)
-            p = np.exp(logits)
-            probs[ok] = p / p.sum(axis=1, keepdims=True)
+            probs[ok] = metrics.softmax(result.logits, self.meta.temperature)
             cams[ok] = result.cams
             if self.ood is not None:
                 if "quality_features" in batch:

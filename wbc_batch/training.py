@@ -324,6 +324,19 @@ def _load_shard(shard: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     return np.concatenate(xs), np.concatenate(ys).astype(np.int64), (np.concatenate(ms) if ms else None)
 
 
+def outside_share(tf: Any, feats: Any, kernel: Any, labels: Any, cells: Any) -> Any:
+    """(B,) share of each image's true-class map ``relu(A @ w_label)`` that lies outside its cell grid.
+
+    Args:
+        tf: the TensorFlow module.
+        feats: (B, g, g, C) last-stage features; kernel: (C, K) logits weights.
+        labels: (B,) int class per image; cells: (B, g, g) cell share per grid cell.
+    """
+    w = tf.gather(tf.transpose(kernel), tf.cast(labels, tf.int32))
+    cam = tf.nn.relu(tf.einsum("bhwc,bc->bhw", feats, w))
+    return tf.reduce_sum(cam * (1.0 - cells), axis=(1, 2)) / (tf.reduce_sum(cam, axis=(1, 2)) + 1e-6)
+
+
 def on_cell_model(tf_keras: Any, classifier: Any, cam_layer: str, logits_layer: str, weight: float) -> Any:
     """Wrap a classifier so ``fit`` adds the on-cell term to the loss.
 
@@ -362,10 +375,7 @@ def on_cell_model(tf_keras: Any, classifier: Any, cam_layer: str, logits_layer: 
             with tf.GradientTape() as tape:
                 feats, logits = view(images, training=True)
                 ce = tf.reduce_sum(ce_loss(labels, logits) * weights) / tf.maximum(tf.reduce_sum(weights), 1e-6)
-                w_true = tf.gather(tf.transpose(dense.kernel), tf.cast(labels, tf.int32))
-                cam = tf.nn.relu(tf.einsum("bhwc,bc->bhw", feats, w_true))
-                outside = tf.reduce_sum(cam * (1.0 - cells), axis=(1, 2)) / (tf.reduce_sum(cam, axis=(1, 2)) + 1e-6)
-                outside = tf.reduce_mean(outside)
+                outside = tf.reduce_mean(outside_share(tf, feats, dense.kernel, labels, cells))
                 loss = ce + weight * outside
                 # MirroredStrategy sums gradients over replicas: scale as Keras does for its own losses
                 scaled = loss / tf.distribute.get_strategy().num_replicas_in_sync
@@ -595,10 +605,13 @@ def _prepare_data(config: TrainConfig) -> dict[str, Any]:
 
 
 def _split_arrays(labelled: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
+    return _arrays(labelled.map_batches(_only_split, fn_kwargs={"split": split}, batch_format="numpy"))
+
+
+def _arrays(ds: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Images and class indices of a (split) dataset as two arrays."""
     xs, ys = [], []
-    for batch in labelled.map_batches(_only_split, fn_kwargs={"split": split}, batch_format="numpy").iter_batches(
-        batch_size=512, batch_format="numpy"
-    ):
+    for batch in ds.iter_batches(batch_size=512, batch_format="numpy"):
         xs.append(batch["image"])
         ys.append(batch["label_index"])
     if not xs:
@@ -620,14 +633,14 @@ def _predict_logits(model: Any, images: np.ndarray, batch_size: int = 64) -> np.
     return np.concatenate(out) if out else np.zeros((0, int(model.output_shape[-1])), np.float32)
 
 
-def _predict_embeddings(model: Any, embedding_layer: str, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Pooled embeddings (the tensor classify's OOD score reads), in batches."""
+def predict_embeddings(model: Any, embedding_layer: str, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Pooled embeddings (the tensor classify's OOD score reads), in batches, without Grad-CAM's backward pass."""
     import keras
 
     sub = keras.Model(model.inputs, model.get_layer(embedding_layer).output)
     out = [np.asarray(sub.predict_on_batch(images[i : i + batch_size].astype(np.float32)))
            for i in range(0, len(images), batch_size)]
-    return np.concatenate(out) if out else np.zeros((0, int(sub.output_shape[-1])), np.float32)
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, int(sub.output_shape[-1])), np.float32)
 
 
 def fit_ood_statistics(model: Any, embedding_layer: str, x_train: np.ndarray, y_train: np.ndarray,
@@ -644,8 +657,8 @@ def fit_ood_statistics(model: Any, embedding_layer: str, x_train: np.ndarray, y_
         log.warning("OOD statistics not fitted: %d train and %d val images", len(x_train), len(x_val))
         return {}
     return fit_ood(
-        _predict_embeddings(model, embedding_layer, x_train), y_train, x_train,
-        _predict_embeddings(model, embedding_layer, x_val), x_val, num_classes=num_classes,
+        predict_embeddings(model, embedding_layer, x_train), y_train, x_train,
+        predict_embeddings(model, embedding_layer, x_val), x_val, num_classes=num_classes,
     )
 
 
@@ -764,7 +777,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     model.set_weights(weights)
     x_val, y_val = _split_arrays(data["labelled"], "val")
     calibration = calibration_from_val(_predict_logits(model, x_val), y_val)
-    x_train, y_train = _split_arrays(data["labelled"], "train")
+    x_train, y_train = _arrays(train_ds)  # materialised above for the trainer
     ood_stats = fit_ood_statistics(model, EMBEDDING_LAYER, x_train, y_train, x_val, len(classes))
     del x_train
     x_test, y_test = _split_arrays(data["labelled"], "test")
