@@ -111,6 +111,52 @@ def test_artifact_holds_the_trained_weights_split_and_calibration(trained: dict[
     assert {r.split(",")[2] for r in rows[1:]} == {"train", "val", "test"}
 
 
+def test_fine_tuning_keeps_the_earlier_models_held_out_images_out_of_training() -> None:
+    fresh = {"a": "train", "b": "train", "c": "val", "d": "test", "e": "train"}
+    earlier = {"a": "val", "b": "train", "c": "train", "d": "test", "gone": "test"}
+    # a was validation for the earlier model: it stays there; c may move to val, never the other way to train
+    assert training.keep_earlier_split(fresh, earlier) == {"a": "val", "b": "train", "c": "val", "d": "test",
+                                                          "e": "train"}
+    assert training.keep_earlier_split(fresh, None) == fresh
+
+
+@pytest.mark.slow
+def test_fine_tuning_starts_from_the_given_model(
+    trained: dict[str, Any], data_with_junk: Path, tmp_path: Path
+) -> None:
+    """--init-from loads the artifact's weights: at learning rate 0 the trainable weights come out unchanged."""
+    summary = training.run_training(
+        training.TrainConfig(
+            data_uri=str(data_with_junk), model_out=str(tmp_path / "tuned"), workers=1, epochs=1, image_size=32,
+            batch_size=16, learning_rate=0.0, init_from=trained["model_out"], class_weight_factors={"non_wbc": 2.0},
+            storage_path=str(tmp_path / "checkpoints"), version="0.0.2-test",
+        )
+    )
+    before, after = load_artifact(trained["model_out"]), load_artifact(summary["model_out"])
+    for a, b in zip(before.model.trainable_weights, after.model.trainable_weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    info = after.meta.training
+    assert info["init_from"]["version"] == "0.0.1-test" and info["init_from"]["model_sha256"] == before.meta.model_sha256
+    weights, balanced = info["class_weights"], before.meta.training["class_weights"]
+    assert weights["non_wbc"] == pytest.approx(2 * balanced["non_wbc"], abs=1e-3)
+    assert weights["ig"] == pytest.approx(balanced["ig"], abs=1e-4)
+    assert "fine-tuned from 0.0.1-test" in after.meta.changelog[0]
+    assert (Path(summary["model_out"]) / SPLIT_FILE).read_text() == (Path(trained["model_out"]) / SPLIT_FILE).read_text()
+
+
+@pytest.mark.slow
+def test_fine_tuning_refuses_a_model_of_other_classes_or_size(trained: dict[str, Any], data_with_junk: Path) -> None:
+    config = training.TrainConfig(data_uri=str(data_with_junk), model_out="unused", image_size=32,
+                                  init_from=trained["model_out"])
+    with pytest.raises(training.TrainingError, match="classes"):
+        training.initial_weights(config, CLASSES[:6])
+    config.image_size = 64
+    with pytest.raises(training.TrainingError, match="takes 32 px images, this run 64 px"):
+        training.initial_weights(config, CLASSES)
+    with pytest.raises(training.TrainingError, match="not classes of the data"):
+        training.scaled_class_weights(CLASSES, [1.0] * 7, {"platelet": 2.0})
+
+
 @pytest.mark.slow
 def test_evaluate_uses_the_models_test_split(trained: dict[str, Any], data_with_junk: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval.json"

@@ -251,6 +251,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--on-cell-weight", type=float, default=0.0,
                    help="weight of the loss term that charges class evidence outside the segmented cell "
                         "(0 = off, the default; 1.0 made the shipped model 1.1.0 by fine-tuning, see MODEL_CARD.md)")
+    p.add_argument("--init-from", metavar="MODEL", default=None,
+                   help="start from this artifact's weights (fine-tuning; same classes and image size); images it "
+                        "held out for validation or test stay held out")
+    p.add_argument("--class-weight", metavar="CLASS=FACTOR", type=_class_weight, action="append", default=None,
+                   help="multiply the balanced weight of CLASS by FACTOR (repeatable; e.g. non_wbc=2)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per training worker (default 1)")
     p.add_argument("--use-gpu", action="store_true", help="give each training worker a GPU")
     p.add_argument("--storage-path", default=None,
@@ -261,6 +266,18 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="make the candidate LOCATION/current if it beats the current model there")
     _ray_address_option(p)
     p.set_defaults(func=_cmd_train)
+
+
+def _class_weight(text: str) -> tuple[str, float]:
+    """Parse ``CLASS=FACTOR`` for ``--class-weight``."""
+    name, sep, factor = text.partition("=")
+    try:
+        value = float(factor)
+    except ValueError:
+        value = float("nan")
+    if not sep or not name or not value > 0:
+        raise argparse.ArgumentTypeError(f"expected CLASS=FACTOR with FACTOR > 0, got {text!r}")
+    return name, value
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

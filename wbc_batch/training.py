@@ -83,6 +83,8 @@ class TrainConfig:
     version: str | None = None
     seed: int = 1234
     on_cell_weight: float = 0.0
+    init_from: str | None = None
+    class_weight_factors: dict[str, float] = field(default_factory=dict)
     decode_batch_size: int = 32
     label_map: dict[str, str] = field(default_factory=lambda: dict(splits.DEFAULT_LABEL_MAP))
     # Resume-path testing only: the last worker dies after this epoch on the first attempt.
@@ -99,6 +101,9 @@ class TrainConfig:
             raise ValueError(f"batch size ({self.batch_size}) must be at least the number of workers ({self.workers})")
         if self.on_cell_weight < 0:
             raise ValueError(f"on-cell weight must be >= 0, got {self.on_cell_weight}")
+        for name, factor in self.class_weight_factors.items():
+            if factor <= 0:
+                raise ValueError(f"class weight factor of {name} must be > 0, got {factor}")
 
     @classmethod
     def from_args(cls, args: Any) -> TrainConfig:
@@ -119,6 +124,8 @@ class TrainConfig:
             ray_address=args.ray_address,
             version=args.version,
             on_cell_weight=args.on_cell_weight,
+            init_from=args.init_from,
+            class_weight_factors=dict(args.class_weight or {}),
         )
 
     def checkpoint_root(self) -> str:
@@ -465,6 +472,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 weighted_metrics=["accuracy"],
             )
         optimizer.build(model.trainable_variables)
+        if cfg.get("initial_weights") is not None:  # fine-tuning (--init-from); a checkpoint below overrides it
+            model.set_weights(list(cfg["initial_weights"]))
 
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
@@ -558,7 +567,19 @@ def _ensure_ray(address: str | None) -> None:
         ray.init(address=address, log_to_driver=False)
 
 
-def _prepare_data(config: TrainConfig) -> dict[str, Any]:
+def keep_earlier_split(split_of: dict[str, str], earlier: dict[str, str] | None) -> dict[str, str]:
+    """The content-hash split, except that images an earlier model held out stay held out.
+
+    Why: a model fine-tuned from another must never train on that model's
+    validation or test images, even when the dataset has grown and the
+    hash-ordered cut of a class has moved.
+    """
+    if not earlier:
+        return dict(split_of)
+    return {sha: (earlier[sha] if earlier.get(sha) in ("val", "test") else split) for sha, split in split_of.items()}
+
+
+def _prepare_data(config: TrainConfig, earlier_split: dict[str, str] | None = None) -> dict[str, Any]:
     """List, read, hash, decode and split DATA through Ray Data."""
     import ray
 
@@ -583,7 +604,7 @@ def _prepare_data(config: TrainConfig) -> dict[str, Any]:
     classes = sorted({it.label for it in items})
     if len(classes) < 2:
         raise TrainingError(f"expected at least 2 classes under {config.data_uri}, got {classes}")
-    split_of = splits.assign_splits(items)
+    split_of = keep_earlier_split(splits.assign_splits(items), earlier_split)
     class_index = {c: i for i, c in enumerate(classes)}
     labelled = ds.map_batches(
         _label_and_split, fn_kwargs={"split_of": split_of, "class_index": class_index}, batch_format="numpy"
@@ -623,6 +644,38 @@ def balanced_class_weights(counts: list[int]) -> list[float]:
     """n / (C * n_c) per class: every class contributes equally to the loss (absent classes get 0)."""
     total, k = sum(counts), len(counts)
     return [total / (k * c) if c else 0.0 for c in counts]
+
+
+def scaled_class_weights(classes: list[str], weights: list[float], factors: dict[str, float]) -> list[float]:
+    """Balanced weights times ``--class-weight`` factors (e.g. ``non_wbc=2``: a missed platelet costs double).
+
+    Raises:
+        TrainingError: a factor names a class the data does not have.
+    """
+    unknown = sorted(set(factors) - set(classes))
+    if unknown:
+        raise TrainingError(f"--class-weight names {unknown}, which are not classes of the data {classes}")
+    return [w * float(factors.get(c, 1.0)) for c, w in zip(classes, weights)]
+
+
+def initial_weights(config: TrainConfig, classes: list[str]) -> tuple[list[np.ndarray] | None, dict[str, Any]]:
+    """Weights and provenance of ``--init-from`` (fine-tuning), or ``(None, {})`` to start from scratch.
+
+    The artifact is loaded and verified like any model (sha256, ``safe_mode``);
+    it must have the data's classes, in order, and the run's input size.
+    """
+    if not config.init_from:
+        return None, {}
+    from wbc_batch.model import load_artifact
+
+    artifact = load_artifact(config.init_from, allow_untrusted=True)
+    meta = artifact.meta
+    if list(meta.class_names) != list(classes):
+        raise TrainingError(f"--init-from model has classes {meta.class_names}, the data has {classes}")
+    if int(meta.image_size) != config.image_size:
+        raise TrainingError(f"--init-from model takes {meta.image_size} px images, this run {config.image_size} px")
+    origin = {"uri": str(config.init_from), "version": meta.version, "model_sha256": meta.model_sha256}
+    return [np.asarray(w) for w in artifact.model.get_weights()], origin
 
 
 def _predict_logits(model: Any, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
@@ -665,7 +718,11 @@ def fit_ood_statistics(model: Any, embedding_layer: str, x_train: np.ndarray, y_
 def _run_name(config: TrainConfig, fingerprint: str) -> str:
     """Same data and settings give the same name, so re-running a killed job resumes it."""
     c = config
-    settings = "-".join(str(v) for v in (c.image_size, c.epochs, c.batch_size, c.learning_rate, c.workers, c.seed))
+    settings = "-".join(
+        str(v)
+        for v in (c.image_size, c.epochs, c.batch_size, c.learning_rate, c.workers, c.seed, c.on_cell_weight,
+                  sorted(c.class_weight_factors.items()), c.init_from)
+    )
     return config.run_name or f"wbc-train-{fingerprint[:12]}-{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
 
 
@@ -720,13 +777,16 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
 
     t_start = time.time()
     _ensure_ray(config.ray_address)
-    data = _prepare_data(config)
+    data = _prepare_data(config, read_split_csv(config.init_from) if config.init_from else None)
     classes: list[str] = data["classes"]
+    init_weights, init_origin = initial_weights(config, classes)
     train_ds = data["labelled"].map_batches(_only_split, fn_kwargs={"split": "train"}, batch_format="numpy")
     train_ds = train_ds.materialize()
     n_train = data["split_counts"]["train"]
     steps = max(1, n_train // config.batch_size)
-    class_weights = balanced_class_weights([data["train_label_counts"][c] for c in classes])
+    class_weights = scaled_class_weights(
+        classes, balanced_class_weights([data["train_label_counts"][c] for c in classes]), config.class_weight_factors
+    )
     run_name = _run_name(config, data["fingerprint"])
     root = config.checkpoint_root()
     if storage.is_remote(root):
@@ -749,6 +809,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
             "cpus_per_worker": config.cpus_per_worker,
             "fault_injection_epoch": config.fault_injection_epoch,
             "on_cell_weight": config.on_cell_weight,
+            "initial_weights": init_weights,
         },
         scaling_config=ScalingConfig(
             num_workers=config.workers, use_gpu=config.use_gpu, resources_per_worker={"CPU": config.cpus_per_worker}
@@ -804,7 +865,10 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
         review_threshold=calibration["review_threshold"],
         non_wbc_classes=non_wbc,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        changelog=[f"{version}: trained by wbc_batch.training on {config.data_uri}"],
+        changelog=[
+            f"{version}: trained by wbc_batch.training on {config.data_uri}"
+            + (f", fine-tuned from {init_origin['version']} ({init_origin['uri']})" if init_origin else "")
+        ],
         training_data={
             "source": config.data_uri,
             "fingerprint_sha256": data["fingerprint"],
@@ -823,6 +887,8 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
             "class_weights": {c: round(w, 4) for c, w in zip(classes, class_weights)},
             "run_name": run_name,
             "final_epoch": final_state,
+            "on_cell_weight": config.on_cell_weight,
+            **({"init_from": init_origin} if init_origin else {}),
         },
         metrics={"split": "test", **test_report, "calibration": calibration}
         if test_report
