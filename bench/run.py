@@ -320,7 +320,7 @@ def run_floor(cam: Any, image_size: int, paths: list[Path], batch_size: int) -> 
 
     from wbc_batch.explain import overlay_heatmap
     from wbc_batch.imaging import decode_image, encode_jpeg, resize_for_model
-    from wbc_batch.localisation import localise
+    from wbc_batch.localisation import cam_on_mask, model_input_mask
 
     ncpu = os.cpu_count() or 1
     blobs = [p.read_bytes() for p in paths]
@@ -356,7 +356,7 @@ def run_floor(cam: Any, image_size: int, paths: list[Path], batch_size: int) -> 
     t0 = time.perf_counter()
     for i in range(m):
         rgb = decode_image(blobs[i])
-        localise(rgb, cam_arr[i])
+        cam_on_mask(cam_arr[i], model_input_mask(images[i]))
         encode_jpeg(overlay_heatmap(rgb, cam_arr[i]), quality=85)
     t_render = (time.perf_counter() - t0) / m
     floor = 1.0 / (t_model + t_decode)

@@ -95,30 +95,34 @@ def test_metrics_on_maps_inside_outside_and_flat() -> None:
         localisation_metrics(rgb, inside, mask[: h - 1])
 
 
-def test_localise_at_half_size_agrees_with_full_size_segmentation(samples_dir: Path) -> None:
-    """classify segments a 2x-downscaled tile; its figures must match the full-size ones."""
-    from wbc_batch.localisation import localise, segmentation_view
+def test_segmenting_the_model_input_agrees_with_the_full_size_tile(samples_dir: Path) -> None:
+    """classify segments the 128 px model input once per row; its figures must match the full-size ones."""
+    from wbc_batch.imaging import resize_for_model
+    from wbc_batch.localisation import cam_on_mask, model_input_mask
 
     rng = np.random.default_rng(0)
     diffs, peaks_agree, area_ratio = [], [], []
     for path in sorted(samples_dir.glob("*/*.jpg")):
         rgb = _rgb(path)
-        view, scale = segmentation_view(rgb)
-        assert scale == 0.5 and view.shape[:2] == (rgb.shape[0] // 2, rgb.shape[1] // 2)
+        mask = model_input_mask(resize_for_model(rgb, 128))
+        assert mask.shape == (128, 128) and mask.dtype == bool
         cam = rng.random((16, 16)).astype(np.float32) + np.pad(np.ones((6, 6), np.float32), 5) * 4
         full = localisation_metrics(rgb, cam, cell_mask(rgb))
-        half = localise(rgb, cam)
-        diffs.append(abs(half["cam_in_cell"] - full["cam_in_cell"]))
-        peaks_agree.append(half["cam_peak_in_cell"] == full["cam_peak_in_cell"])
-        area_ratio.append(half["cell_area_share"] / max(full["cell_area_share"], 1e-6))
+        small = cam_on_mask(cam, mask)
+        diffs.append(abs(small["cam_in_cell"] - full["cam_in_cell"]))
+        peaks_agree.append(small["cam_peak_in_cell"] == full["cam_peak_in_cell"])
+        area_ratio.append(small["cell_area_share"] / max(full["cell_area_share"], 1e-6))
     assert float(np.median(diffs)) < 0.01 and float(np.mean(diffs)) < 0.03
     assert float(np.mean(peaks_agree)) >= 0.95
     assert 0.9 < float(np.median(area_ratio)) < 1.1
 
 
-def test_small_images_are_segmented_as_given() -> None:
-    from wbc_batch.localisation import segmentation_view
+def test_tiny_model_inputs_are_segmented_with_kernels_of_at_least_a_pixel(samples_dir: Path) -> None:
+    from wbc_batch.imaging import resize_for_model
+    from wbc_batch.localisation import model_input_mask
 
-    rgb = np.zeros((128, 128, 3), np.uint8)
-    view, scale = segmentation_view(rgb)
-    assert view is rgb and scale == 1.0
+    rgb = _rgb(sorted(samples_dir.glob("lymphocyte/*.jpg"))[0])
+    mask = model_input_mask(resize_for_model(rgb, 32))
+    assert mask.shape == (32, 32) and 0.0 < mask.mean() < 0.6
+    with pytest.raises(ValueError, match="expected"):
+        model_input_mask(np.zeros((32, 32), np.uint8))

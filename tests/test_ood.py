@@ -170,6 +170,15 @@ def test_unknown_format_refused() -> None:
         OodScorer({"format": "something-else"})
 
 
+def test_statistics_of_an_older_format_turn_scoring_off_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """A model whose statistics an older wbc-batch fitted still classifies; only its OOD score is null."""
+    meta = ModelMetadata(version="0.9.0", class_names=["a", "b"], image_size=32, gradcam_layer="cam_features",
+                         ood={"format": "wbc-batch-ood/1", "threshold": 1.0})
+    with caplog.at_level("WARNING", logger="wbc_batch.ood"):
+        assert OodScorer.from_metadata(meta) is None
+    assert "refitted" in caplog.text and "wbc-batch-ood/1" in caplog.text
+
+
 def test_empty_batch(shipped) -> None:
     scorer = OodScorer.from_metadata(shipped[0].meta)
     scores, flags = scorer.score(np.zeros((0, 192), np.float32), np.zeros((0, 128, 128, 3), np.uint8))

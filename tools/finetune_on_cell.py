@@ -15,12 +15,14 @@ training; classify never masks a map.
 Inputs: a 128 px cache (``X`` uint8 model inputs, ``y``, ``s`` split names,
 ``classes``; as ``tools/pack_pbc.py`` or ``tools/measure_explanations.py``
 use it) and the matching cell masks averaged to the map's grid (computed
-here from the originals on first use and cached). Augmentation is the part
+from the model inputs with classify's segmentation on first use, and cached;
+1.1.0 was made with masks of the tile downscaled by two, the segmentation of
+that time). Augmentation is the part
 of the training policy that maps masks exactly: 90-degree rotations, flips,
 brightness/contrast and per-channel gain.
 
 Usage:
-    python tools/finetune_on_cell.py OUT_DIR [--cache /tmp/pbc128.npz] [--data /work/shared/data/pbc]
+    python tools/finetune_on_cell.py OUT_DIR [--cache /tmp/pbc128.npz]
         [--epochs 6] [--lr 3e-4] [--outside-weight 1.0] [--non-wbc-weight 2.0]
 
 Writes ``OUT_DIR/epoch-NN.keras`` and ``OUT_DIR/history.json`` with the
@@ -30,7 +32,6 @@ validation figures of every epoch; pick the epoch on validation only.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -42,19 +43,18 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from wbc_batch import imaging  # noqa: E402
-from wbc_batch.model import SPLIT_FILE, load_artifact, shipped_model_dir  # noqa: E402
+from wbc_batch.model import load_artifact  # noqa: E402
 from wbc_batch.training import cell_grid, outside_share  # noqa: E402
 
 
-def load_masks(rows: list[dict], data: Path, grid: int, cache: Path) -> np.ndarray:
-    """(N, grid, grid) float32 cell shares in split.csv order, computed once and cached."""
+def load_masks(model_inputs: np.ndarray, grid: int, cache: Path) -> np.ndarray:
+    """(N, grid, grid) float32 cell shares of the model inputs (split.csv order), computed once and cached."""
     if cache.is_file():
         masks = np.load(cache)["masks"]
-        if masks.shape == (len(rows), grid, grid):
+        if masks.shape == (len(model_inputs), grid, grid):
             return masks
     with ThreadPoolExecutor(2) as pool:
-        masks = np.stack(list(pool.map(lambda r: cell_grid(imaging.decode_image((data / r["uri"]).read_bytes()), grid), rows)))
+        masks = np.stack(list(pool.map(lambda x: cell_grid(x, grid), model_inputs)))
     np.savez(cache, masks=masks)
     return masks
 
@@ -121,8 +121,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", help="folder for epoch checkpoints and history.json")
     ap.add_argument("--cache", default="/tmp/pbc128.npz", help="128 px model inputs in split.csv order")
-    ap.add_argument("--data", default="/work/shared/data/pbc", help="original images (for the masks)")
-    ap.add_argument("--masks", default="/tmp/pbc-masks16.npz", help="cache of the grid masks")
+    ap.add_argument("--masks", default="/tmp/pbc-input-masks16.npz", help="cache of the grid masks")
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-4)
@@ -136,15 +135,13 @@ def main() -> None:
     keras.utils.set_random_seed(args.seed)
     art = load_artifact()
     meta, model = art.meta, art.model
-    with open(shipped_model_dir() / SPLIT_FILE, newline="") as fh:
-        rows = list(csv.DictReader(fh))
     cache = np.load(args.cache)
     if [str(c) for c in cache["classes"]] != meta.class_names:
         raise SystemExit("cache classes differ from the model's")
     x_all, y_all, s_all = cache["X"], cache["y"].astype(np.int32), cache["s"].astype(str)
     grid = model.get_layer(meta.gradcam_layer).output.shape[1]
     t0 = time.time()
-    masks = load_masks(rows, Path(args.data), int(grid), Path(args.masks))
+    masks = load_masks(x_all, int(grid), Path(args.masks))
     print(f"masks {masks.shape} in {time.time() - t0:.0f} s", flush=True)
     tr, va = s_all == "train", s_all == "val"
     xtr, ytr, mtr = x_all[tr], y_all[tr], masks[tr]

@@ -2,8 +2,8 @@
 
 Why a script: the figures in docs/EXPLANATIONS.md (and the model card) must be
 reproducible from the artifact's own split. Grad-CAM runs on the 128 px model
-input exactly as classify does; the cell is segmented on the original image
-(``wbc_batch.localisation.cell_mask`` on ``segmentation_view``), as the pipeline does per row.
+input exactly as classify does, and the cell is segmented on that input
+(``wbc_batch.localisation.model_input_mask``), as the pipeline does per row.
 
 Baselines printed beside the Grad-CAM figures:
 - ``cell_area_share``: what a map spread evenly over the image scores;
@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from wbc_batch import imaging  # noqa: E402
 from wbc_batch.explain import GradCam  # noqa: E402
 from wbc_batch.faithfulness import faithfulness_summary  # noqa: E402
-from wbc_batch.localisation import cell_mask, localisation_metrics, segmentation_view  # noqa: E402
+from wbc_batch.localisation import cam_on_mask, model_input_mask  # noqa: E402
 from wbc_batch.model import SPLIT_FILE, load_artifact, shipped_model_dir  # noqa: E402
 
 
@@ -55,13 +55,11 @@ def _load_inputs(rows: list[dict], data: Path, cache: Path | None, size: int, ke
     return imaging.prepare_batch(rgbs, size)
 
 
-def _localise(args: tuple[Path, np.ndarray, np.ndarray]) -> tuple[dict, dict, dict]:
-    path, cam, centre = args
-    rgb, pixel_scale = segmentation_view(imaging.decode_image(path.read_bytes()))  # as classify does
-    mask = cell_mask(rgb, pixel_scale)
+def _localise(args: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[dict, dict, dict]:
+    model_input, cam, centre = args
+    mask = model_input_mask(model_input)  # as classify does
     ideal = cv2.resize(mask.astype(np.float32), cam.shape[::-1], interpolation=cv2.INTER_AREA)
-    return (localisation_metrics(rgb, cam, mask), localisation_metrics(rgb, centre, mask),
-            localisation_metrics(rgb, ideal, mask))
+    return cam_on_mask(cam, mask), cam_on_mask(centre, mask), cam_on_mask(ideal, mask)
 
 
 def main() -> None:
@@ -97,7 +95,7 @@ def main() -> None:
     t_cam = time.time() - t0
     centre = _centre_map(cams.shape[1])
     with ThreadPoolExecutor(2) as pool:
-        loc = list(pool.map(_localise, [(Path(args.data) / r["uri"], c, centre) for r, c in zip(rows, cams)]))
+        loc = list(pool.map(_localise, [(x.astype(np.uint8), c, centre) for x, c in zip(X, cams)]))
     t_loc = time.time() - t0 - t_cam
     cam_in = np.array([m["cam_in_cell"] for m, _, _ in loc])
     peak_in = np.array([m["cam_peak_in_cell"] for m, _, _ in loc])

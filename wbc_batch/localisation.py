@@ -47,7 +47,7 @@ MIN_ELLIPSE_IOU = 0.90
 DENSITY_SIGMA = 4.0  # pixels of the original image: spreads granules into a density
 STAIN_SIGMA = 2.0  # pixels: smooths B - G before the nucleus threshold
 MIN_RADIUS = 8.0  # pixels: the reach of a tiny nucleus
-WORK_SIDE = 180  # localise() segments at about this shorter side (half a CellaVision tile)
+TILE_SIDE = 360  # shorter side of a CellaVision DM96 tile, the size the constants here are tuned at
 REACH = 1.2  # cytoplasm reaches at most this many nucleus radii beyond the nucleus
 MIN_CONTRAST = 10.0  # B-G levels between red cells and nucleus; below: no stained cell
 
@@ -192,7 +192,7 @@ def cell_mask(rgb: np.ndarray, pixel_scale: float = 1.0) -> np.ndarray:
         rgb: (H, W, 3) uint8, the original image (not the model input).
         pixel_scale: pixels of ``rgb`` per pixel of a full-size CellaVision
             tile; the blurs and kernels, tuned at full size, scale with it
-            (0.5 for an image downscaled by two, see :func:`localise`).
+            (S / ``TILE_SIDE`` for a model input, see :func:`model_input_mask`).
 
     Returns:
         (H, W) bool, True on the cell; all False when no stained cell is found.
@@ -219,13 +219,31 @@ def cell_mask(rgb: np.ndarray, pixel_scale: float = 1.0) -> np.ndarray:
 
 
 def localisation_metrics(rgb: np.ndarray, cam: np.ndarray, mask: np.ndarray | None = None) -> dict[str, float | bool]:
-    """How much of a heatmap lies on the cell.
+    """How much of a heatmap lies on the cell of an image (segmented here unless ``mask`` is given).
 
     Args:
-        rgb: (H, W, 3) uint8 original image.
-        cam: (h, w) non-negative Grad-CAM map at any resolution; upsampled
-            (bicubic, as drawn) to the image, never masked.
+        rgb: (H, W, 3) uint8 image.
+        cam: (h, w) non-negative Grad-CAM map at any resolution.
         mask: optional precomputed :func:`cell_mask`, (H, W) bool.
+
+    Returns:
+        See :func:`cam_on_mask`.
+    """
+    h, w = rgb.shape[:2]
+    if mask is None:
+        mask = cell_mask(rgb)
+    if mask.shape != (h, w):
+        raise ValueError(f"expected mask of shape {(h, w)}, got {mask.shape}")
+    return cam_on_mask(cam, mask)
+
+
+def cam_on_mask(cam: np.ndarray, mask: np.ndarray) -> dict[str, float | bool]:
+    """How much of a heatmap lies on a cell mask.
+
+    Args:
+        cam: (h, w) non-negative map at any resolution; upsampled (bicubic,
+            as drawn) to the mask, never masked.
+        mask: (H, W) bool cell mask of the image the map explains.
 
     Returns:
         ``cam_in_cell`` (share of the map's mass on the cell, 0..1),
@@ -233,11 +251,7 @@ def localisation_metrics(rgb: np.ndarray, cam: np.ndarray, mask: np.ndarray | No
         of the image: what a map that ignores the cell would score). A flat
         (all-zero) map scores 0.0 and False.
     """
-    h, w = rgb.shape[:2]
-    if mask is None:
-        mask = cell_mask(rgb)
-    if mask.shape != (h, w):
-        raise ValueError(f"expected mask of shape {(h, w)}, got {mask.shape}")
+    h, w = mask.shape
     up = upsample_cam(cam, w, h)
     total = float(up.sum())
     area = float(mask.mean())
@@ -251,36 +265,19 @@ def localisation_metrics(rgb: np.ndarray, cam: np.ndarray, mask: np.ndarray | No
     }
 
 
-def segmentation_view(rgb: np.ndarray) -> tuple[np.ndarray, float]:
-    """The image :func:`localise` segments: downscaled by an integer factor to about ``WORK_SIDE``.
+def model_input_mask(image: np.ndarray) -> np.ndarray:
+    """:func:`cell_mask` of a model input (the whole tile resized to S x S), kernels scaled by S / ``TILE_SIDE``.
 
-    Returns:
-        (the image, ``INTER_AREA`` downscaled or as given; its ``pixel_scale``
-        for :func:`cell_mask`).
-    """
-    if rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"expected (H, W, 3) RGB, got {rgb.shape}")
-    h, w = rgb.shape[:2]
-    factor = max(1, int(round(min(h, w) / WORK_SIDE)))
-    if factor == 1:
-        return rgb, 1.0
-    small = cv2.resize(rgb, (max(1, w // factor), max(1, h // factor)), interpolation=cv2.INTER_AREA)
-    return small, 1.0 / factor
-
-
-def localise(rgb: np.ndarray, cam: np.ndarray) -> dict[str, float | bool]:
-    """:func:`localisation_metrics` of a map, segmenting the :func:`segmentation_view`.
-
-    Why: segmentation is the costliest step of a classify row (about 19 ms
-    on a 360x363 tile, 3x the CNN with Grad-CAM). The shares it measures
-    are ratios of areas and of a smooth map's mass, so a tile downscaled by
-    two with the kernels scaled to match gives the same figures within
-    about half a percentage point on average (``docs/EXPLANATIONS.md``) at
-    about a third of the cost.
+    Why: classify needs the cell twice per row, for the OOD size feature and
+    for where the heatmap falls, and the model input is the image Grad-CAM
+    explains. Segmenting it once, in the read tasks, costs about 2 ms at
+    128 px against 3.7 + 5.6 ms for the two segmentations it replaces, and
+    gives the same figures as segmenting the tile within half a percentage
+    point of ``cam_in_cell`` on average (``docs/EXPLANATIONS.md``).
 
     Args:
-        rgb: (H, W, 3) uint8 original image.
-        cam: (h, w) non-negative map at any resolution.
+        image: (S, S, 3) uint8 model input.
     """
-    view, pixel_scale = segmentation_view(rgb)
-    return localisation_metrics(view, cam, cell_mask(view, pixel_scale))
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected (S, S, 3) RGB, got {image.shape}")
+    return cell_mask(image, min(image.shape[:2]) / TILE_SIDE)

@@ -33,15 +33,18 @@ small and readable.
 from __future__ import annotations
 
 import base64
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import cv2
 import numpy as np
 
-from wbc_batch.localisation import cell_mask
+from wbc_batch.localisation import model_input_mask
 
-OOD_FORMAT = "wbc-batch-ood/1"
+log = logging.getLogger(__name__)
+
+OOD_FORMAT = "wbc-batch-ood/2"  # /2: the cell area feature comes from model_input_mask (kernels scaled)
 DEFAULT_FPR = 0.03
 DEFAULT_MAX_SHARE = 0.20
 DEFAULT_MIN_OOD = 2
@@ -64,14 +67,17 @@ COMPONENTS: tuple[str, ...] = ("embedding", "quality")
 # --------------------------------------------------------------------------- features
 
 
-def quality_features(images: np.ndarray) -> np.ndarray:
+def quality_features(images: np.ndarray, masks: np.ndarray | None = None) -> np.ndarray:
     """Cheap image-quality signals of model inputs, one row per image.
 
     Computed on the resized model input, so they describe exactly what the
-    model sees, at a few milliseconds per 128 px image.
+    model sees, at about a millisecond per 128 px image plus the cell mask.
 
     Args:
         images: (B, S, S, 3) uint8 RGB (float input is clipped and cast).
+        masks: (B, S, S) bool :func:`~wbc_batch.localisation.model_input_mask`
+            of each image when already computed (classify segments once per
+            row for this and for localisation); computed here otherwise.
 
     Returns:
         (B, len(QUALITY_FEATURES)) float64, in the order of ``QUALITY_FEATURES``.
@@ -89,7 +95,8 @@ def quality_features(images: np.ndarray) -> np.ndarray:
         out[i, 0] = np.log(float(cv2.Laplacian(gray, cv2.CV_32F, ksize=3).var()) + 1e-3)
         out[i, 1:4] = flat.mean(axis=0)
         out[i, 4:7] = flat.std(axis=0)
-        out[i, 7] = np.log(float(cell_mask(rgb).mean()) + 1e-3)
+        mask = model_input_mask(rgb) if masks is None else masks[i]
+        out[i, 7] = np.log(float(mask.mean()) + 1e-3)
         out[i, 8] = np.log(detail[1] + 1e-3) - np.log(detail[0] + 1e-3)
         out[i, 9] = np.log(detail[2] + 1e-3) - np.log(detail[0] + 1e-3)
     return out
@@ -205,6 +212,11 @@ class OodScorer:
         their rows carry a null ``ood_score``.
         """
         stats = getattr(meta, "ood", None) or {}
+        if stats and stats.get("format") != OOD_FORMAT and str(stats.get("format", "")).startswith("wbc-batch-ood/"):
+            log.warning("OOD statistics of model %s are format %s, this version reads %s: OOD scoring is off "
+                        "until they are refitted (tools/fit_ood.py)", getattr(meta, "version", "?"),
+                        stats.get("format"), OOD_FORMAT)
+            return None
         return cls(stats) if stats else None
 
     def _check(self, embeddings: np.ndarray, images: np.ndarray) -> None:

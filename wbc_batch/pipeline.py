@@ -121,7 +121,12 @@ def sample_id_for(uri: str, regex: str | None = None) -> str:
 
 
 def load_images(batch: dict[str, np.ndarray], image_size: int, with_quality: bool = False) -> dict[str, np.ndarray]:
-    """Fetch, hash, decode and resize each image; failures become error rows.
+    """Fetch, hash, decode, resize and segment each image; failures become error rows.
+
+    The cell is segmented once per row, on the model input
+    (:func:`~wbc_batch.localisation.model_input_mask`), here in parallel
+    tasks: the render stage measures where the heatmap falls on that mask,
+    and the OOD size feature reads it.
 
     Args:
         batch: ``image_uri`` and ``sample_id`` columns.
@@ -132,16 +137,20 @@ def load_images(batch: dict[str, np.ndarray], image_size: int, with_quality: boo
 
     Returns:
         The batch plus ``image_bytes``, ``image_sha256``, ``image_width``,
-        ``image_height``, ``model_input`` (B, S, S, 3) uint8, ``status``,
-        ``error`` and ``error_kind``; with ``with_quality`` also
-        ``quality_features`` (B, F) float64 (zeros on error rows).
+        ``image_height``, ``model_input`` (B, S, S, 3) uint8, ``cell_mask``
+        (B, S, S) bool, ``status``, ``error`` and ``error_kind``; with
+        ``with_quality`` also ``quality_features`` (B, F) float64 (zeros on
+        error rows).
     """
     import hashlib
+
+    from wbc_batch.localisation import model_input_mask
 
     uris = batch["image_uri"]
     n = len(uris)
     out = dict(batch)
     out["model_input"] = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
+    out["cell_mask"] = np.zeros((n, image_size, image_size), dtype=bool)
     data_col = np.empty(n, dtype=object)
     # Empty strings, not None, for "no value": an all-None object column would
     # be typed differently from block to block. The writer turns "" into null.
@@ -171,6 +180,7 @@ def load_images(batch: dict[str, np.ndarray], image_size: int, with_quality: boo
             continue
         height[i], width[i] = rgb.shape[:2]
         out["model_input"][i] = resize_for_model(rgb, image_size)
+        out["cell_mask"][i] = model_input_mask(out["model_input"][i])
     out.update(image_bytes=data_col, image_sha256=sha, status=status, error=error, error_kind=kind,
                image_width=width, image_height=height)
     if with_quality:
@@ -179,7 +189,7 @@ def load_images(batch: dict[str, np.ndarray], image_size: int, with_quality: boo
         ok = status == "ok"
         features = np.zeros((n, len(QUALITY_FEATURES)), dtype=np.float64)
         if ok.any():
-            features[ok] = quality_features(out["model_input"][ok])
+            features[ok] = quality_features(out["model_input"][ok], out["cell_mask"][ok])
         out["quality_features"] = features
     return out
 
@@ -256,14 +266,15 @@ class BatchClassifier:
 
 def render_explanations(batch: dict[str, np.ndarray], output_uri: str, write_heatmaps: bool,
                         suspect_below: float) -> dict[str, np.ndarray]:
-    """Measure where each map falls (localisation) and write the heatmap overlays.
+    """Measure where each map falls on the row's cell mask and write the heatmap overlays.
 
-    A heatmap that cannot be written (storage down after retries, disk full)
+    Only the overlay needs the full-size image, so it is decoded only when
+    heatmaps are written. A heatmap that cannot be written (storage down after retries, disk full)
     turns its row into a ``transient`` error row, so the run still ends and
     a later run (nightly) retries that image.
     """
     from wbc_batch.explain import overlay_heatmap
-    from wbc_batch.localisation import localise
+    from wbc_batch.localisation import cam_on_mask
 
     n = len(batch["image_uri"])
     status = np.array(batch["status"], dtype=object)
@@ -276,11 +287,11 @@ def render_explanations(batch: dict[str, np.ndarray], output_uri: str, write_hea
     for i in range(n):
         if batch["status"][i] != "ok":
             continue
-        rgb = decode_image(batch["image_bytes"][i])
         cam = batch["cam"][i]
-        m = localise(rgb, cam)
+        m = cam_on_mask(cam, batch["cell_mask"][i])
         in_cell[i], peak_in[i], area[i] = m["cam_in_cell"], m["cam_peak_in_cell"], m["cell_area_share"]
         if write_heatmaps:
+            rgb = decode_image(batch["image_bytes"][i])
             uri = results.heatmap_uri(output_uri, batch["image_sha256"][i], batch["model_version"][i])
             try:
                 storage.write_bytes(uri, encode_jpeg(overlay_heatmap(rgb, cam), quality=85))
@@ -290,7 +301,7 @@ def render_explanations(batch: dict[str, np.ndarray], output_uri: str, write_hea
             uris[i] = uri
     ok = status == "ok"
     suspect = ok & (np.nan_to_num(in_cell, nan=0.0) < suspect_below)
-    out = {k: v for k, v in batch.items() if k not in ("image_bytes", "cam")}
+    out = {k: v for k, v in batch.items() if k not in ("image_bytes", "cam", "cell_mask")}
     out.update(
         status=status,
         error=error,

@@ -163,18 +163,17 @@ def list_labelled_files(data_uri: str, label_map: dict[str, str] | None = None) 
     return rows
 
 
-def cell_grid(rgb: np.ndarray, grid: int) -> np.ndarray:
-    """The segmented cell's share of each cell of a ``grid`` x ``grid`` partition of the whole image.
+def cell_grid(model_input: np.ndarray, grid: int) -> np.ndarray:
+    """The segmented cell's share of each cell of a ``grid`` x ``grid`` partition of a model input.
 
     The on-cell loss compares a class-activation map of that grid with it;
-    segmentation runs on the half-size view, as classify's localisation does.
+    the mask is classify's (:func:`~wbc_batch.localisation.model_input_mask`).
     """
     import cv2
 
-    from wbc_batch.localisation import cell_mask, segmentation_view
+    from wbc_batch.localisation import model_input_mask
 
-    view, pixel_scale = segmentation_view(rgb)
-    mask = cell_mask(view, pixel_scale).astype(np.float32)
+    mask = model_input_mask(model_input).astype(np.float32)
     return cv2.resize(mask, (grid, grid), interpolation=cv2.INTER_AREA)
 
 
@@ -209,7 +208,7 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, grid: int = 0) -
             rgb = imaging.decode_image(data)
             images[i] = imaging.resize_for_model(rgb, image_size)
             if grid:
-                cells[i] = cell_grid(rgb, grid)
+                cells[i] = cell_grid(images[i], grid)
             ok[i] = True
         except imaging.ImageDecodeError as exc:
             error[i] = str(exc)
