@@ -49,7 +49,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     """Options shared by classify and nightly."""
     p.add_argument("--model", default=None, help="model artifact folder or s3:// URI (default: the shipped model)")
     _trust_model_option(p)
-    p.add_argument("--batch-size", type=int, default=32, help="images per model batch (default 32)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch in every stage (default 64)")
     p.add_argument("--workers", type=int, default=None, help="model actors (default: GPUs if any, else 1)")
     p.add_argument("--gpus-per-worker", type=float, default=None,
                    help="GPUs per model actor (default 1 when the Ray cluster has GPUs, else 0)")
