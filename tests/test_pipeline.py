@@ -18,7 +18,7 @@ from tests.corpus import write_bad_corpus
 from wbc_batch import storage
 from wbc_batch.cli import main as cli_main
 from wbc_batch.model import load_artifact, shipped_model_dir
-from wbc_batch.pipeline import BatchClassifier, load_images, render_explanations, sample_id_for
+from wbc_batch.pipeline import BatchClassifier, FaithfulnessSample, load_images, render_explanations, sample_id_for
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -264,3 +264,21 @@ def test_shifted_batch_raises_domain_shift(ray_local, samples_dir: Path, tmp_pat
     assert manifest["domain_shift"]["samples"]["our-lab"]["shifted"] is False
     diff = differential(str(out)).groupby("sample_id").reliable.first()
     assert not diff["other-lab"] and diff["our-lab"]
+
+
+def test_faithfulness_sample_starts_once_full_and_keeps_the_first_images(samples_dir: Path) -> None:
+    uris = [str(p) for p in sorted(samples_dir.glob("*/*.jpg"))[:4]]
+    artifact = load_artifact(None)
+    sample = FaithfulnessSample(artifact, 2)
+    sample.offer([])
+    sample.offer(uris[:1])
+    assert sample.future is None  # not full yet: nothing runs
+    sample.offer(uris[1:])
+    assert sample.future is not None and sample.uris == uris[:2]
+    sample.offer(uris[3:])  # later batches change nothing
+    summary = sample.result()
+    assert summary is not None and summary["image_uris"] == uris[:2]
+    short = FaithfulnessSample(artifact, 8)
+    short.offer(uris[:1])
+    assert short.future is None and short.result()["image_uris"] == uris[:1]  # fewer ok images than the size
+    assert FaithfulnessSample(artifact, 0).result() is None
