@@ -269,9 +269,9 @@ def render_explanations(batch: dict[str, np.ndarray], output_uri: str, write_hea
     """Measure where each map falls on the row's cell mask and write the heatmap overlays.
 
     Only the overlay needs the full-size image, so it is decoded only when
-    heatmaps are written. A heatmap that cannot be written (storage down after retries, disk full)
-    turns its row into a ``transient`` error row, so the run still ends and
-    a later run (nightly) retries that image.
+    heatmaps are written. A heatmap that cannot be written (storage down
+    after retries, disk full) turns its row into a ``transient`` error row,
+    so the run still ends and a later run (nightly) retries that image.
     """
     from wbc_batch.explain import overlay_heatmap
     from wbc_batch.localisation import cam_on_mask
