@@ -4,11 +4,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup clean bench system-deps
+.PHONY: demo test setup clean bench system-deps apt-install
 
+# A bare Debian 12 has python3.11 but may lack its venv module (python3.11-venv): install it then.
 $(STAMP): pyproject.toml
-	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH" >&2; exit 1; }
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@command -v $(PYTHON) >/dev/null || $(MAKE) --no-print-directory apt-install PKGS=python3.11
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
+	  $(MAKE) --no-print-directory apt-install PKGS=python3.11-venv && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
@@ -20,9 +22,11 @@ demo: $(STAMP)
 
 # Headless Chromium renders the HTML report in the tests (Debian package).
 system-deps:
-	@command -v chromium >/dev/null 2>&1 || { \
-	  SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO="sudo"; \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
+	@command -v chromium >/dev/null 2>&1 || $(MAKE) --no-print-directory apt-install PKGS=chromium
+
+apt-install:
+	@SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO="sudo"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(PKGS)
 
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q tests
