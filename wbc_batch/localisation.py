@@ -271,10 +271,10 @@ def model_input_mask(image: np.ndarray) -> np.ndarray:
 
     Why: classify needs the cell twice per row, for the OOD size feature and
     for where the heatmap falls, and the model input is the image Grad-CAM
-    explains. Segmenting it once, in the read tasks, costs about 2 ms at
-    128 px against 3.7 + 5.6 ms for the two segmentations it replaces, and
-    gives the same figures as segmenting the tile within half a percentage
-    point of ``cam_in_cell`` on average (``docs/EXPLANATIONS.md``).
+    explains. Segmenting it once, in the read tasks, costs about 2.5 ms at
+    128 px against 3.2 + 5.4 ms for the two segmentations it replaces, and
+    gives the same figures as segmenting the full tile within 0.0025 of
+    ``cam_in_cell`` on average (``docs/EXPLANATIONS.md``).
 
     Args:
         image: (S, S, 3) uint8 model input.

@@ -205,8 +205,7 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, grid: int = 0) -
         sha[i] = splits.sha256_hex(data)
         error[i] = ""
         try:
-            rgb = imaging.decode_image(data)
-            images[i] = imaging.resize_for_model(rgb, image_size)
+            images[i] = imaging.resize_for_model(imaging.decode_image(data), image_size)
             if grid:
                 cells[i] = cell_grid(images[i], grid)
             ok[i] = True
@@ -428,19 +427,16 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     def dataset_fn(input_context: Any) -> Any:
         per_replica = input_context.get_per_replica_batch_size(global_batch)
-        if on_cell > 0:
-            ds = tf.data.Dataset.from_tensor_slices((x, y, w, cells))
-            ds = ds.shuffle(len(x), seed=int(cfg["seed"]) + rank, reshuffle_each_iteration=True).repeat()
 
-            def with_mask(im: Any, lab: Any, wt: Any, cell: Any) -> Any:
-                im, cell = augment(tf, tf.cast(im, tf.float32), mask=cell)
-                return im, (lab, cell), wt
+        def view(im: Any, lab: Any, wt: Any, *cell: Any) -> Any:
+            if not cell:
+                return augment(tf, tf.cast(im, tf.float32)), lab, wt
+            im, grid = augment(tf, tf.cast(im, tf.float32), mask=cell[0])
+            return im, (lab, grid), wt  # the on-cell wrapper reads (label, cell grid)
 
-            ds = ds.map(with_mask, num_parallel_calls=threads)
-        else:
-            ds = tf.data.Dataset.from_tensor_slices((x, y, w))
-            ds = ds.shuffle(len(x), seed=int(cfg["seed"]) + rank, reshuffle_each_iteration=True).repeat()
-            ds = ds.map(lambda im, lab, wt: (augment(tf, tf.cast(im, tf.float32)), lab, wt), num_parallel_calls=threads)
+        ds = tf.data.Dataset.from_tensor_slices((x, y, w, cells) if on_cell > 0 else (x, y, w))
+        ds = ds.shuffle(len(x), seed=int(cfg["seed"]) + rank, reshuffle_each_iteration=True).repeat()
+        ds = ds.map(view, num_parallel_calls=threads)
         ds = ds.batch(per_replica, drop_remainder=True).prefetch(2)
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
