@@ -20,6 +20,9 @@ CAM_LAYER = "cam_features"
 EMBEDDING_LAYER = "embedding"
 LOGITS_LAYER = "logits"
 INPUT_NAME = "image"
+STAIN_NORM_LAYER = "stain_norm"
+# variance floor in (0..255)^2 units: a flat image (std < 4 grey levels) is not blown up into noise
+STAIN_NORM_EPSILON = 16.0
 
 # (filters, blocks, stride of the first block) per stage, after a stride-2 stem.
 STAGES: tuple[tuple[int, int, int], ...] = ((32, 1, 1), (64, 2, 2), (128, 2, 2), (192, 1, 1))
@@ -72,13 +75,21 @@ def build_classifier(
 
     Returns:
         A model mapping ``image`` (B, S, S, 3) float32 RGB in [0, 255] to
-        ``logits`` (B, num_classes) float32, pre-softmax.
+        ``logits`` (B, num_classes) float32, pre-softmax. The first layer
+        standardises each channel of each image (``stain_norm``), the last
+        computes in float32 whatever the global dtype policy.
     """
     if num_classes < 2:
         raise ValueError(f"expected at least 2 classes, got {num_classes}")
     layers = keras.layers
     inputs = keras.Input(shape=(image_size, image_size, 3), name=INPUT_NAME)
-    x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
+    # Per-image, per-channel standardisation: a lab's stain, illumination and camera
+    # gain shift and scale each channel of the whole image; dividing that out inside the
+    # graph makes training and classify see the same normalised pixels with no code of
+    # their own. float32 so that it stays exact under a mixed-precision policy.
+    x = layers.LayerNormalization(
+        axis=(1, 2), center=False, scale=False, epsilon=STAIN_NORM_EPSILON, dtype="float32", name=STAIN_NORM_LAYER
+    )(inputs)
     x = _conv_bn(keras, x, int(32 * width), 2, "stem")
     last_stage = len(STAGES) - 1
     for s, (filters, blocks, stride) in enumerate(STAGES):
@@ -94,5 +105,5 @@ def build_classifier(
             )
     x = layers.GlobalAveragePooling2D(name=EMBEDDING_LAYER)(x)
     x = layers.Dropout(dropout, name="dropout")(x)
-    outputs = layers.Dense(num_classes, name=LOGITS_LAYER)(x)
+    outputs = layers.Dense(num_classes, dtype="float32", name=LOGITS_LAYER)(x)
     return keras.Model(inputs, outputs, name="wbc_resnet")

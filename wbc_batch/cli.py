@@ -256,7 +256,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "held out for validation or test stay held out")
     p.add_argument("--class-weight", metavar="CLASS=FACTOR", type=_class_weight, action="append", default=None,
                    help="multiply the balanced weight of CLASS by FACTOR (repeatable; e.g. non_wbc=2)")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per training worker (default 1)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="AdamW weight decay (default 5e-4)")
+    p.add_argument("--seed", type=int, default=1234, help="random seed of initialisation and augmentation")
+    p.add_argument("--precision", choices=["auto", "float32", "mixed_bfloat16"], default="auto",
+                   help="training dtype policy; auto: mixed_bfloat16 on GPUs and on CPUs with bfloat16 "
+                        "instructions (about 2x faster), else float32 (weights are float32 either way)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0,
+                   help="CPUs per training worker; also its TensorFlow thread count (default 1)")
     p.add_argument("--use-gpu", action="store_true", help="give each training worker a GPU")
     p.add_argument("--storage-path", default=None,
                    help="local folder or s3:// prefix for checkpoints (default: MODEL_OUT-checkpoints)")
@@ -284,6 +290,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     """Train, write the artifact and print a summary."""
     from wbc_batch.training import TrainConfig, run_training
 
+    args.command_line = " ".join(["wbc-batch", *sys.argv[1:]]) if sys.argv and "wbc" in sys.argv[0] else ""
     summary = run_training(TrainConfig.from_args(args))
     m = summary["metrics"]
     print(f"model {summary['version']} written to {summary['model_out']} "

@@ -103,7 +103,7 @@ def default_preprocessing(image_size: int) -> dict[str, Any]:
         "decode": "cv2.imdecode IMREAD_COLOR (EXIF orientation applied, grey to 3 channels, alpha dropped, 16-bit to 8-bit)",
         "color": "BGR to RGB",
         "resize": f"cv2.resize to {image_size}x{image_size}, INTER_AREA, whole image (no crop)",
-        "scaling": "none outside the model; the model's first layer rescales by 1/255",
+        "scaling": "none outside the model; the model's first layer (stain_norm) standardises each channel of each image",
     }
 
 
