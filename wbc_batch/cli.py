@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
+EXIT_CLUSTER = 5  # the Ray cluster named by --ray-address or RAY_ADDRESS does not answer
 
 
 class CliError(Exception):
@@ -42,7 +43,9 @@ def _trust_model_option(p: argparse.ArgumentParser) -> None:
 
 
 def _ray_address_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: connect or start a local one)")
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster address (default: RAY_ADDRESS, else a head from `ray start` on this machine "
+                        "that answers, else a new local Ray)")
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -351,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _root_cause(exc: BaseException) -> BaseException:
     """The first known failure inside Ray's wrappers (RayTaskError.cause, UserCodeException.__cause__)."""
+    from wbc_batch.cluster import ClusterUnreachableError
     from wbc_batch.model import ModelArtifactError
     from wbc_batch.storage import StorageError
 
@@ -358,7 +362,7 @@ def _root_cause(exc: BaseException) -> BaseException:
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, (CliError, ModelArtifactError, StorageError)):
+        if isinstance(current, (CliError, ModelArtifactError, StorageError, ClusterUnreachableError)):
             return current
         current = getattr(current, "cause", None) or current.__cause__
     return exc
@@ -370,9 +374,13 @@ def _error_message(exc: BaseException) -> tuple[str, int]:
     from wbc_batch.model import ModelArtifactError
     from wbc_batch.storage import StorageError
 
+    from wbc_batch.cluster import ClusterUnreachableError
+
     exc = _root_cause(exc)
     if isinstance(exc, CliError):
         return str(exc), exc.code
+    if isinstance(exc, ClusterUnreachableError):
+        return f"ray cluster unreachable: {exc}", EXIT_CLUSTER
     if isinstance(exc, ModelArtifactError):
         return f"model error: {exc}", 4
     if isinstance(exc, StorageError):

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from wbc_batch import metrics, results, storage
+from wbc_batch import cluster, metrics, results, storage
 from wbc_batch.imaging import ImageDecodeError, decode_image, encode_jpeg, resize_for_model
 from wbc_batch.model import load_artifact
 
@@ -332,18 +332,6 @@ def _quiet_ray_data() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _init_ray(address: str | None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(**kwargs)
-
-
 def _plan_resources(config: ClassifyConfig) -> tuple[int, float, float]:
     """Actors, GPUs and CPUs per actor from the cluster and the options.
 
@@ -467,6 +455,14 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
     if not uris and config.uris is None:
         raise ValueError(f"no images found under {config.input_uri} (looked for .jpg .jpeg .png .tif .tiff .bmp)")
     storage.check_writable(config.output_uri)
+    warnings: list[str] = []
+    if uris:
+        # before anything is written: a cluster that does not answer fails the run in seconds (cluster.py)
+        cluster.connect(config.ray_address)
+        shared = cluster.local_paths_warning(config.input_uri, config.output_uri, uris)
+        if shared:
+            log.warning("%s", shared)
+            warnings.append(shared)
     results.discard_previous_attempt(config.output_uri, run_id)
     run_date = started.strftime("%Y-%m-%d")
     schema = results.prediction_schema(meta.class_names)
@@ -475,7 +471,6 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
     workers, gpus_per, cpus_per = 0, 0.0, 0.0
     faithfulness_sample = FaithfulnessSample(artifact, config.faithfulness_sample)
     if uris:
-        _init_ray(config.ray_address)
         _quiet_ray_data()
         workers, gpus_per, cpus_per = _plan_resources(config)
         items = [{"image_uri": u, "sample_id": sample_id_for(u, config.sample_id_regex)} for u in uris]
@@ -538,6 +533,8 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
     manifest["domain_shift"] = _domain_shift(meta, counts)
     if faithfulness is not None:
         manifest["faithfulness"] = faithfulness
+    if warnings:
+        manifest["warnings"] = warnings
     if config.manifest_extra:
         manifest.update(config.manifest_extra)
     if config.before_commit is not None:

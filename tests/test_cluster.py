@@ -1,0 +1,89 @@
+"""Which Ray cluster a run joins, and failing fast (never hanging) when that cluster is gone."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from wbc_batch import cluster
+from wbc_batch.cli import EXIT_CLUSTER
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture()
+def listening() -> str:
+    """host:port of a socket that accepts connections, standing in for a live head."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(4)
+    yield f"127.0.0.1:{s.getsockname()[1]}"
+    s.close()
+
+
+@pytest.mark.parametrize("source", ["RAY_ADDRESS", "--ray-address"])
+def test_a_given_address_that_does_not_answer_fails_fast_and_names_it(monkeypatch: pytest.MonkeyPatch,
+                                                                        source: str) -> None:
+    dead = f"127.0.0.1:{_closed_port()}"
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if source == "RAY_ADDRESS":
+        monkeypatch.setenv("RAY_ADDRESS", dead)
+    t0 = time.monotonic()
+    with pytest.raises(cluster.ClusterUnreachableError, match=rf"Ray cluster at {dead} \(from {source}\) did not answer"):
+        cluster.choose(dead if source == "--ray-address" else None, timeout_s=2.0)
+    assert time.monotonic() - t0 < 3.0
+
+
+def test_order_flag_then_environment_then_recorded_head_then_local(monkeypatch: pytest.MonkeyPatch,
+                                                                   listening: str,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("RAY_ADDRESS", listening)
+    assert cluster.choose(None) == cluster.ClusterChoice(listening, "RAY_ADDRESS")
+    assert cluster.choose(f"ray://{listening}") == cluster.ClusterChoice(f"ray://{listening}", "--ray-address")
+    assert cluster.choose("local") == cluster.ClusterChoice(None, "local")
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setattr(cluster, "_recorded_head", lambda: (listening, "/tmp/ray/ray_current_cluster"))
+    assert cluster.choose(None) == cluster.ClusterChoice(listening, "ray start")
+    # a head recorded by an earlier `ray start` that has died: one warning naming it, then a local Ray
+    dead = f"127.0.0.1:{_closed_port()}"
+    monkeypatch.setattr(cluster, "_recorded_head", lambda: (dead, "/tmp/ray/ray_current_cluster"))
+    with caplog.at_level(logging.WARNING, logger="wbc_batch.cluster"):
+        assert cluster.choose(None, timeout_s=2.0) == cluster.ClusterChoice(None, "local")
+    [record] = caplog.records
+    assert dead in record.getMessage() and "starting a local Ray instead" in record.getMessage()
+    monkeypatch.setattr(cluster, "_recorded_head", lambda: (None, "ray_current_cluster"))
+    assert cluster.choose(None) == cluster.ClusterChoice(None, "local")
+    with pytest.raises(ValueError, match="host:port"):
+        cluster.choose("no-port-here")
+
+
+def test_classify_with_a_dead_ray_address_exits_5_in_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    dead = f"127.0.0.1:{_closed_port()}"
+    env = {**os.environ, "RAY_ADDRESS": dead, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "wbc_batch.cli", "classify", str(REPO / "samples" / "pbc" / "basophil"), str(out),
+           "--no-heatmaps"]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == EXIT_CLUSTER, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("wbc-batch classify: ray cluster unreachable: Ray cluster at " + dead), last
+    assert "RAY_ADDRESS" in last and "Traceback" not in proc.stderr
+    assert "GCS" not in proc.stderr, "ray.init must not have been tried"
+    assert elapsed < 120, f"took {elapsed:.0f} s"  # TensorFlow import and model load, not a Ray time-out
+    assert not (out / "runs").exists() and not (out / "predictions").exists()
