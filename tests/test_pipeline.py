@@ -17,7 +17,7 @@ import pytest
 from tests.corpus import write_bad_corpus
 from wbc_batch import storage
 from wbc_batch.cli import main as cli_main
-from wbc_batch.model import load_artifact, shipped_model_dir
+from wbc_batch.model import artifact_digest, load_artifact, shipped_model_dir
 from wbc_batch.pipeline import BatchClassifier, FaithfulnessSample, load_images, render_explanations, sample_id_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,6 +44,7 @@ def test_predictor_runs_on_a_tiny_batch_without_ray(samples_dir: Path, tmp_path:
     np.testing.assert_allclose(probs[:3].sum(axis=1), 1.0, rtol=1e-5)
     assert np.isnan(probs[3]).all() and out["predicted_class"][3] == ""
     assert out["cam"].shape == (4, 16, 16)
+    assert set(out["model_digest"]) == {artifact_digest()}
     rendered = render_explanations(out, str(tmp_path / "out"), write_heatmaps=True, suspect_below=0.5)
     heat = cv2.imread(rendered["heatmap_uri"][0])
     assert heat.shape == (363, 360, 3)
@@ -106,6 +107,8 @@ def test_classify_local_folder_with_bad_inputs(ray_local, small_input: Path, tmp
     assert manifest["counts"]["total"] == n_inputs
     assert manifest["counts"]["error"] == sum(1 for v in expected_bad.values() if v == "error")
     assert manifest["model"]["sha256"] == meta.model_sha256
+    assert manifest["model"]["digest"] == artifact_digest() and set(rows.model_digest) == {artifact_digest()}
+    assert manifest["model"]["review_threshold"] == meta.review_threshold
     # the bundled images were classified as their folder says (shipped model, test split images)
     truth = {"neutrophil", "lymphocyte", "eosinophil", "monocyte", "basophil"}
     clean = ok[ok.image_uri.str.contains("slide-[AB]", regex=True)]

@@ -52,6 +52,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     """Options shared by classify and nightly."""
     p.add_argument("--model", default=None, help="model artifact folder or s3:// URI (default: the shipped model)")
     _trust_model_option(p)
+    p.add_argument("--model-digest", metavar="SHA256", default=None,
+                   help="refuse any model artifact whose digest over all its files differs (default: "
+                        "WBC_MODEL_DIGEST if set; a run manifest records the digest as model.digest)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch in every stage (default 64)")
     p.add_argument("--workers", type=int, default=None, help="model actors (default: GPUs if any, else 1)")
     p.add_argument("--gpus-per-worker", type=float, default=None,
@@ -396,7 +399,6 @@ def _error_message(exc: BaseException) -> tuple[str, int]:
 def _quiet_libraries() -> None:
     """Keep Ray's and TensorFlow's progress chatter out of a normal run's output."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ["WBC_QUIET"] = "1"
     for name in ("ray", "ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"

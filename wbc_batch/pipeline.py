@@ -29,7 +29,7 @@ import numpy as np
 
 from wbc_batch import cluster, metrics, results, storage
 from wbc_batch.imaging import ImageDecodeError, decode_image, encode_jpeg, resize_for_model
-from wbc_batch.model import load_artifact
+from wbc_batch.model import load_artifact, pinned_digest
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ class ClassifyConfig:
     output_uri: str
     model_uri: str | None = None
     allow_untrusted_model: bool = False
+    model_digest: str | None = None  # refuse any artifact whose digest differs (--model-digest, WBC_MODEL_DIGEST)
     batch_size: int = 64  # 64 vs 32: +13% images/s on 2 CPUs (BENCHMARKS.md); 128 no better
     workers: int | None = None
     gpus_per_worker: float | None = None
@@ -57,6 +58,7 @@ class ClassifyConfig:
     manifest_extra: dict[str, Any] | None = None
     before_commit: Any = None  # callable(manifest) run right before the commit; raising aborts it (nightly's lease check)
     faithfulness_sample: int = 8
+    quiet: bool = False  # keep Ray Data's progress bars and per-dataset INFO lines off the console
 
     @classmethod
     def from_args(cls, args: Any) -> ClassifyConfig:
@@ -66,6 +68,7 @@ class ClassifyConfig:
             output_uri=args.output.rstrip("/") if storage.is_remote(args.output) else args.output,
             model_uri=args.model,
             allow_untrusted_model=args.trust_model,
+            model_digest=pinned_digest(getattr(args, "model_digest", None)),
             batch_size=args.batch_size,
             workers=args.workers,
             gpus_per_worker=args.gpus_per_worker,
@@ -76,6 +79,7 @@ class ClassifyConfig:
             sample_id_regex=args.sample_id_regex,
             ray_address=args.ray_address,
             faithfulness_sample=getattr(args, "faithfulness_sample", 8),
+            quiet=not getattr(args, "verbose", True),
         )
 
     def validate(self) -> None:
@@ -201,15 +205,17 @@ class BatchClassifier:
     """A Ray Data callable class: loads the model once, then classifies and explains batches."""
 
     def __init__(self, model_uri: str | None, allow_untrusted: bool, review_threshold: float | None,
-                 run_id: str, intra_op_threads: int | None = None) -> None:
+                 run_id: str, intra_op_threads: int | None = None, expected_digest: str | None = None) -> None:
         import tensorflow as tf
 
         if intra_op_threads:
             tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
         from wbc_batch.explain import GradCam
 
-        artifact = load_artifact(model_uri, allow_untrusted=allow_untrusted)
+        # the driver passes the digest it loaded, so every row of a run comes from the artifact its manifest names
+        artifact = load_artifact(model_uri, allow_untrusted=allow_untrusted, expected_digest=expected_digest)
         self.meta = artifact.meta
+        self.digest = artifact.digest
         self.cam = GradCam(artifact.model, self.meta.gradcam_layer, self.meta.embedding_layer)
         self.classes = np.array(self.meta.class_names, dtype=object)
         self.threshold = self.meta.review_threshold if review_threshold is None else review_threshold
@@ -253,6 +259,7 @@ class BatchClassifier:
             low_confidence=ok & (conf < self.threshold),
             model_version=np.full(n, self.meta.version, dtype=object),
             model_sha256=np.full(n, self.meta.model_sha256, dtype=object),
+            model_digest=np.full(n, self.digest, dtype=object),
             run_id=np.full(n, self.run_id, dtype=object),
             processed_at=np.full(n, np.datetime64(datetime.now(timezone.utc).replace(tzinfo=None), "us")),
         )
@@ -319,9 +326,9 @@ def render_explanations(batch: dict[str, np.ndarray], output_uri: str, write_hea
 # --- the run --------------------------------------------------------------
 
 
-def _quiet_ray_data() -> None:
-    """In a quiet CLI run, keep Ray Data's per-dataset INFO lines and progress bars off the console."""
-    if not os.environ.get("WBC_QUIET"):
+def _quiet_ray_data(quiet: bool) -> None:
+    """In a quiet run (the CLI without -v), keep Ray Data's per-dataset INFO lines and progress bars off the console."""
+    if not quiet:
         return
     import ray.data
 
@@ -449,8 +456,9 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     run_id = config.run_id or new_run_id()
-    artifact = load_artifact(config.model_uri, allow_untrusted=config.allow_untrusted_model)
-    meta = artifact.meta
+    artifact = load_artifact(config.model_uri, allow_untrusted=config.allow_untrusted_model,
+                             expected_digest=config.model_digest)
+    meta, model_digest = artifact.meta, artifact.digest
     uris = list(config.uris) if config.uris is not None else storage.list_images(config.input_uri)
     if not uris and config.uris is None:
         raise ValueError(f"no images found under {config.input_uri} (looked for .jpg .jpeg .png .tif .tiff .bmp)")
@@ -471,7 +479,7 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
     workers, gpus_per, cpus_per = 0, 0.0, 0.0
     faithfulness_sample = FaithfulnessSample(artifact, config.faithfulness_sample)
     if uris:
-        _quiet_ray_data()
+        _quiet_ray_data(config.quiet)
         workers, gpus_per, cpus_per = _plan_resources(config)
         items = [{"image_uri": u, "sample_id": sample_id_for(u, config.sample_id_regex)} for u in uris]
         blocks = max(1, min(len(items) // config.batch_size + 1, 512))
@@ -486,6 +494,7 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
                 "review_threshold": config.review_threshold,
                 "run_id": run_id,
                 "intra_op_threads": None if gpus_per > 0 else max(1, math.ceil(cpus_per) + 1),
+                "expected_digest": artifact.digest,
             },
             batch_size=config.batch_size,
             compute=ray.data.ActorPoolStrategy(size=workers),
@@ -517,8 +526,8 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
         "input": config.input_uri,
         "output": config.output_uri,
         "model": {"uri": config.model_uri or "shipped", "name": meta.name, "version": meta.version,
-                  "sha256": meta.model_sha256, "class_names": meta.class_names,
-                  "non_wbc_classes": meta.non_wbc_classes},
+                  "sha256": meta.model_sha256, "digest": model_digest, "class_names": meta.class_names,
+                  "non_wbc_classes": meta.non_wbc_classes, "review_threshold": meta.review_threshold},
         "started_at": started.isoformat(),
         "finished_at": datetime.now(timezone.utc).isoformat(),
         "run_date": run_date,
@@ -527,7 +536,7 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
         "resources": {"workers": workers, "gpus_per_worker": gpus_per, "cpus_per_worker": cpus_per},
         "parquet_files": files,
         "options": {f.name: getattr(config, f.name) for f in fields(config)
-                    if f.name not in ("uris", "manifest_extra", "before_commit")},
+                    if f.name not in ("uris", "manifest_extra", "before_commit", "quiet")},
     }
     manifest["options"]["n_uris"] = len(uris)
     manifest["domain_shift"] = _domain_shift(meta, counts)

@@ -84,6 +84,7 @@ BASE_COLUMNS: dict[str, pa.DataType] = {
     "heatmap_uri": pa.string(),
     "model_version": pa.string(),
     "model_sha256": pa.string(),
+    "model_digest": pa.string(),  # null in Parquet written before the artifact digest
     "run_id": pa.string(),
     "processed_at": pa.timestamp("us", tz="UTC"),
     "image_width": pa.int32(),

@@ -51,6 +51,8 @@ def prediction_schema(class_names: list[str]) -> pa.Schema:
         pa.field("heatmap_uri", pa.string()),
         pa.field("model_version", pa.string(), nullable=False),
         pa.field("model_sha256", pa.string(), nullable=False),
+        # digest over every file of the artifact (model.artifact_digest); absent from Parquet written before it
+        pa.field("model_digest", pa.string()),
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("processed_at", pa.timestamp("us", tz="UTC"), nullable=False),
         pa.field("image_width", pa.int32()),
