@@ -48,6 +48,9 @@ def row_schema(classes: list[str]) -> pa.Schema:
         pa.field("explanation_suspect", pa.bool_()),
         pa.field("ood_score", pa.float32()),
         pa.field("out_of_distribution", pa.bool_()),
+        pa.field("source_size", pa.int64()),
+        pa.field("source_etag", pa.string()),
+        pa.field("source_mtime", pa.timestamp("us", tz="UTC")),
     ])
 
 
@@ -105,6 +108,9 @@ def make_table(specs: list[dict[str, Any]], run_id: str, *, classes: list[str] =
             "explanation_suspect": False if ok else None,
             "ood_score": (5.0 if ood else 1.0) if ok else None,
             "out_of_distribution": ood,
+            "source_size": s.get("source_size"),
+            "source_etag": s.get("source_etag"),
+            "source_mtime": s.get("source_mtime"),
         })
     return pa.Table.from_pylist(rows, schema=schema)
 

@@ -96,8 +96,9 @@ def test_committed_rows_ignore_uncommitted_runs(tmp_path: Path) -> None:
     write_run(out, "failed", make_table([cell("/in/s/c.jpg", "s", "monocyte")], "failed"), status="failed")
     committed, rows = committed_rows(out)
     assert committed == {"good"}
-    assert [r["image_uri"] for r in rows] == ["/in/s/a.jpg"]
-    assert committed_rows(str(tmp_path / "empty")) == (set(), [])
+    assert rows.column("image_uri").to_pylist() == ["/in/s/a.jpg"]
+    committed, rows = committed_rows(str(tmp_path / "empty"))
+    assert committed == set() and rows.num_rows == 0
 
 
 # --- the lease -------------------------------------------------------------------------------
@@ -366,3 +367,148 @@ def test_cli_reports_a_held_lease_in_one_line(tmp_path: Path, small_input: Path,
     [line] = captured.err.strip().splitlines()
     assert line.startswith("wbc-batch nightly: another nightly run holds the lease") and "nightly-holder" in line
     assert not (tmp_path / "out" / "runs").exists(), "the loser must write nothing"
+
+
+# --- change detection from the listing ------------------------------------------------------------
+
+
+def _night_one(out: str, inp: Path, run_id: str = "nightly-20261125", *, with_source: bool = True) -> list[str]:
+    """Commit rows for every image under ``inp`` as a classify run over it records them (hash and listing)."""
+    import hashlib
+
+    from wbc_batch.results import SOURCE_COLUMNS
+
+    listing = storage.list_entries(str(inp)).to_pylist()
+    specs = [cell(e["image_uri"], "s", "neutrophil", image_sha256=hashlib.sha256(Path(e["image_uri"]).read_bytes())
+                  .hexdigest(), **({k: e[k] for k in SOURCE_COLUMNS} if with_source else {})) for e in listing]
+    table = make_table(specs, run_id)
+    if not with_source:  # Parquet written before the source_* columns existed
+        table = table.drop_columns(list(SOURCE_COLUMNS))
+    write_run(out, run_id, table)
+    return [e["image_uri"] for e in listing]
+
+
+@pytest.fixture()
+def count_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every image URI whose bytes storage.read_bytes is asked for."""
+    from wbc_batch.imaging import is_image_name
+
+    reads: list[str] = []
+    real = storage.read_bytes
+
+    def counting(uri: str) -> bytes:
+        if is_image_name(uri):  # not the model's metadata
+            reads.append(uri)
+        return real(uri)
+
+    monkeypatch.setattr(storage, "read_bytes", counting)
+    return reads
+
+
+def _config(inp: Path, out: str) -> Any:
+    from wbc_batch.pipeline import ClassifyConfig
+
+    return ClassifyConfig(input_uri=str(inp), output_uri=out)
+
+
+def test_a_night_with_nothing_new_reads_no_image_and_commits_nothing(tmp_path: Path, small_input: Path,
+                                                                     count_reads: list[str]) -> None:
+    from wbc_batch.nightly import NightlyOptions, run_nightly
+
+    out = str(tmp_path / "out")
+    uris = _night_one(out, small_input)
+    parts = sorted((tmp_path / "out" / "predictions").rglob("*.parquet"))
+    result = run_nightly(_config(small_input, out))
+    assert result["status"] == "nothing_new"
+    assert count_reads == [], "no image may be read when the listing shows nothing new"
+    assert result["nightly"]["listing"] == {"entries": len(uris), "unchanged_in_listing": len(uris),
+                                            "read_and_hashed": 0, "rehash": False}
+    assert result["nightly"]["counts"]["skipped_done"] == len(uris)
+    assert sorted((tmp_path / "out" / "predictions").rglob("*.parquet")) == parts, "nothing committed"
+    assert sorted(p.name for p in (tmp_path / "out" / "runs").iterdir()) == ["nightly-20261125.json"]
+    assert not (tmp_path / "out" / "heatmaps").exists()
+    # --rehash: the full pass, every image read once, still nothing to do
+    result = run_nightly(_config(small_input, out), NightlyOptions(rehash=True))
+    assert result["status"] == "nothing_new" and sorted(count_reads) == sorted(uris)
+
+
+def test_only_new_or_changed_entries_are_read_and_processed(tmp_path: Path, small_input: Path,
+                                                            count_reads: list[str]) -> None:
+    from wbc_batch.nightly import NightlyOptions, plan_from_listing
+
+    out = str(tmp_path / "out")
+    uris = _night_one(out, small_input)
+    changed, same_size = Path(uris[0]), Path(uris[1])
+    changed.write_bytes(Path(uris[2]).read_bytes())  # other bytes under the same name
+    data = same_size.read_bytes()
+    same_size.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, new content, new mtime
+    os.utime(same_size, ns=(time.time_ns(), time.time_ns() + 10_000_000))
+    fresh = small_input / "slide-C" / "new.jpg"
+    fresh.parent.mkdir()
+    fresh.write_bytes(Path(uris[3]).read_bytes())
+    _, rows = committed_rows(out)
+    plan, _, reads = plan_from_listing(str(small_input), rows, V1, NightlyOptions())
+    assert sorted(count_reads) == sorted([str(changed), str(same_size), str(fresh)])
+    assert reads["read_and_hashed"] == 3 and reads["unchanged_in_listing"] == len(uris) - 2
+    assert plan.changed == sorted([str(changed), str(same_size)]) and plan.new == [str(fresh)]
+    assert plan.to_process == sorted([str(changed), str(same_size), str(fresh)])
+
+
+def test_rows_without_source_columns_are_read_once(tmp_path: Path, small_input: Path, count_reads: list[str]) -> None:
+    from wbc_batch.nightly import NightlyOptions, plan_from_listing
+
+    out = str(tmp_path / "out")
+    uris = _night_one(out, small_input, with_source=False)
+    _, rows = committed_rows(out)
+    assert rows.column("source_size").null_count == len(uris)
+    plan, _, reads = plan_from_listing(str(small_input), rows, V1, NightlyOptions())
+    assert sorted(count_reads) == sorted(uris) and plan.to_process == [] and len(plan.skipped_done) == len(uris)
+
+
+def test_next_run_id_gives_a_second_run_on_the_same_date_its_own_id() -> None:
+    import datetime as dt
+
+    from wbc_batch.nightly import next_run_id
+
+    now = dt.datetime(2026, 11, 26, 3, 0, tzinfo=dt.UTC)
+    assert next_run_id(set(), now) == "nightly-20261126"
+    assert next_run_id({"nightly-20261125"}, now) == "nightly-20261126"
+    assert next_run_id({"nightly-20261126"}, now) == "nightly-20261126-2"
+    assert next_run_id({"nightly-20261126", "nightly-20261126-2"}, now) == "nightly-20261126-3"
+
+
+@pytest.mark.s3
+def test_s3_listing_records_size_etag_and_time(s3_bucket: str) -> None:
+    _upload(s3_bucket, "in/a/x.jpg", b"12345")
+    _upload(s3_bucket, "in/a/notes.txt", b"no image")
+    [entry] = storage.list_entries(f"s3://{s3_bucket}/in").to_pylist()
+    assert entry["image_uri"] == f"s3://{s3_bucket}/in/a/x.jpg" and entry["source_size"] == 5
+    assert entry["source_etag"] == '"827ccb0eea8a706c4c34a16891f84e7b"' and entry["source_mtime"] is not None
+
+
+@pytest.mark.slow
+def test_real_nights_record_the_listing_skip_unread_and_run_twice_on_one_date(
+        tmp_path: Path, small_input: Path, ray_local: None, count_reads: list[str]) -> None:
+    """Real classify runs: rows carry the listing; nothing new reads nothing; new images later that date run as -2."""
+    from wbc_batch.nightly import default_run_id, run_nightly
+    from wbc_batch.pipeline import ClassifyConfig
+
+    out = str(tmp_path / "out")
+    config = ClassifyConfig(input_uri=str(small_input), output_uri=out, batch_size=4, write_heatmaps=False,
+                            faithfulness_sample=0)
+    first = run_nightly(config)
+    today = default_run_id()
+    assert first["status"] == "succeeded" and first["run_id"] == today and first["counts"]["total"] == 12
+    _, rows = committed_rows(out)
+    assert rows.column("source_size").null_count == 0 and rows.column("source_mtime").null_count == 0
+    count_reads.clear()
+    assert run_nightly(config)["status"] == "nothing_new" and count_reads == []
+    extra = small_input / "slide-C" / "late.jpg"
+    extra.parent.mkdir()
+    extra.write_bytes(next(small_input.rglob("*.jpg")).read_bytes())
+    second = run_nightly(config)
+    assert second["run_id"] == f"{today}-2" and second["nightly"]["counts"]["new"] == 1
+    assert second["counts"]["total"] == 1 and second["nightly"]["listing"]["read_and_hashed"] == 1
+    _, rows = committed_rows(out)
+    assert Counter(rows.column("image_uri").to_pylist()) == Counter(
+        {str(p): 1 for p in small_input.rglob("*.jpg")}), "exactly one row per image over both runs"

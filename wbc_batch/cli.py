@@ -100,19 +100,24 @@ def _add_nightly(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "nightly", help="classify only new or changed images since the last committed runs (exactly once)",
         description="Classify what OUTPUT holds no committed row for yet (same URI and content hash), under a lease "
-                    "so that two runs cannot both commit. Safe to re-run after a kill. The run id defaults to "
-                    "nightly-YYYYMMDD (UTC); a night already committed is not run again.")
+                    "so that two runs cannot both commit. Safe to re-run after a kill. Only images new or changed in the "
+                    "listing (size and ETag or mtime) are read. The run id defaults to nightly-YYYYMMDD (UTC), then "
+                    "-2, -3, ... for later runs that date; a run with nothing to process commits nothing.")
     p.add_argument("input", metavar="INPUT", help="local folder, s3://bucket/prefix, or manifest (.txt/.csv/.parquet)")
     p.add_argument("output", metavar="OUTPUT", help="local folder or s3://bucket/prefix holding earlier results")
     _add_run_options(p)
     for action in p._actions:  # same option, nightly's own default
         if action.dest == "run_id":
-            action.help = "run identifier (default: nightly-YYYYMMDD of the UTC date, one per night)"
+            action.help = ("run identifier (default: nightly-YYYYMMDD of the UTC date; a later run on the same date "
+                           "that has new images gets nightly-YYYYMMDD-2, -3, ...)")
     p.add_argument("--retry-errors", action="store_true",
                    help="also retry images whose row is a permanent error (transient errors are always retried)")
     p.add_argument("--reprocess-on-model-change", action="store_true",
                    help="process every image without a row for the current model version "
                         "(default: a new model version processes only images no version has seen)")
+    p.add_argument("--rehash", action="store_true",
+                   help="read and hash every listed image (default: only images whose size and ETag, or size and "
+                        "mtime, differ from what their committed row recorded)")
     p.add_argument("--lease-seconds", type=float, default=900.0,
                    help="lease expiry, renewed while running; a killed run blocks the next one this long (default 900)")
     p.set_defaults(func=_cmd_nightly)
@@ -125,15 +130,21 @@ def _cmd_nightly(args: argparse.Namespace) -> int:
 
     config = ClassifyConfig.from_args(args)
     options = NightlyOptions(retry_errors=args.retry_errors, reprocess_on_model_change=args.reprocess_on_model_change,
-                             lease_seconds=args.lease_seconds)
+                             lease_seconds=args.lease_seconds, rehash=args.rehash)
     try:
         result = run_nightly(config, options)
     except LeaseHeldError as exc:
         raise CliError(str(exc), code=EXIT_LEASE_HELD) from None
+    n = result["nightly"]["counts"]
+    if result.get("status") == "nothing_new":
+        reads = result["nightly"]["listing"]
+        print(f"nightly: nothing new ({reads['entries']} listed, {reads['unchanged_in_listing']} unchanged in the "
+              f"listing, {reads['read_and_hashed']} read; {n['skipped_done']} already done, "
+              f"{n['skipped_permanent']} permanent errors skipped); nothing committed")
+        return 0
     if result.get("status") != "succeeded":
         print(f"run {result['run_id']}: {result['status'].replace('_', ' ')}; nothing to do")
         return 0
-    n = result["nightly"]["counts"]
     print(f"nightly {result['run_id']}: {n['new']} new, {n['changed']} changed, {n['retried']} retried, "
           f"{n['skipped_done']} already done, {n['skipped_permanent']} permanent errors skipped")
     if result["counts"]["total"]:

@@ -1,17 +1,29 @@
 """Nightly incremental runs over a growing input: exactly once, safe to re-run, one writer at a time.
 
-What is "new" is decided from what OUTPUT already holds, never from file
-timestamps. The truth is the committed results (rows whose ``run_id`` has
-``OUTPUT/runs/<run_id>.json`` with ``status == "succeeded"``, see
-``docs/DESIGN.md``). Each candidate image is read and hashed (sha256) so an
-image whose bytes changed under the same URI is processed again; reading is
-the only check that cannot be fooled by a copied timestamp or an ETag that is
-not an MD5 (multipart, SSE-KMS), so correctness is bought with one extra read
-per candidate. An image is *done* when a committed ``ok`` row with the same
-``image_uri`` and ``image_sha256`` exists.
+What is "new" is decided from what OUTPUT already holds. The truth is the
+committed results (rows whose ``run_id`` has ``OUTPUT/runs/<run_id>.json``
+with ``status == "succeeded"``, see ``docs/DESIGN.md``). An image is *done*
+when a committed ``ok`` row with the same ``image_uri`` and ``image_sha256``
+exists.
+
+Change detection from the listing: every row records what the input listing
+said of its image (``source_size``, ``source_etag`` on S3, ``source_mtime``;
+``results.SOURCE_FIELDS``). A night lists the input (no extra request per
+object on S3; a ``stat`` per file locally) and joins the listing with the
+committed rows in DuckDB (``KNOWN_SQL``): an entry whose size and ETag (S3),
+or size and mtime (local, where there is no ETag), equal those a committed
+row recorded is taken to hold the bytes that row hashed, and is not read.
+Only the other entries (new, changed in the listing, or from rows written
+before these columns existed) are read and hashed (sha256), so a night with
+nothing new reads no image at all. What this trusts: that a change of content
+changes the ETag (S3: always) or the size or mtime (local: a tool that
+rewrites a file and restores its mtime, at the same size, defeats it).
+``--rehash`` reads and hashes every entry, the full pass. An entry whose
+listing changed but whose bytes did not (``touch``, a copy without ``-p``)
+is read every night: the rows it matches keep the old listing state.
 
 Decision per candidate image (``uri``, ``sha256``), over the committed rows
-considered (see model policy below):
+considered (see model policy below), in one DuckDB query (``PLAN_SQL``):
 
 * an ``ok`` row for (uri, sha256)                  -> skipped (done)
 * a ``permanent`` error row (a corrupt image)      -> skipped, unless ``--retry-errors``
@@ -25,18 +37,21 @@ does not silently re-run the whole archive. With
 ``--reprocess-on-model-change`` only rows of the current model version
 count, so every image without a row for the new version is processed.
 
-Exactly once: the run id is deterministic per night (``nightly-YYYYMMDD``,
-UTC) so a re-run after a kill rewrites the same part files; part files left
-by an earlier, uncommitted attempt of the same run id are deleted first
-by ``run_classify`` (otherwise an attempt that wrote more part files than the
-re-run would leave extra files that the re-run's manifest would commit). A
-run id that is already committed is not run again (the night is done, and
-``run_classify`` would discard its committed rows); new images wait for the
-next night's run id or an explicit ``--run-id``. The commit itself is the
-manifest that ``run_classify`` writes last; a night with nothing new commits
-an empty run, so every night leaves a manifest. Which images failed is in
-that manifest's ``counts.error`` / ``counts.errors_by_kind`` and in the error
-rows themselves.
+Exactly once: the run id is the date's first id not committed yet
+(``nightly-YYYYMMDD`` of the UTC date, then ``nightly-YYYYMMDD-2``, ``-3``,
+...; :func:`next_run_id`), decided under the lease, so a re-run after a kill
+gets the same id and rewrites the same part files (part files left by an
+earlier, uncommitted attempt of the same run id are deleted first by
+``run_classify``: otherwise an attempt that wrote more part files than the
+re-run would leave extra files that the re-run's manifest would commit), and
+a second run on the same date that finds new images commits them under an
+id of its own. An explicit ``--run-id`` that is already committed is not run
+again (``run_classify`` would discard its committed rows). The commit itself
+is the manifest that ``run_classify`` writes last; a night with nothing to
+process commits nothing (no manifest, no part file) and returns
+``status: "nothing_new"`` with its counts. Which images failed is in the
+manifest's ``counts.error`` / ``counts.errors_by_kind`` and in the error rows
+themselves.
 
 Lease: ``OUTPUT/state/lease.json`` is created with a conditional create
 (``write_bytes_if_absent``: S3 ``If-None-Match: *``, local ``O_EXCL``), so of
@@ -80,11 +95,14 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from wbc_batch import storage
 
@@ -97,6 +115,11 @@ LEASE_PATH = "state/lease.json"
 DEFAULT_LEASE_SECONDS = 900.0
 EXIT_LEASE_HELD = 75  # EX_TEMPFAIL: a scheduler may simply try again later
 ROW_COLUMNS = ["image_uri", "image_sha256", "status", "error_kind", "model_version", "run_id"]
+ROWS_SCHEMA = pa.schema([
+    ("image_uri", pa.string()), ("image_sha256", pa.string()), ("status", pa.string()), ("error_kind", pa.string()),
+    ("model_version", pa.string()), ("run_id", pa.string()),
+    ("source_size", pa.int64()), ("source_etag", pa.string()), ("source_mtime", pa.timestamp("us", tz="UTC")),
+])  # ROW_COLUMNS plus what the listing said (results.SOURCE_FIELDS)
 _PART_RE = re.compile(r"^part-(?P<run_id>.+)-(?P<seq>\d+)\.parquet$")
 _LIST_CAP = 1000  # URIs listed per category in the manifest; counts are always exact
 
@@ -438,16 +461,17 @@ def part_files(output_uri: str) -> list[tuple[str, str]]:
     return out
 
 
-def committed_rows(output_uri: str) -> tuple[set[str], list[dict[str, Any]]]:
-    """Committed run ids and the columns nightly needs (``ROW_COLUMNS``) of every committed row.
+def committed_rows(output_uri: str) -> tuple[set[str], pa.Table]:
+    """Committed run ids and the columns nightly needs (``ROWS_SCHEMA``) of every committed row.
 
     The commit rule is the one queries apply (``query.read_manifests``):
     only part files named for a run whose manifest says ``succeeded`` and, when
     the manifest lists its ``parquet_files``, only those; rows are filtered on
-    their own ``run_id`` too. Only six columns are read, so this stays cheap
-    as the archive grows.
+    their own ``run_id`` too. One lazy pyarrow dataset reads just these nine
+    columns; Parquet written before the ``source_*`` columns existed reads
+    them as nulls (those images are read and hashed once more, then recorded).
     """
-    import pyarrow.parquet as pq
+    import pyarrow.dataset as ds
 
     from wbc_batch.query import committed_run_ids, read_manifests
 
@@ -461,14 +485,16 @@ def committed_rows(output_uri: str) -> tuple[set[str], list[dict[str, Any]]]:
         if isinstance(listed, list) and uri.rsplit("/", 1)[-1] not in {str(f).rsplit("/", 1)[-1] for f in listed}:
             continue  # a stale part of an earlier attempt of this run id
         files.append(uri)
-
-    def read(uri: str) -> list[dict[str, Any]]:
-        fs, path = storage.arrow_filesystem(uri)
-        table = pq.read_table(path, filesystem=fs, columns=ROW_COLUMNS)
-        return [r for r in table.to_pylist() if r["run_id"] in committed]
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        return committed, [row for rows in pool.map(read, files) for row in rows]
+    if not files:
+        return committed, ROWS_SCHEMA.empty_table()
+    fs, _ = storage.arrow_filesystem(output_uri)
+    dataset = ds.dataset([storage.arrow_filesystem(f)[1] for f in files], schema=ROWS_SCHEMA, format="parquet",
+                         filesystem=fs)
+    try:
+        table = dataset.to_table(filter=ds.field("run_id").isin(sorted(committed)))
+    except OSError as exc:
+        raise storage.StorageError(f"cannot read results under {output_uri}: {str(exc).splitlines()[0]}") from None
+    return committed, table
 
 
 # --- deciding what to run -----------------------------------------------------
@@ -484,54 +510,161 @@ class NightlyOptions:
             (see the module docstring for the policy).
         lease_seconds: lease ttl; a killed run blocks the next one this long.
         hash_workers: parallel reads while hashing candidates.
+        rehash: read and hash every listed image, ignoring what the listing
+            says (size, ETag, mtime); the full pass of earlier versions.
     """
 
     retry_errors: bool = False
     reprocess_on_model_change: bool = False
     lease_seconds: float = DEFAULT_LEASE_SECONDS
     hash_workers: int = 16
+    rehash: bool = False
+
+
+CATEGORIES = ("new", "changed", "retried", "skipped_done", "skipped_permanent")
 
 
 @dataclass
 class NightPlan:
-    """What one night will do with each candidate image."""
+    """What one night will do with each candidate image.
 
-    new: list[str] = field(default_factory=list)
-    changed: list[str] = field(default_factory=list)
-    retried: list[str] = field(default_factory=list)
-    skipped_done: list[str] = field(default_factory=list)
-    skipped_permanent: list[str] = field(default_factory=list)
+    ``decisions`` holds one row per candidate (``image_uri``, ``category``);
+    the per-category lists are built from it on demand, so a night over a
+    million unchanged images never holds a million-string list.
+    """
+
+    decisions: pa.Table = field(default_factory=lambda: pa.table({"image_uri": pa.array([], pa.string()),
+                                                                  "category": pa.array([], pa.string())}))
     vanished: list[str] = field(default_factory=list)
+
+    def _of(self, *categories: str) -> list[str]:
+        mask = pc.is_in(self.decisions.column("category"), value_set=pa.array(categories, pa.string()))
+        return self.decisions.filter(mask).column("image_uri").to_pylist()
+
+    new = property(lambda self: self._of("new"))
+    changed = property(lambda self: self._of("changed"))
+    retried = property(lambda self: self._of("retried"))
+    skipped_done = property(lambda self: self._of("skipped_done"))
+    skipped_permanent = property(lambda self: self._of("skipped_permanent"))
 
     @property
     def to_process(self) -> list[str]:
         """Image URIs to classify tonight, sorted."""
-        return sorted(self.new + self.changed + self.retried)
+        return sorted(self._of("new", "changed", "retried"))
+
+    def counts(self) -> dict[str, int]:
+        """Exact count per category, plus ``vanished`` and ``to_process``."""
+        found = {str(v["values"]): int(v["counts"]) for v in pc.value_counts(self.decisions.column("category")).to_pylist()}
+        out = {c: found.get(c, 0) for c in CATEGORIES}
+        out["vanished"] = len(self.vanished)
+        out["to_process"] = out["new"] + out["changed"] + out["retried"]
+        return out
 
     def summary(self) -> dict[str, Any]:
         """Counts (exact) and URI lists (first ``_LIST_CAP``) for the run manifest."""
-        cats = ("new", "changed", "retried", "skipped_done", "skipped_permanent", "vanished")
-        out: dict[str, Any] = {"counts": {c: len(getattr(self, c)) for c in cats}}
-        out["counts"]["to_process"] = len(self.to_process)
-        for c in ("new", "changed", "retried", "skipped_permanent", "vanished"):
-            out[c] = sorted(getattr(self, c))[:_LIST_CAP]
+        out: dict[str, Any] = {"counts": self.counts()}
+        for c in ("new", "changed", "retried", "skipped_permanent"):
+            out[c] = sorted(self._of(c))[:_LIST_CAP]
+        out["vanished"] = sorted(self.vanished)[:_LIST_CAP]
         return out
 
 
+def _rows_table(rows: pa.Table | Iterable[dict[str, Any]]) -> pa.Table:
+    if isinstance(rows, pa.Table):
+        return rows
+    rows = list(rows)
+    names = ROWS_SCHEMA.names
+    return pa.Table.from_pylist([{k: r.get(k) for k in names} for r in rows], schema=ROWS_SCHEMA)
+
+
+def _candidates_table(candidates: pa.Table | Mapping[str, str | None]) -> pa.Table:
+    if isinstance(candidates, pa.Table):
+        return candidates
+    uris = list(candidates)
+    return pa.table({"image_uri": pa.array(uris, pa.string()),
+                     "sha": pa.array([candidates[u] for u in uris], pa.string())})
+
+
+def _duckdb() -> Any:
+    import duckdb
+
+    con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False,
+                                             "autoload_known_extensions": False})
+    con.execute("SET enable_external_access = false")
+    return con
+
+
+# Listing entries whose size and ETag (S3) or size and mtime (local, no ETag) equal what a committed
+# row with a hash recorded: their bytes are taken to be those the row hashed. An entry matching rows
+# of different hashes (its file changed while a run read it) is read again.
+KNOWN_SQL = """
+SELECT l.image_uri, min(r.image_sha256) AS sha
+FROM listing l JOIN rows r
+  ON r.image_uri = l.image_uri AND r.source_size = l.source_size
+ AND r.source_etag IS NOT DISTINCT FROM l.source_etag
+ AND (l.source_etag IS NOT NULL OR r.source_mtime = l.source_mtime)
+WHERE r.image_sha256 IS NOT NULL
+GROUP BY l.image_uri
+HAVING count(DISTINCT r.image_sha256) = 1
+"""
+
+# One decision per candidate (uri, sha of its bytes now or null when unreadable); see plan_night.
+PLAN_SQL = """
+WITH r AS (
+    SELECT image_uri, image_sha256,
+           CASE WHEN status = 'ok' THEN 'ok' ELSE coalesce(error_kind, 'transient') END AS outcome
+    FROM rows WHERE NOT $only_current OR model_version = $version
+), m AS (
+    SELECT c.image_uri, any_value(c.sha) AS sha,
+           coalesce(bool_or(r.outcome = 'ok' AND r.image_sha256 = c.sha), false) AS done,
+           coalesce(bool_or(r.outcome = 'permanent' AND r.image_sha256 = c.sha), false) AS permanent,
+           coalesce(bool_or(r.image_sha256 = c.sha), false) AS same_bytes,
+           count(r.image_uri) > 0 AS seen
+    FROM candidates c LEFT JOIN r ON r.image_uri = c.image_uri
+    GROUP BY c.image_uri
+)
+SELECT image_uri,
+       CASE WHEN done THEN 'skipped_done'
+            WHEN permanent AND NOT $retry_errors THEN 'skipped_permanent'
+            WHEN same_bytes THEN 'retried'
+            WHEN seen AND sha IS NULL THEN 'retried'  -- unreadable now, but it had rows: not new
+            WHEN seen THEN 'changed'
+            ELSE 'new' END AS category
+FROM m ORDER BY image_uri
+"""
+
+
+def known_hashes(listing: pa.Table, rows: pa.Table) -> pa.Table:
+    """(``image_uri``, ``sha``) of listing entries the committed rows already hashed in this state (``KNOWN_SQL``).
+
+    Args:
+        listing: :func:`wbc_batch.storage.list_entries` of the input.
+        rows: committed rows with ``ROWS_SCHEMA``.
+    """
+    con = _duckdb()
+    try:
+        con.register("listing", listing)
+        con.register("rows", _rows_table(rows))
+        return con.sql(KNOWN_SQL).to_arrow_table()
+    finally:
+        con.close()
+
+
 def plan_night(
-    candidates: dict[str, str | None],
-    rows: Iterable[dict[str, Any]],
+    candidates: pa.Table | Mapping[str, str | None],
+    rows: pa.Table | Iterable[dict[str, Any]],
     model_version: str,
     *,
     retry_errors: bool = False,
     reprocess_on_model_change: bool = False,
 ) -> NightPlan:
-    """Sort candidate images into new / changed / retried / skipped.
+    """Sort candidate images into new / changed / retried / skipped, in one DuckDB query (``PLAN_SQL``).
 
     Args:
-        candidates: image URI -> sha256 of its current bytes (None: unreadable
-            now, so it is processed and gets an error row of its own).
-        rows: committed rows with at least ``ROW_COLUMNS``.
+        candidates: table (``image_uri``, ``sha``) or mapping image URI -> sha256
+            of its current bytes (None: unreadable now, so it is processed and
+            gets an error row of its own).
+        rows: committed rows with at least ``ROW_COLUMNS`` (table or dicts).
         model_version: the version tonight's model carries.
         retry_errors: retry permanent error rows too.
         reprocess_on_model_change: only rows of ``model_version`` count.
@@ -539,30 +672,15 @@ def plan_night(
     Returns:
         The plan; ``to_process`` is what to classify.
     """
-    by_key: dict[tuple[str, str | None], set[str]] = {}
-    seen_uris: set[str] = set()
-    for r in rows:
-        if reprocess_on_model_change and r.get("model_version") != model_version:
-            continue
-        uri = r["image_uri"]
-        seen_uris.add(uri)
-        outcome = "ok" if r.get("status") == "ok" else (r.get("error_kind") or "transient")
-        by_key.setdefault((uri, r.get("image_sha256")), set()).add(outcome)
-    plan = NightPlan()
-    for uri in sorted(candidates):
-        outcomes = by_key.get((uri, candidates[uri]), set()) if candidates[uri] is not None else set()
-        if "ok" in outcomes:
-            plan.skipped_done.append(uri)
-        elif "permanent" in outcomes and not retry_errors:
-            plan.skipped_permanent.append(uri)
-        elif outcomes:
-            plan.retried.append(uri)
-        elif uri in seen_uris:
-            # Unreadable now (None) counts here too: it had rows, so it is not new.
-            plan.changed.append(uri) if candidates[uri] is not None else plan.retried.append(uri)
-        else:
-            plan.new.append(uri)
-    return plan
+    con = _duckdb()
+    try:
+        con.register("candidates", _candidates_table(candidates))
+        con.register("rows", _rows_table(rows))
+        decisions = con.sql(PLAN_SQL, params={"only_current": reprocess_on_model_change, "version": model_version,
+                                           "retry_errors": retry_errors}).to_arrow_table()
+    finally:
+        con.close()
+    return NightPlan(decisions=decisions)
 
 
 def hash_images(uris: list[str], workers: int = 16) -> tuple[dict[str, str | None], list[str]]:
@@ -593,9 +711,50 @@ def hash_images(uris: list[str], workers: int = 16) -> tuple[dict[str, str | Non
 
 
 def default_run_id(now: dt.datetime | None = None) -> str:
-    """``nightly-YYYYMMDD`` of the UTC date: one deterministic id per night."""
+    """``nightly-YYYYMMDD`` of the UTC date: the first run id of a night."""
     now = now or dt.datetime.now(dt.UTC)
     return f"nightly-{now:%Y%m%d}"
+
+
+def next_run_id(committed: Collection[str], now: dt.datetime | None = None) -> str:
+    """The night's first run id not committed yet: ``nightly-YYYYMMDD``, then ``-2``, ``-3``, ...
+
+    Deterministic given what is committed, so a run killed before its commit
+    is re-run under the same id (and its part files are rewritten), while a
+    second run on the same UTC date after a commit gets an id of its own.
+    """
+    base = default_run_id(now)
+    if base not in committed:
+        return base
+    k = 2
+    while f"{base}-{k}" in committed:
+        k += 1
+    return f"{base}-{k}"
+
+
+def plan_from_listing(input_uri: str, rows: pa.Table, model_version: str,
+                      options: NightlyOptions) -> tuple[NightPlan, pa.Table, dict[str, Any]]:
+    """List the input, read and hash only entries that are new or changed in the listing, and plan.
+
+    Returns:
+        (plan, the listing of the input, what was read: ``entries``,
+        ``unchanged_in_listing``, ``read_and_hashed``, ``rehash``).
+    """
+    listing = storage.list_entries(input_uri, head_remote_manifest_entries=True)
+    known = known_hashes(listing, rows) if not options.rehash else pa.table(
+        {"image_uri": pa.array([], pa.string()), "sha": pa.array([], pa.string())})
+    unknown = pc.invert(pc.is_in(listing.column("image_uri"), value_set=known.column("image_uri")))
+    to_read = listing.filter(unknown).column("image_uri").to_pylist()
+    hashes, vanished = hash_images(to_read, options.hash_workers)
+    hashed = pa.table({"image_uri": pa.array(list(hashes), pa.string()),
+                       "sha": pa.array(list(hashes.values()), pa.string())})
+    candidates = pa.concat_tables([known.select(["image_uri", "sha"]).cast(hashed.schema), hashed])
+    plan = plan_night(candidates, rows, model_version, retry_errors=options.retry_errors,
+                      reprocess_on_model_change=options.reprocess_on_model_change)
+    plan.vanished = vanished
+    reads = {"entries": listing.num_rows, "unchanged_in_listing": known.num_rows, "read_and_hashed": len(to_read),
+             "rehash": options.rehash}
+    return plan, listing, reads
 
 
 # --- the run ------------------------------------------------------------------
@@ -605,13 +764,16 @@ def run_nightly(config: ClassifyConfig, options: NightlyOptions | None = None) -
     """Classify what is new or changed under ``config.input_uri`` since the last committed runs.
 
     Args:
-        config: classify settings; ``run_id`` None means ``nightly-YYYYMMDD``.
-        options: nightly choices (retry, model policy, lease ttl).
+        config: classify settings; ``run_id`` None means the night's next
+            free id (:func:`next_run_id`).
+        options: nightly choices (retry, model policy, lease ttl, rehash).
 
     Returns:
         The run manifest with a ``nightly`` section (counts and URIs of new,
-        changed, retried and skipped images), or, when ``run_id`` was
-        already committed, a summary with ``status: "already_committed"``.
+        changed, retried and skipped images, and how many were read), or a
+        summary without a commit: ``status: "nothing_new"`` when nothing is
+        to be processed, ``"already_committed"`` when an explicit ``run_id``
+        is committed already.
 
     Raises:
         LeaseHeldError: another run holds the lease on this OUTPUT.
@@ -619,38 +781,39 @@ def run_nightly(config: ClassifyConfig, options: NightlyOptions | None = None) -
     from wbc_batch.model import read_metadata, shipped_model_dir
 
     options = options or NightlyOptions()
-    run_id = config.run_id or default_run_id()
     meta = read_metadata(config.model_uri or str(shipped_model_dir()))
-    with Lease(config.output_uri, run_id, options.lease_seconds) as lease:
+    with Lease(config.output_uri, config.run_id or default_run_id(), options.lease_seconds) as lease:
         committed, rows = committed_rows(config.output_uri)
+        run_id = config.run_id or next_run_id(committed)
+        lease.run_id = run_id  # named in the lease from its next renewal on
         base: dict[str, Any] = {"run_id": run_id, "input": config.input_uri, "output": config.output_uri,
                                 "model": {"version": meta.version, "sha256": meta.model_sha256}}
         if run_id in committed:
             log.warning("run %s is already committed; nothing to do", run_id)
             return {**base, "status": "already_committed", "nightly": {"counts": {"to_process": 0}}}
         started = time.monotonic()
-        hashes, vanished = hash_images(storage.list_images(config.input_uri), options.hash_workers)
-        plan = plan_night(hashes, rows, meta.version,
-                          retry_errors=options.retry_errors,
-                          reprocess_on_model_change=options.reprocess_on_model_change)
-        plan.vanished = vanished
+        plan, listing, reads = plan_from_listing(config.input_uri, rows, meta.version, options)
         nightly = {
             **plan.summary(),
+            "listing": reads,
             "policy": {"retry_errors": options.retry_errors,
                        "reprocess_on_model_change": options.reprocess_on_model_change,
                        "model_version": meta.version},
             "planning_seconds": round(time.monotonic() - started, 3),
             "lease": {"uri": lease.uri, "ttl_seconds": lease.ttl_s, "took_over": lease.took_over},
         }
-        if not plan.to_process:
-            log.warning("nothing new under %s for model %s; committing an empty run", config.input_uri, meta.version)
+        to_process = plan.to_process
+        if not to_process:
+            # Nothing to commit: no manifest, no part files. The next run may reuse this run id.
+            log.warning("nothing new under %s for model %s (%d listed, %d read); nothing committed",
+                        config.input_uri, meta.version, reads["entries"], reads["read_and_hashed"])
+            return {**base, "status": "nothing_new", "nightly": nightly}
         from wbc_batch.pipeline import run_classify
 
         extra = {**(config.manifest_extra or {}), "nightly": nightly}
+        tonight = listing.filter(pc.is_in(listing.column("image_uri"), value_set=pa.array(to_process, pa.string())))
         lease.check()
         # run_classify discards part files of an earlier, uncommitted attempt of this run id first
-        # and writes the manifest (the commit) last; an empty list commits a run of zero images,
-        # so every night leaves a manifest that says what it found.
-        manifest = run_classify(replace(config, run_id=run_id, uris=plan.to_process, manifest_extra=extra,
-                                        before_commit=lambda _manifest: lease.check()))
-        return manifest
+        # and writes the manifest (the commit) last.
+        return run_classify(replace(config, run_id=run_id, uris=to_process, listing=tonight, manifest_extra=extra,
+                                    before_commit=lambda _manifest: lease.check()))

@@ -55,6 +55,7 @@ class ClassifyConfig:
     sample_id_regex: str | None = None
     ray_address: str | None = None
     uris: list[str] | None = None
+    listing: Any = None  # storage.list_entries of the input (pyarrow Table): the rows' source_* columns
     manifest_extra: dict[str, Any] | None = None
     before_commit: Any = None  # callable(manifest) run right before the commit; raising aborts it (nightly's lease check)
     faithfulness_sample: int = 8
@@ -459,7 +460,13 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
     artifact = load_artifact(config.model_uri, allow_untrusted=config.allow_untrusted_model,
                              expected_digest=config.model_digest)
     meta, model_digest = artifact.meta, artifact.digest
-    uris = list(config.uris) if config.uris is not None else storage.list_images(config.input_uri)
+    listing = config.listing
+    if config.uris is None:
+        listing = storage.list_entries(config.input_uri)
+        uris = listing.column("image_uri").to_pylist()
+    else:
+        uris = list(config.uris)
+    position = {u: i for i, u in enumerate(listing.column("image_uri").to_pylist())} if listing is not None else {}
     if not uris and config.uris is None:
         raise ValueError(f"no images found under {config.input_uri} (looked for .jpg .jpeg .png .tif .tiff .bmp)")
     storage.check_writable(config.output_uri)
@@ -513,6 +520,8 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
         # faithfulness sample, reach the driver after one batch rather than after 1024 rows
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             table = results.batch_to_table(batch, schema)
+            if listing is not None:
+                table = results.attach_source(table, listing, position)
             counts.add(table)
             writer.add(table)
             faithfulness_sample.offer([u for u, st in zip(batch["image_uri"], batch["status"]) if st == "ok"])
@@ -536,7 +545,7 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
         "resources": {"workers": workers, "gpus_per_worker": gpus_per, "cpus_per_worker": cpus_per},
         "parquet_files": files,
         "options": {f.name: getattr(config, f.name) for f in fields(config)
-                    if f.name not in ("uris", "manifest_extra", "before_commit", "quiet")},
+                    if f.name not in ("uris", "listing", "manifest_extra", "before_commit", "quiet")},
     }
     manifest["options"]["n_uris"] = len(uris)
     manifest["domain_shift"] = _domain_shift(meta, counts)

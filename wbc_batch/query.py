@@ -95,6 +95,9 @@ BASE_COLUMNS: dict[str, pa.DataType] = {
     "explanation_suspect": pa.bool_(),
     "ood_score": pa.float32(),
     "out_of_distribution": pa.bool_(),
+    "source_size": pa.int64(),
+    "source_etag": pa.string(),
+    "source_mtime": pa.timestamp("us", tz="UTC"),
     "run_date": pa.date32(),
 }
 

@@ -63,8 +63,34 @@ def prediction_schema(class_names: list[str]) -> pa.Schema:
         pa.field("explanation_suspect", pa.bool_()),
         pa.field("ood_score", pa.float32()),
         pa.field("out_of_distribution", pa.bool_()),
+        # what the input listing said of the image (storage.list_entries): nightly's change detection
+        # compares them and reads only what changed; null when unknown and in Parquet written before them
+        *SOURCE_FIELDS,
     ]
     return pa.schema(fields)
+
+
+SOURCE_FIELDS = (
+    pa.field("source_size", pa.int64()),
+    pa.field("source_etag", pa.string()),
+    pa.field("source_mtime", pa.timestamp("us", tz="UTC")),
+)
+SOURCE_COLUMNS = tuple(f.name for f in SOURCE_FIELDS)
+
+
+def attach_source(table: pa.Table, listing: pa.Table, position: dict[str, int]) -> pa.Table:
+    """Fill a batch's ``source_*`` columns from the input listing.
+
+    Args:
+        table: rows of the prediction schema.
+        listing: :func:`wbc_batch.storage.list_entries` of the run's input.
+        position: image URI -> row of ``listing`` (URIs not in it get nulls).
+    """
+    idx = pa.array([position.get(u) for u in table.column("image_uri").to_pylist()], type=pa.int64())
+    for name in SOURCE_COLUMNS:
+        i = table.schema.get_field_index(name)
+        table = table.set_column(i, table.schema.field(i), listing.column(name).take(idx).cast(table.schema.field(i).type))
+    return table
 
 
 def _column(values: Any, typ: pa.DataType, valid: np.ndarray | None) -> pa.Array:

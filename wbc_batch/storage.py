@@ -204,6 +204,12 @@ def delete(uri: str) -> None:
         raise StorageError(f"cannot delete {uri}: {exc.strerror or exc}") from None
 
 
+# What a listing says about each entry, without reading it: size, and the ETag (S3) or the
+# modification time (local; S3's LastModified too). Nightly compares them with what the committed
+# rows recorded to decide which images it must read and hash again.
+Entry = tuple[str, "int | None", "str | None", "int | None"]  # (uri, size, etag, mtime in µs since the epoch, UTC)
+
+
 def list_files(prefix: str) -> list[str]:
     """All files under a local folder or S3 prefix, recursively, sorted.
 
@@ -211,13 +217,18 @@ def list_files(prefix: str) -> list[str]:
     folder; others are skipped with a warning (an input folder must not be a
     way to read arbitrary files).
     """
+    return [e[0] for e in _list_entries(prefix)]
+
+
+def _list_entries(prefix: str) -> list[Entry]:
+    """:func:`list_files` with each file's size, ETag and mtime (no extra request on S3)."""
     if is_remote(prefix):
         return _list_s3(prefix)
     root = Path(prefix)
     if not root.is_dir():
         raise FileNotFoundError(f"input folder not found: {prefix}")
     real_root = root.resolve()
-    out: list[str] = []
+    out: list[Entry] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames.sort()
         for name in sorted(filenames):
@@ -227,27 +238,53 @@ def list_files(prefix: str) -> list[str]:
                 if not target.is_relative_to(real_root) or not target.is_file():
                     log.warning("skipping symlink %s: it points outside the input folder", p)
                     continue
-            out.append(str(p))
+            out.append((str(p), *_stat(str(p))))
     return sorted(out)
 
 
-def _list_s3(prefix: str) -> list[str]:
+def _stat(path: str) -> tuple[int | None, None, int | None]:
+    """(size, None, mtime µs) of a local file, following links; Nones when it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None, None, None
+    return st.st_size, None, st.st_mtime_ns // 1000
+
+
+def _s3_mtime(value: Any) -> int | None:
+    return int(value.timestamp() * 1_000_000) if value is not None else None
+
+
+def _list_s3(prefix: str) -> list[Entry]:
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, key = split_s3(prefix)
     if key and not key.endswith("/"):
         key += "/"
-    out: list[str] = []
+    out: list[Entry] = []
     try:
         paginator = s3_client().get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=bucket, Prefix=key):
             for obj in page.get("Contents", []):
-                out.append(f"s3://{bucket}/{obj['Key']}")
+                out.append((f"s3://{bucket}/{obj['Key']}", obj.get("Size"), obj.get("ETag"),
+                            _s3_mtime(obj.get("LastModified"))))
     except ClientError as exc:
         raise StorageError(f"cannot list {prefix}: {_reason(exc)}") from None
     except BotoCoreError as exc:
         raise StorageError(f"cannot list {prefix}: {_reason(exc)}") from None
     return sorted(out)
+
+
+def _head(uri: str) -> Entry:
+    """One S3 object's listing entry by HEAD (no bytes read); Nones when it is absent or unreachable."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = split_s3(uri)
+    try:
+        resp = s3_client().head_object(Bucket=bucket, Key=key)
+    except (ClientError, BotoCoreError):
+        return uri, None, None, None
+    return uri, resp.get("ContentLength"), resp.get("ETag"), _s3_mtime(resp.get("LastModified"))
 
 
 def is_manifest(uri: str) -> bool:
@@ -293,6 +330,47 @@ def list_images(input_uri: str) -> list[str]:
     else:
         uris = [u for u in list_files(input_uri) if is_image_name(u)]
     return sorted(dict.fromkeys(uris))
+
+
+LISTING_SCHEMA_FIELDS = (("image_uri", "string"), ("source_size", "int64"), ("source_etag", "string"),
+                         ("source_mtime", "timestamp[us, tz=UTC]"))
+
+
+def list_entries(input_uri: str, *, head_remote_manifest_entries: bool = False) -> Any:
+    """:func:`list_images` as an Arrow table with what the listing says of each image, reading no image.
+
+    Columns: ``image_uri`` string, ``source_size`` int64, ``source_etag``
+    string (S3 only), ``source_mtime`` timestamp[us, UTC] (local mtime, S3
+    LastModified). A folder or prefix gets them from its listing at no extra
+    cost; entries of a manifest are stat'ed (local) or, with
+    ``head_remote_manifest_entries``, HEAD-requested (S3), else left null.
+    Null means "unknown": such an image is always read.
+
+    Raises:
+        FileNotFoundError: the folder or manifest does not exist.
+        StorageError: the storage cannot be reached.
+    """
+    import pyarrow as pa
+
+    if is_manifest(input_uri):
+        uris = sorted(dict.fromkeys(read_manifest(input_uri)))
+        remote = [u for u in uris if is_remote(u)]
+        heads: dict[str, Entry] = {}
+        if remote and head_remote_manifest_entries:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=16) as pool:
+                heads = {e[0]: e for e in pool.map(_head, remote)}
+        entries = [heads.get(u, (u, None, None, None)) if is_remote(u) else (u, *_stat(u)) for u in uris]
+    else:
+        entries = [e for e in _list_entries(input_uri) if is_image_name(e[0])]
+    cols = list(zip(*entries)) if entries else [[], [], [], []]
+    return pa.table({
+        "image_uri": pa.array(cols[0], type=pa.string()),
+        "source_size": pa.array(cols[1], type=pa.int64()),
+        "source_etag": pa.array(cols[2], type=pa.string()),
+        "source_mtime": pa.array(cols[3], type=pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+    })
 
 
 def check_writable(uri: str) -> None:
