@@ -279,3 +279,39 @@ def test_float_batch_from_prepare_batch_scores_like_uint8(shipped, originals) ->
     a, _ = scorer.score(emb, floats)
     b, _ = scorer.score(emb, floats.astype(np.uint8))
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(("ood_stats", "flagged", "shifted"), [
+    ({}, 1, False),  # an artifact that states no rule: more than 20% and at least 2; 1 of 3 is chance
+    ({}, 2, True),
+    ({"max_share": 0.3, "min_ood": 1}, 1, True),  # the model's own thresholds
+    ({"max_share": 0.5, "min_ood": 1}, 1, False),
+])
+def test_one_rule_for_an_unreliable_sample_in_manifest_query_and_report(
+        tmp_path: Path, ood_stats: dict, flagged: int, shifted: bool) -> None:
+    from tests.results_factory import CLASSES, cells, make_table, write_run
+    from wbc_batch import query, results
+    from wbc_batch.ood import OOD_FORMAT, ShiftRule, sample_shifted
+    from wbc_batch.pipeline import _domain_shift
+    from wbc_batch.report import render_report
+
+    specs = cells("S", {"neutrophil": 2, "lymphocyte": 1})
+    for spec in specs[:flagged]:
+        spec["out_of_distribution"] = True
+    table = make_table(specs, "r1")
+    counts = results.RunCounts()
+    counts.add(table)
+    meta = ModelMetadata(version="t", class_names=CLASSES, image_size=128, gradcam_layer="cam",
+                         ood={"format": OOD_FORMAT, **ood_stats})
+    assert sample_shifted(3, flagged, ShiftRule.from_ood_stats(meta.ood)) is shifted
+
+    shift = _domain_shift(meta, counts)  # what classify writes into the run manifest
+    assert shift["samples"]["S"]["shifted"] is shifted and shift["detected"] is shifted
+    out = str(tmp_path / "out")
+    write_run(out, "r1", table, domain_shift=shift)
+    for diff in (query.differential(out), query.query_frame(out, canned="differential")):
+        assert set(diff.reliable) == {not shifted}
+        assert diff.warning.iloc[0].startswith("UNRELIABLE") is shifted
+    _, html = render_report(out)
+    assert ('id="unreliable"' in html) is shifted and ("NOT REPORTABLE" in html) is shifted
+    assert ('id="domain-shift"' in html) is shifted

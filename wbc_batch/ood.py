@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import cv2
@@ -405,19 +406,84 @@ def fit_ood(
 # --------------------------------------------------------------------------- per sample / run
 
 
+@dataclass(frozen=True)
+class ShiftRule:
+    """When a sample (or a run) is unreliable: the thresholds of :func:`sample_shifted`.
+
+    They belong to the model, whose OOD threshold sets the per-image false
+    alarm rate: ``model.json["ood"]["max_share"]`` and ``["min_ood"]``,
+    defaults :data:`DEFAULT_MAX_SHARE` and :data:`DEFAULT_MIN_OOD` for
+    artifacts that do not state them. A run manifest records the rule it
+    used under ``domain_shift``, so readers of committed results apply the
+    same one (:meth:`from_manifest`).
+    """
+
+    max_share: float = DEFAULT_MAX_SHARE
+    min_ood: int = DEFAULT_MIN_OOD
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_share <= 1.0:
+            raise ValueError(f"expected max_share in [0, 1], got {self.max_share}")
+        if self.min_ood < 1:
+            raise ValueError(f"expected min_ood >= 1, got {self.min_ood}")
+
+    @classmethod
+    def from_ood_stats(cls, stats: Mapping[str, Any] | None) -> ShiftRule:
+        """The rule of a model, from its ``model.json["ood"]`` (defaults for keys it lacks)."""
+        stats = stats or {}
+        return cls(max_share=float(stats.get("max_share", DEFAULT_MAX_SHARE)),
+                   min_ood=int(stats.get("min_ood", DEFAULT_MIN_OOD)))
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping[str, Any]) -> ShiftRule:
+        """The rule a committed run applied, from its manifest's ``domain_shift`` (defaults for older manifests)."""
+        shift = manifest.get("domain_shift")
+        return cls.from_ood_stats(shift if isinstance(shift, Mapping) else None)
+
+    @classmethod
+    def strictest(cls, rules: Iterable[ShiftRule]) -> ShiftRule:
+        """One rule that flags whatever any of ``rules`` flags (rows of several runs in one sample)."""
+        rules = list(rules)
+        if not rules:
+            return cls()
+        return cls(max_share=min(r.max_share for r in rules), min_ood=min(r.min_ood for r in rules))
+
+    def describe(self) -> str:
+        """The rule in words, for warnings and evidence."""
+        return f"more than {self.max_share:.0%} and at least {self.min_ood}"
+
+
+def sample_shifted(n_images: int, n_ood: int, rule: ShiftRule | None = None) -> bool:
+    """The one rule for an unreliable sample (or run), used by every reader.
+
+    A sample is shifted, i.e. its differential must not be reported, when
+    more than ``rule.max_share`` of its scored images are out of
+    distribution *and* at least ``rule.min_ood`` are: with a 3% per-image
+    false alarm rate, a one-image sample would otherwise raise the alarm one
+    time in thirty by chance. The run manifest's ``domain_shift``, ``query
+    --differential``, the report and the review app all decide with this.
+
+    Args:
+        n_images: scored images (status ok) of the sample.
+        n_ood: of those, flagged out of distribution.
+        rule: the model's thresholds (default :class:`ShiftRule`).
+    """
+    rule = rule or ShiftRule()
+    if n_ood < 0 or n_ood > n_images:
+        raise ValueError(f"expected 0 <= n_ood <= n_images, got {n_ood} of {n_images}")
+    return n_images > 0 and n_ood >= rule.min_ood and n_ood / n_images > rule.max_share
+
+
 def domain_shift_summary(
     n_images: int,
     n_ood: int,
     per_sample: Mapping[str, tuple[int, int]],
     max_share: float = DEFAULT_MAX_SHARE,
     min_ood: int = DEFAULT_MIN_OOD,
+    *,
+    rule: ShiftRule | None = None,
 ) -> dict[str, Any]:
-    """Decide whether a run (or any of its samples) looks like another domain.
-
-    A sample is shifted when more than ``max_share`` of its images are out of
-    distribution *and* at least ``min_ood`` are: with a 2.5% per-image false
-    alarm rate a one-image sample would otherwise raise the alarm one time in
-    forty by chance.
+    """Decide whether a run (or any of its samples) looks like another domain, by :func:`sample_shifted`.
 
     Args:
         n_images: images scored in the run (error rows excluded).
@@ -425,30 +491,29 @@ def domain_shift_summary(
         per_sample: sample_id -> (n_images, n_ood).
         max_share: the share above which a sample or the run is shifted.
         min_ood: the fewest flagged images that can make a sample or run shifted.
+        rule: both thresholds at once (the model's :class:`ShiftRule`); overrides the two above.
 
     Returns:
-        ``{"detected", "ood_share", "max_share", "samples": {id: {"n", "ood", "share", "shifted"}}, "evidence"}``.
+        ``{"detected", "ood_share", "max_share", "min_ood", "samples": {id: {"n", "ood", "share", "shifted"}},
+        "evidence"}``.
     """
-    if not 0.0 <= max_share <= 1.0:
-        raise ValueError(f"expected max_share in [0, 1], got {max_share}")
+    rule = rule or ShiftRule(max_share=max_share, min_ood=min_ood)
     if n_ood < 0 or n_ood > n_images:
         raise ValueError(f"expected 0 <= n_ood <= n_images, got {n_ood} of {n_images}")
-
-    def shifted(n: int, ood: int) -> bool:
-        return n > 0 and ood >= min_ood and ood / n > max_share
 
     samples: dict[str, dict[str, Any]] = {}
     for sample_id, (n, ood) in sorted(per_sample.items()):
         if ood < 0 or ood > n:
             raise ValueError(f"sample {sample_id!r}: expected 0 <= ood <= n, got {ood} of {n}")
         share_i = round(ood / n, 4) if n else 0.0
-        samples[sample_id] = {"n": int(n), "ood": int(ood), "share": share_i, "shifted": shifted(n, ood)}
+        samples[sample_id] = {"n": int(n), "ood": int(ood), "share": share_i, "shifted": sample_shifted(n, ood, rule)}
     share = n_ood / n_images if n_images else 0.0
-    run_shifted = shifted(n_images, n_ood)
+    run_shifted = sample_shifted(n_images, n_ood, rule)
     bad = [s for s, v in samples.items() if v["shifted"]]
     detected = run_shifted or bool(bad)
     parts = [
-        f"{n_ood} of {n_images} images ({share:.1%}) out of distribution; limit {max_share:.0%} per sample and run"
+        f"{n_ood} of {n_images} images ({share:.1%}) out of distribution; "
+        f"limit {rule.describe()} images per sample and run"
     ]
     if bad:
         listed = ", ".join(f"{s} ({samples[s]['ood']}/{samples[s]['n']})" for s in bad[:10])
@@ -459,7 +524,8 @@ def domain_shift_summary(
     return {
         "detected": detected,
         "ood_share": round(share, 4),
-        "max_share": float(max_share),
+        "max_share": float(rule.max_share),
+        "min_ood": int(rule.min_ood),
         "samples": samples,
         "evidence": "; ".join(parts),
     }

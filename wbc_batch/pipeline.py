@@ -373,11 +373,11 @@ def _domain_shift(meta: Any, counts: results.RunCounts) -> dict[str, Any]:
     """The run's and each sample's out-of-distribution share; ``detected`` raises the alarm."""
     if not meta.ood:
         return {"detected": False, "evaluated": False, "reason": "the model carries no OOD statistics"}
-    from wbc_batch.ood import DEFAULT_MAX_SHARE, domain_shift_summary
+    from wbc_batch.ood import ShiftRule, domain_shift_summary
 
-    max_share = float(meta.ood.get("max_share", DEFAULT_MAX_SHARE))
     per_sample = {k: (v[0], v[1]) for k, v in counts.per_sample.items()}
-    summary = domain_shift_summary(counts.ok, counts.out_of_distribution, per_sample, max_share=max_share)
+    summary = domain_shift_summary(counts.ok, counts.out_of_distribution, per_sample,
+                                   rule=ShiftRule.from_ood_stats(meta.ood))
     return {"evaluated": True, **summary}
 
 

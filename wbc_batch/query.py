@@ -42,6 +42,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from wbc_batch import storage
+from wbc_batch.ood import DEFAULT_MAX_SHARE, ShiftRule, sample_shifted
 
 __all__ = [
     "BASE_COLUMNS", "CANNED", "DEFAULT_REFERENCE_RANGES", "QueryError", "Results", "check_read_only", "committed_run_ids",
@@ -62,7 +63,7 @@ DEFAULT_REFERENCE_RANGES: dict[str, tuple[float | None, float | None]] = {
     "ig": (None, 0.9),
 }
 DEFAULT_MIN_CELLS = 100
-DEFAULT_OOD_SHARE_LIMIT = 0.2
+DEFAULT_OOD_SHARE_LIMIT = DEFAULT_MAX_SHARE  # for models and manifests that state no rule (ood.ShiftRule)
 FORMATS = ("table", "csv", "json")
 CANNED = ("differential", "review-queue", "runs", "drift")
 READ_ONLY_TYPES = ("SELECT", "EXPLAIN")
@@ -166,6 +167,19 @@ def read_manifests(output: str) -> dict[str, dict[str, Any]]:
 def committed_run_ids(manifests: Mapping[str, Mapping[str, Any]]) -> set[str]:
     """Run ids whose manifest says ``status: succeeded`` (the commit rule)."""
     return {rid for rid, m in manifests.items() if m.get("status") == "succeeded"}
+
+
+def run_shift_rules(manifests: Mapping[str, Mapping[str, Any]]) -> dict[str, ShiftRule]:
+    """The unreliable-sample rule (:class:`wbc_batch.ood.ShiftRule`) each committed run applied, by run id."""
+    return {rid: ShiftRule.from_manifest(manifests[rid]) for rid in committed_run_ids(manifests)}
+
+
+def _sample_rule(ok_rows: pd.DataFrame, shift_rules: Mapping[str, ShiftRule] | None,
+                 ood_share_limit: float | None) -> ShiftRule:
+    """The rule of the runs a sample's rows come from (the strictest when several), ``ood_share_limit`` overriding."""
+    runs = set(ok_rows["run_id"].dropna()) if shift_rules and "run_id" in ok_rows.columns else set()
+    rule = ShiftRule.strictest(shift_rules[r] for r in runs if r in shift_rules) if shift_rules else ShiftRule()
+    return rule if ood_share_limit is None else ShiftRule(max_share=ood_share_limit, min_ood=rule.min_ood)
 
 
 def _committed_files(manifest: Mapping[str, Any]) -> set[str] | None:
@@ -516,7 +530,8 @@ def differential_from_frame(
     non_wbc: Iterable[str] = DEFAULT_NON_WBC,
     reference_ranges: Mapping[str, tuple[float | None, float | None]] | None = None,
     min_cells: int = DEFAULT_MIN_CELLS,
-    ood_share_limit: float = DEFAULT_OOD_SHARE_LIMIT,
+    ood_share_limit: float | None = None,
+    shift_rules: Mapping[str, ShiftRule] | None = None,
     confidence: float = 0.95,
 ) -> pd.DataFrame:
     """The white-cell differential of prediction rows (one row per image already).
@@ -528,16 +543,21 @@ def differential_from_frame(
         non_wbc: classes left out of white-cell counts.
         reference_ranges: percent ranges per class, (low, high), None = open.
         min_cells: fewer white cells than this adds a warning.
-        ood_share_limit: a sample whose share of out-of-distribution images
-            exceeds this is unreliable: its percentages, intervals and flags
-            are left empty so nobody reads them as a result.
+        ood_share_limit: overrides the ``max_share`` of the rule below.
+        shift_rules: run id -> the rule its manifest recorded
+            (:func:`run_shift_rules`); a sample is judged by the rule of the
+            runs its rows come from, the default :class:`~wbc_batch.ood.ShiftRule`
+            without one. A sample that is shifted by
+            :func:`wbc_batch.ood.sample_shifted` (the rule the run manifest
+            and the report use) is unreliable: its percentages, intervals and
+            flags are left empty so nobody reads them as a result.
         confidence: level of the Wilson intervals.
 
     Returns:
         One row per sample and class, columns ``DIFFERENTIAL_COLUMNS``;
         ``percent``, ``ci_low``, ``ci_high`` in percent of white cells.
     """
-    if not 0 <= ood_share_limit <= 1:
+    if ood_share_limit is not None and not 0 <= ood_share_limit <= 1:
         raise ValueError(f"expected an out-of-distribution share limit between 0 and 1, got {ood_share_limit}")
     if min_cells < 0:
         raise ValueError(f"expected min_cells >= 0, got {min_cells}")
@@ -564,12 +584,13 @@ def differential_from_frame(
         n = len(white)
         ood = ok["out_of_distribution"].astype("boolean").fillna(False).astype(bool)
         ood_share = float(ood.mean()) if len(ok) else 0.0
-        reliable = ood_share <= ood_share_limit
+        rule = _sample_rule(ok, shift_rules, ood_share_limit)
+        reliable = not sample_shifted(len(ok), int(ood.sum()), rule)
         review = int(ok["needs_review"].astype("boolean").fillna(False).astype(bool).sum())
         warnings: list[str] = []
         if not reliable:
-            warnings.append(f"UNRELIABLE: {ood_share:.0%} of images out of distribution (limit {ood_share_limit:.0%}); "
-                            "do not report this differential")
+            warnings.append(f"UNRELIABLE: {ood_share:.0%} of images out of distribution ({int(ood.sum())} of {len(ok)}; "
+                            f"limit {rule.describe()}); do not report this differential")
         if n == 0:
             warnings.append("no white cells")
         elif n < min_cells:
@@ -601,8 +622,10 @@ def differential(output: str, sample: str | None = None, **options: Any) -> pd.D
     """Per-sample white-cell differential of the committed results.
 
     Counts one row per image (the ``predictions`` view), so re-runs never
-    double count. ``options`` are those of :func:`differential_from_frame`.
+    double count. ``options`` are those of :func:`differential_from_frame`;
+    each sample is judged by the unreliable-sample rule its runs recorded.
     """
+    options = {"shift_rules": run_shift_rules(read_manifests(output)), **options}
     return differential_from_frame(load_results(output), sample, **options)
 
 
@@ -669,7 +692,8 @@ def query_frame(output: str, sql: str | None = None, *, canned: str | None = Non
     try:
         if canned == "differential":
             frame = con.execute("SELECT * FROM predictions").fetch_df()
-            return differential_from_frame(frame, sample, **differential_options)
+            return differential_from_frame(frame, sample,
+                                           **{"shift_rules": run_shift_rules(results.manifests), **differential_options})
         if canned == "review-queue":
             sql = REVIEW_QUEUE_SQL
         elif canned == "runs":

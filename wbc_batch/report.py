@@ -310,7 +310,9 @@ def render_report(output: str, run_id: str | None = None, *, max_gallery: int = 
         con.close()
     samples = set(own["sample_id"].dropna())
     latest = latest[latest["sample_id"].isin(samples)]
-    diff = query.differential_from_frame(latest, class_names=scoped.class_names or None, **differential_options)
+    # each sample judged by the rule its runs recorded (ood.sample_shifted), as the manifest's domain_shift was
+    diff = query.differential_from_frame(latest, class_names=scoped.class_names or None,
+                                         **{"shift_rules": query.run_shift_rules(scoped.manifests), **differential_options})
 
     ok = own[own["status"] == "ok"]
     class_order = [c for c in scoped.class_names if c in set(ok["predicted_class"])]
