@@ -87,3 +87,23 @@ def test_classify_with_a_dead_ray_address_exits_5_in_one_line_and_writes_nothing
     assert "GCS" not in proc.stderr, "ray.init must not have been tried"
     assert elapsed < 120, f"took {elapsed:.0f} s"  # TensorFlow import and model load, not a Ray time-out
     assert not (out / "runs").exists() and not (out / "predictions").exists()
+
+
+@pytest.mark.parametrize(("nodes", "inp", "out", "uris", "expected"), [
+    (1, "/data/in", "/data/out", None, None),
+    (3, "s3://b/in", "s3://b/out", None, None),
+    (3, "/data/in", "s3://b/out", None, "INPUT is a local path"),
+    (3, "s3://b/in", "/data/out", None, "OUTPUT is a local path"),
+    (2, "/data/in", "/data/out", None, "INPUT and OUTPUT are local paths"),
+    (2, "s3://b/list.txt", "s3://b/out", ["/mnt/a.jpg"], "INPUT is a local path"),  # a manifest of local files
+])
+def test_several_nodes_with_local_paths_warn_about_the_shared_filesystem(monkeypatch: pytest.MonkeyPatch, nodes: int,
+                                                                         inp: str, out: str, uris: list[str] | None,
+                                                                         expected: str | None) -> None:
+    monkeypatch.setattr(cluster, "alive_nodes", lambda: nodes)
+    message = cluster.local_paths_warning(inp, out, uris)
+    if expected is None:
+        assert message is None
+    else:
+        assert message is not None and expected in message and f"{nodes} nodes" in message
+        assert "shared filesystem mounted at the same path on every node" in message
