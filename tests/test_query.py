@@ -12,6 +12,7 @@ import pytest
 from tests.results_factory import CLASSES, T0, cell, cells, make_table, row_schema, write_run
 from wbc_batch import query
 from wbc_batch.cli import main
+from wbc_batch.errors import EXIT_CORRUPT_RESULTS
 
 # Sample S1: exactly 100 white cells (+3 non-WBC, +1 unreadable), 10 of them low-confidence.
 S1 = {"neutrophil": 62, "lymphocyte": 18, "monocyte": 10, "eosinophil": 4, "basophil": 1, "ig": 5}
@@ -302,7 +303,10 @@ def test_corrupt_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert len(query.load_results(out, committed_only=False)) == 2
     (tmp_path / "out" / "runs" / "broken.json").write_text("{not json")  # never a commit
     good = next((tmp_path / "out" / "predictions").rglob("part-good-*.parquet"))
-    good.write_bytes(b"garbage")
-    assert main(["query", out, "--runs"]) == 2
-    err = capsys.readouterr().err
-    assert "corrupt part file" in err and "committed run good" in err and err.count("\n") == 1
+    intact = good.read_bytes()
+    for damaged in (b"garbage", intact[:-30] + intact[-8:]):  # not Parquet at all; a damaged footer
+        good.write_bytes(damaged)
+        assert main(["query", out, "--runs"]) == EXIT_CORRUPT_RESULTS  # neither invalid input (2) nor storage (3)
+        err = capsys.readouterr().err
+        assert err.startswith("wbc-batch query: corrupt results: part file ") and err.count("\n") == 1
+        assert "of committed run good cannot be decoded" in err and "--run-id good" in err

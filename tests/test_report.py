@@ -170,3 +170,30 @@ def test_report_renders_in_chromium(report_case: tuple[str, str], tmp_path: Path
     keep = os.environ.get("WBC_REPORT_SCREENSHOT")
     if keep:  # for a person to look at
         shutil.copy(shot, keep)
+
+
+@pytest.mark.parametrize(("option", "model", "marker"), [
+    (None, 0.9516, "review &lt; 0.9516"),  # a default run: the model's threshold, as the rows were judged
+    (0.8, 0.9516, "review &lt; 0.8"),  # --review-threshold wins
+    (None, None, None),  # a manifest from before model.review_threshold was recorded
+])
+def test_confidence_histogram_marks_the_effective_review_threshold(
+        tmp_path: Path, option: float | None, model: float | None, marker: str | None) -> None:
+    import json
+
+    from wbc_batch.report import effective_review_threshold, render_report
+
+    out = str(tmp_path / "out")
+    write_run(out, "r", make_table(cells("S", {"neutrophil": 3}), "r"))
+    path = tmp_path / "out" / "runs" / "r.json"
+    manifest = json.loads(path.read_text())
+    manifest["options"] = {"review_threshold": option}
+    if model is not None:
+        manifest["model"]["review_threshold"] = model
+    path.write_text(json.dumps(manifest))
+    assert effective_review_threshold(manifest) == (option if option is not None else model)
+    html = render_report(out)[1]
+    if marker is None:
+        assert "review &lt;" not in html
+    else:
+        assert marker in html and html.count("review &lt;") == 1

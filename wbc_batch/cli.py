@@ -13,17 +13,16 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-EXIT_USAGE = 2
-EXIT_FAILED = 1
-EXIT_CLUSTER = 5  # the Ray cluster named by --ray-address or RAY_ADDRESS does not answer
+from wbc_batch.errors import EXIT_CLUSTER, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, WbcError  # noqa: F401 (EXIT_CLUSTER: tests)
 
 
-class CliError(Exception):
-    """An error to report as one line with a given exit code."""
+class CliError(WbcError):
+    """A failure the command line itself finds (options that do not go together), printed as given."""
 
-    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
-        super().__init__(message)
-        self.code = code
+    prefix = ""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message, exit_code=code)
 
 
 # --- classify -------------------------------------------------------------
@@ -367,41 +366,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _root_cause(exc: BaseException) -> BaseException:
-    """The first known failure inside Ray's wrappers (RayTaskError.cause, UserCodeException.__cause__)."""
-    from wbc_batch.cluster import ClusterUnreachableError
-    from wbc_batch.model import ModelArtifactError
-    from wbc_batch.storage import StorageError
-
+    """The first :class:`~wbc_batch.errors.WbcError` inside Ray's wrappers (RayTaskError.cause, UserCodeException.__cause__)."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, (CliError, ModelArtifactError, StorageError, ClusterUnreachableError)):
+        if isinstance(current, WbcError):
             return current
         current = getattr(current, "cause", None) or current.__cause__
     return exc
 
 
 def _error_message(exc: BaseException) -> tuple[str, int]:
-    """Turn a known failure into one line and an exit code."""
-    from wbc_batch.imaging import ImageDecodeError
-    from wbc_batch.model import ModelArtifactError
-    from wbc_batch.storage import StorageError
-
-    from wbc_batch.cluster import ClusterUnreachableError
-
+    """Turn a failure into one line and an exit code: a WbcError carries both (wbc_batch/errors.py)."""
     exc = _root_cause(exc)
-    if isinstance(exc, CliError):
-        return str(exc), exc.code
-    if isinstance(exc, ClusterUnreachableError):
-        return f"ray cluster unreachable: {exc}", EXIT_CLUSTER
-    if isinstance(exc, ModelArtifactError):
-        return f"model error: {exc}", 4
-    if isinstance(exc, StorageError):
-        return f"storage error: {exc}", 3
+    if isinstance(exc, WbcError):
+        return exc.message, exc.exit_code
     if isinstance(exc, FileNotFoundError):
         return f"not found: {exc.filename or exc}", EXIT_USAGE
-    if isinstance(exc, (ValueError, ImageDecodeError)):
+    if isinstance(exc, ValueError):  # guard clauses of library functions (ImageDecodeError is one too)
         return f"invalid input: {exc}", EXIT_USAGE
     first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
     return f"failed: {type(exc).__name__}: {first}", EXIT_FAILED
@@ -426,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("wbc-batch: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - the CLI boundary turns every failure into one line
         if os.environ.get("WBC_DEBUG"):
             raise

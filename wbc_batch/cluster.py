@@ -26,14 +26,16 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
+from wbc_batch.errors import ClusterError
+
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5.0
 _LOCAL = "local"
 
 
-class ClusterUnreachableError(ConnectionError):
-    """The Ray cluster the run was told to use does not answer."""
+class ClusterUnreachableError(ClusterError):
+    """The Ray cluster the run was told to use does not answer (a ConnectionError; exit 5)."""
 
 
 @dataclass(frozen=True)

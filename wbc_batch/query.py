@@ -42,6 +42,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from wbc_batch import storage
+from wbc_batch.errors import CorruptResultsError, InvalidInputError
 from wbc_batch.ood import DEFAULT_MAX_SHARE, ShiftRule, sample_shifted
 
 __all__ = [
@@ -103,8 +104,8 @@ BASE_COLUMNS: dict[str, pa.DataType] = {
 }
 
 
-class QueryError(ValueError):
-    """A query that is refused (writes, several statements) or cannot run."""
+class QueryError(InvalidInputError):
+    """A query that is refused (writes, several statements) or cannot run (a ValueError; exit 2)."""
 
 
 # --- loading ----------------------------------------------------------------
@@ -322,14 +323,23 @@ def read_results(output: str, *, committed_only: bool = True, run_ids: Collectio
 
     def read(item: tuple[str, str | None]) -> pa.Table | None:
         path, file_run = item
+        try:  # the bytes first, so that a storage failure (exit 3) is never taken for a damaged file
+            with fs.open_input_file(path) as fh:
+                data = fh.read()
+        except OSError as exc:
+            if keep_runs is None and file_run not in committed:
+                return None
+            raise _fs_error(output, exc) from None
         try:
-            table = pq.read_table(path, filesystem=fs)
-        except (OSError, pa.ArrowInvalid) as exc:
+            table = pq.read_table(pa.BufferReader(data))
+        except (OSError, pa.ArrowException) as exc:
             if keep_runs is None and file_run not in committed:
                 return None  # an uncommitted run's file may be incomplete; it never counts anyway
-            if isinstance(exc, pa.ArrowInvalid):
-                raise ValueError(f"corrupt part file {path} of committed run {file_run}: {str(exc).splitlines()[0]}") from None
-            raise _fs_error(output, exc) from None
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise CorruptResultsError(
+                f"part file {path} of committed run {file_run} cannot be decoded ({reason}); re-run that run id "
+                f"(classify --run-id {file_run}) or delete its manifest runs/{file_run}.json to uncommit it"
+            ) from None
         date = _RUN_DATE_RE.search(path)
         return _normalise(table, date.group(1) if date else None)
 

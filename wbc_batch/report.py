@@ -73,6 +73,19 @@ def _runs_as_of(results: query.Results, manifest: Mapping[str, Any]) -> set[str]
 
 
 
+def effective_review_threshold(manifest: Mapping[str, Any]) -> float | None:
+    """The review threshold a run applied: ``--review-threshold`` when given, else the model's default.
+
+    The model's default is ``model.review_threshold`` of the manifest; runs
+    committed before it was recorded there give None unless the option was set.
+    """
+    for value in ((manifest.get("options") or {}).get("review_threshold"),
+                  (manifest.get("model") or {}).get("review_threshold")):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
 def _filter_runs(results: query.Results, run_ids: set[str]) -> query.Results:
     mask = pc.is_in(results.rows.column("run_id"), value_set=pa.array(sorted(run_ids), type=pa.string()))
     return query.Results(rows=results.rows.filter(mask), runs=results.runs, manifests=results.manifests)
@@ -319,7 +332,7 @@ def render_report(output: str, run_id: str | None = None, *, max_gallery: int = 
     class_order += sorted(set(ok["predicted_class"].dropna()) - set(class_order))
     vc = ok["predicted_class"].value_counts()
     chart = bar_chart_svg([(c, int(vc.get(c, 0))) for c in class_order], f"Predicted classes ({len(ok)} images)")
-    threshold = (manifest.get("options") or {}).get("review_threshold")
+    threshold = effective_review_threshold(manifest)
     hist = histogram_svg(ok["confidence"].tolist(), "Confidence (calibrated)",
                          marker=float(threshold) if isinstance(threshold, (int, float)) else None)
 

@@ -18,6 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from wbc_batch import errors
 from wbc_batch.imaging import is_image_name
 
 log = logging.getLogger(__name__)
@@ -26,8 +27,8 @@ MANIFEST_SUFFIXES = (".txt", ".lst", ".csv", ".parquet")
 _local = threading.local()
 
 
-class StorageError(RuntimeError):
-    """Storage that cannot be reached or used (endpoint down, no permission, disk full)."""
+class StorageError(errors.StorageError):
+    """Storage that cannot be reached or used (endpoint down, no permission, disk full): exit 3."""
 
 
 def is_remote(uri: str) -> bool:
