@@ -20,9 +20,11 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m wbc_batch.demo
 
-# Headless Chromium renders the HTML report in the tests (Debian package).
+# Headless Chromium renders the HTML report in the tests; chromium-driver lets Selenium drive the review app
+# (Debian packages, installed only when missing).
 system-deps:
 	@command -v chromium >/dev/null 2>&1 || $(MAKE) --no-print-directory apt-install PKGS=chromium
+	@command -v chromedriver >/dev/null 2>&1 || $(MAKE) --no-print-directory apt-install PKGS=chromium-driver
 
 apt-install:
 	@SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO="sudo"; \

@@ -173,6 +173,9 @@ def _add_query(sub: argparse._SubParsersAction) -> None:
     canned.add_argument("--runs", dest="canned", action="store_const", const="runs", help="run history from the manifests")
     canned.add_argument("--drift", dest="canned", action="store_const", const="drift",
                         help="class mix and mean confidence per day and model version")
+    canned.add_argument("--agreement", dest="canned", action="store_const", const="agreement",
+                        help="model against reviewers' verdicts per run and predicted class: agreement %%, "
+                             "sensitivity %% and the confusion row")
     p.add_argument("--sample", default=None, help="with --differential: only this sample id")
     p.add_argument("--min-cells", type=int, default=None, help="with --differential: warn below this many white cells (default 100)")
     p.add_argument("--ood-share", type=float, default=None,
@@ -185,10 +188,10 @@ def _cmd_query(args: argparse.Namespace) -> int:
     from wbc_batch.query import run_query
 
     if args.sql is not None and args.canned is not None:
-        raise CliError("give either SQL or a canned query (--differential, --review-queue, --runs, --drift), not both",
-                       EXIT_USAGE)
+        raise CliError("give either SQL or a canned query (--differential, --review-queue, --runs, --drift, "
+                       "--agreement), not both", EXIT_USAGE)
     if args.sql is None and args.canned is None:
-        raise CliError("expected SQL or one of --differential, --review-queue, --runs, --drift", EXIT_USAGE)
+        raise CliError("expected SQL or one of --differential, --review-queue, --runs, --drift, --agreement", EXIT_USAGE)
     if args.canned != "differential" and (args.sample or args.min_cells is not None or args.ood_share is not None):
         raise CliError("--sample, --min-cells and --ood-share go with --differential", EXIT_USAGE)
     options: dict = {}
@@ -219,6 +222,66 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from wbc_batch.report import write_report
 
     print(write_report(args.output, run_id=args.run_id, out_file=args.out_file))
+    return 0
+
+
+# --- review -----------------------------------------------------------------
+
+
+def _add_review(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("review", help="web app to verify cells, reclassify them and sign samples off",
+                       description="Serve the review app over the committed results in OUTPUT. Every request needs "
+                                   "the token: WBC_REVIEW_TOKEN, else one generated and printed here. Verdicts are "
+                                   "appended under OUTPUT/reviews/; results are never modified.")
+    p.add_argument("output", metavar="OUTPUT", help="local folder or s3://bucket/prefix holding results")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765)")
+    p.set_defaults(func=_cmd_review)
+
+
+def _cmd_review(args: argparse.Namespace) -> int:
+    """Serve the review app until interrupted."""
+    from wbc_batch.review.app import resolve_token, serve
+
+    token, generated = resolve_token(dict(os.environ))
+    serve(args.output, host=args.host, port=args.port, token=token, generated=generated)
+    return 0
+
+
+def _add_import_verdicts(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("import-verdicts", help="record verdicts from a CSV or Parquet file (e.g. another system's)",
+                       description="Record the verdicts in FILE (columns image_uri or image_sha256, verified_class, "
+                                   "optional reason) as REVIEWER's, as the review app records them. The whole file is "
+                                   "refused when an entry names no committed cell or an unknown class.")
+    p.add_argument("output", metavar="OUTPUT", help="local folder or s3://bucket/prefix holding results")
+    p.add_argument("file", metavar="FILE", help="a .csv or .parquet file, local or s3://")
+    p.add_argument("--reviewer", required=True, help="name the verdicts are recorded under")
+    p.set_defaults(func=_cmd_import_verdicts)
+
+
+def _cmd_import_verdicts(args: argparse.Namespace) -> int:
+    """Import and print how many records were written."""
+    from wbc_batch.review.labels import import_verdicts
+
+    print(f"{import_verdicts(args.output, args.file, args.reviewer)} verdicts recorded under {args.output}/reviews")
+    return 0
+
+
+def _add_export_labels(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export-labels", help="copy every verified cell into DEST/<verified_class>/ for training",
+                       description="Copy every cell with a verdict, byte for byte, to DEST/<verified_class>/"
+                                   "<sha256><ext> (the layout wbc-batch train reads), with DEST/labels.csv listing them.")
+    p.add_argument("output", metavar="OUTPUT", help="local folder or s3://bucket/prefix holding results")
+    p.add_argument("dest", metavar="DEST", help="local folder or s3:// prefix for the labelled images")
+    p.add_argument("--signed-only", action="store_true", help="only cells of signed-off samples")
+    p.set_defaults(func=_cmd_export_labels)
+
+
+def _cmd_export_labels(args: argparse.Namespace) -> int:
+    """Export and print a one-line summary."""
+    from wbc_batch.review.labels import export_labels
+
+    print(export_labels(args.output, args.dest, signed_only=args.signed_only).line(args.dest))
     return 0
 
 
@@ -350,7 +413,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 # --- registry -------------------------------------------------------------
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_classify, _add_evaluate, _add_explain, _add_nightly, _add_query, _add_report, _add_train,
+    _add_classify, _add_evaluate, _add_explain, _add_export_labels, _add_import_verdicts, _add_nightly, _add_query,
+    _add_report, _add_review, _add_train,
 ]
 
 

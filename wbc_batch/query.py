@@ -66,7 +66,7 @@ DEFAULT_REFERENCE_RANGES: dict[str, tuple[float | None, float | None]] = {
 DEFAULT_MIN_CELLS = 100
 DEFAULT_OOD_SHARE_LIMIT = DEFAULT_MAX_SHARE  # for models and manifests that state no rule (ood.ShiftRule)
 FORMATS = ("table", "csv", "json")
-CANNED = ("differential", "review-queue", "runs", "drift")
+CANNED = ("differential", "review-queue", "runs", "drift", "agreement")
 READ_ONLY_TYPES = ("SELECT", "EXPLAIN")
 
 _PART_RE = re.compile(r"^part-(?P<run_id>.+)-(?P<seq>\d+)\.parquet$")
@@ -527,9 +527,24 @@ def _flag(percent: float, rng: tuple[float | None, float | None] | None) -> str:
 
 
 DIFFERENTIAL_COLUMNS = [
-    "sample_id", "white_cells", "cell_class", "count", "percent", "ci_low", "ci_high", "reference", "flag",
-    "needs_review", "errors", "ood_share", "reliable", "warning",
+    "sample_id", "white_cells", "cell_class", "count", "model_count", "percent", "ci_low", "ci_high", "reference",
+    "flag", "needs_review", "verified", "signed_off_by", "signed_off_at", "errors", "ood_share", "reliable", "warning",
 ]
+
+
+def _counted_class(rows: pd.DataFrame) -> pd.Series:
+    """The class a cell counts under: the reviewer's verified class where there is one, else the model's."""
+    if "verified_class" not in rows.columns:
+        return rows["predicted_class"]
+    return rows["verified_class"].where(rows["verified_class"].notna(), rows["predicted_class"])
+
+
+def _sign_off(rows: pd.DataFrame) -> tuple[Any, Any]:
+    """(by, at) of a sample's sign-off, or (None, None)."""
+    if "signed_off_by" not in rows.columns or not rows["signed_off_by"].notna().any():
+        return None, None
+    first = rows[rows["signed_off_by"].notna()].iloc[0]
+    return first["signed_off_by"], first["signed_off_at"]
 
 
 def differential_from_frame(
@@ -546,8 +561,12 @@ def differential_from_frame(
 ) -> pd.DataFrame:
     """The white-cell differential of prediction rows (one row per image already).
 
+    A cell counts under its verified class where a reviewer gave one
+    (columns from :func:`wbc_batch.review.counts.attach_verdicts`), else
+    under the model's; ``model_count`` keeps the model's count beside it.
+
     Args:
-        frame: rows of the ``predictions`` view (latest per image).
+        frame: rows of the ``predictions`` view (latest per image), optionally with verdict columns.
         sample: only this sample id.
         class_names: classes to report (default: the ``p_<class>`` columns).
         non_wbc: classes left out of white-cell counts.
@@ -575,7 +594,7 @@ def differential_from_frame(
     excluded = set(non_wbc)
     classes = list(class_names) if class_names is not None else [c[2:] for c in frame.columns if c.startswith("p_")]
     ok_all = frame[frame["status"] == "ok"] if len(frame) else frame
-    extra = sorted(set(ok_all["predicted_class"].dropna()) - set(classes) - excluded) if len(frame) else []
+    extra = sorted(set(_counted_class(ok_all).dropna()) - set(classes) - excluded) if len(frame) else []
     white_classes = [c for c in classes if c not in excluded] + extra
     if sample is not None:
         known = sorted(frame["sample_id"].dropna().unique()) if len(frame) else []
@@ -590,7 +609,9 @@ def differential_from_frame(
     for sid in sorted(samples.unique()):
         rows = frame[samples == sid]
         ok = rows[rows["status"] == "ok"]
-        white = ok[~ok["predicted_class"].isin(excluded) & ok["predicted_class"].notna()]
+        counted = _counted_class(ok)
+        white = counted[~counted.isin(excluded) & counted.notna()]
+        model_white = ok["predicted_class"][~ok["predicted_class"].isin(excluded) & ok["predicted_class"].notna()]
         n = len(white)
         ood = ok["out_of_distribution"].astype("boolean").fillna(False).astype(bool)
         ood_share = float(ood.mean()) if len(ok) else 0.0
@@ -605,7 +626,9 @@ def differential_from_frame(
             warnings.append("no white cells")
         elif n < min_cells:
             warnings.append(f"only {n} white cells (fewer than {min_cells})")
-        counts = white["predicted_class"].value_counts()
+        counts, model_counts = white.value_counts(), model_white.value_counts()
+        verified = int(ok["verified_class"].notna().sum()) if "verified_class" in ok.columns else 0
+        signed_by, signed_at = _sign_off(rows)
         for cls in white_classes:
             k = int(counts.get(cls, 0))
             rng = ranges.get(cls)
@@ -617,9 +640,11 @@ def differential_from_frame(
                 lo, hi = 100.0 * ci[0], 100.0 * ci[1]
                 flag = _flag(pct, rng)
             out.append({
-                "sample_id": sid, "white_cells": n, "cell_class": cls, "count": k, "percent": pct,
+                "sample_id": sid, "white_cells": n, "cell_class": cls, "count": k,
+                "model_count": int(model_counts.get(cls, 0)), "percent": pct,
                 "ci_low": lo, "ci_high": hi, "reference": _reference_text(rng), "flag": flag,
-                "needs_review": review, "errors": int((rows["status"] != "ok").sum()), "ood_share": ood_share,
+                "needs_review": review, "verified": verified, "signed_off_by": signed_by, "signed_off_at": signed_at,
+                "errors": int((rows["status"] != "ok").sum()), "ood_share": ood_share,
                 "reliable": reliable, "warning": "; ".join(warnings),
             })
     df = pd.DataFrame(out, columns=DIFFERENTIAL_COLUMNS)
@@ -629,14 +654,16 @@ def differential_from_frame(
 
 
 def differential(output: str, sample: str | None = None, **options: Any) -> pd.DataFrame:
-    """Per-sample white-cell differential of the committed results.
+    """Per-sample white-cell differential of the committed results, reviewers' verdicts applied.
 
     Counts one row per image (the ``predictions`` view), so re-runs never
     double count. ``options`` are those of :func:`differential_from_frame`;
     each sample is judged by the unreliable-sample rule its runs recorded.
     """
     options = {"shift_rules": run_shift_rules(read_manifests(output)), **options}
-    return differential_from_frame(load_results(output), sample, **options)
+    from wbc_batch.review.counts import attach_verdicts
+
+    return differential_from_frame(attach_verdicts(load_results(output), output), sample, **options)
 
 
 # --- canned queries and formatting -------------------------------------------
@@ -688,7 +715,8 @@ def query_frame(output: str, sql: str | None = None, *, canned: str | None = Non
         ValueError: bad combination of arguments.
     """
     if (sql is None) == (canned is None):
-        raise ValueError("expected either SQL or one canned query (--differential, --review-queue, --runs, --drift)")
+        raise ValueError("expected either SQL or one canned query "
+                         "(--differential, --review-queue, --runs, --drift, --agreement)")
     if canned is not None and canned not in CANNED:
         raise ValueError(f"unknown canned query {canned!r}; expected one of {', '.join(CANNED)}")
     if sample is not None and canned != "differential":
@@ -700,8 +728,13 @@ def query_frame(output: str, sql: str | None = None, *, canned: str | None = Non
     results = read_results(output)
     con = connect(results)
     try:
-        if canned == "differential":
-            frame = con.execute("SELECT * FROM predictions").fetch_df()
+        if canned in ("differential", "agreement"):
+            from wbc_batch.review.counts import agreement_from_frame, attach_verdicts
+
+            if canned == "agreement":  # every committed row: each run against the same verdicts
+                raw = con.execute("SELECT * FROM predictions_raw WHERE status = 'ok'").fetch_df()
+                return agreement_from_frame(attach_verdicts(raw, output), results.class_names)
+            frame = attach_verdicts(con.execute("SELECT * FROM predictions").fetch_df(), output)
             return differential_from_frame(frame, sample,
                                            **{"shift_rules": run_shift_rules(results.manifests), **differential_options})
         if canned == "review-queue":
@@ -746,7 +779,7 @@ def run_query(output: str, sql: str | None = None, fmt: str = "table", canned: s
         sql: one SELECT/WITH/SHOW/DESCRIBE/EXPLAIN statement over
             ``predictions``, ``predictions_raw`` and ``runs``.
         fmt: ``table``, ``csv`` or ``json``.
-        canned: ``differential``, ``review-queue``, ``runs`` or ``drift``.
+        canned: ``differential``, ``review-queue``, ``runs``, ``drift`` or ``agreement``.
         sample: with ``differential``, only this sample.
     """
     if fmt not in FORMATS:

@@ -9,7 +9,11 @@ run's own rows. The differential and the review gallery describe the
 samples the run touched, as they stood when the run committed: the latest
 committed row per image from this run and the runs that finished before
 it, so a nightly run that completed a sample shows the whole sample, and
-re-rendering an old run's report gives the same numbers.
+re-rendering an old run's report gives the same numbers. Reviewers'
+verdicts (``OUTPUT/reviews/``) are applied as they stand when the report is
+written: each cell counts under its verified class, with the model's count
+beside it, and each sample shows how many cells are verified and who signed
+it off.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from wbc_batch import query, storage
+from wbc_batch.review.counts import attach_verdicts
 
 __all__ = ["bar_chart_svg", "histogram_svg", "render_report", "write_report"]
 
@@ -206,7 +211,10 @@ def _differential_html(diff: pd.DataFrame) -> str:
     for sid, rows in diff.groupby("sample_id", sort=True):
         first = rows.iloc[0]
         reliable = bool(first["reliable"])
-        meta = (f"{int(first['white_cells'])} white cells · {int(first['needs_review'])} awaiting review · "
+        signed = (f"signed off by {first['signed_off_by']} at {pd.Timestamp(first['signed_off_at']):%Y-%m-%d %H:%M} UTC"
+                  if first.get("signed_off_by") else "not signed off")
+        meta = (f"{int(first['white_cells'])} white cells · {int(first['needs_review'])} flagged for review · "
+                f"{int(first.get('verified', 0))} verified by a reviewer · {signed} · "
                 f"{int(first['errors'])} unreadable · {first['ood_share']:.0%} out of distribution")
         note = f'<div class="alert {"danger" if not reliable else "warn"}">{_e(first["warning"])}</div>' if first["warning"] else ""
         body = []
@@ -215,11 +223,11 @@ def _differential_html(diff: pd.DataFrame) -> str:
             flag = f'<span class="flag-{_e(r.flag)}">{_e(r.flag.upper())}</span>' if r.flag else ""
             body.append(f"<tr><td>{_e(r.cell_class)}</td><td class=num>{int(r.count)}</td>"
                         f"<td class=num>{_fmt_pct(r.percent)}</td><td class=num>{ci}</td><td>{_e(r.reference)}</td>"
-                        f"<td>{flag}</td></tr>")
+                        f"<td>{flag}</td><td class=num>{int(r.model_count)}</td></tr>")
         table_class = "" if reliable else ' class="unreliable"'
         out.append(f'<section class="sample"><h3>Sample {_e(sid)}{"" if reliable else " — NOT REPORTABLE"}</h3>'
                    f'<div class="muted">{_e(meta)}</div>{note}<table{table_class}><tr><th>Class</th><th>Count</th>'
-                   f"<th>%</th><th>95% CI (Wilson)</th><th>Reference %</th><th>Flag</th></tr>{''.join(body)}</table></section>")
+                   f"<th>%</th><th>95% CI (Wilson)</th><th>Reference %</th><th>Flag</th><th>Model count</th></tr>{''.join(body)}</table></section>")
     return "".join(out)
 
 
@@ -322,7 +330,7 @@ def render_report(output: str, run_id: str | None = None, *, max_gallery: int = 
     finally:
         con.close()
     samples = set(own["sample_id"].dropna())
-    latest = latest[latest["sample_id"].isin(samples)]
+    latest = attach_verdicts(latest[latest["sample_id"].isin(samples)], output)
     # each sample judged by the rule its runs recorded (ood.sample_shifted), as the manifest's domain_shift was
     diff = query.differential_from_frame(latest, class_names=scoped.class_names or None,
                                          **{"shift_rules": query.run_shift_rules(scoped.manifests), **differential_options})
@@ -351,6 +359,7 @@ def render_report(output: str, run_id: str | None = None, *, max_gallery: int = 
 <h2>Run summary</h2>{_summary_table(manifest)}
 <h2>Differential per sample</h2>
 <p class="muted">Latest committed classification per image for the {len(samples)} sample(s) of this run, as of this run.
+Each cell counts under the class a reviewer verified where there is one ("Model count": the model's own count).
 Non-white cells and unreadable images are left out; intervals are 95% Wilson intervals; flags compare the point
 estimate with adult reference ranges.</p>
 {_differential_html(diff)}
