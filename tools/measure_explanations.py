@@ -22,7 +22,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import cv2
 import csv
 import json
 import os
@@ -31,6 +30,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

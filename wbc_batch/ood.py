@@ -154,6 +154,13 @@ def _decode(obj: Mapping[str, Any]) -> np.ndarray:
     return raw.reshape(shape).astype(np.float64)
 
 
+def _given(images: np.ndarray | None) -> np.ndarray:
+    """``images`` after the caller checked that features were not given instead."""
+    if images is None:
+        raise ValueError("expected images or precomputed quality features")
+    return images
+
+
 def _class_means(x: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
     """Per-class means; a class without rows gets the overall mean (tiny fits, rare classes)."""
     overall = x.mean(axis=0)
@@ -349,8 +356,9 @@ def fit_ood(
 
     if (images_train is None and features_train is None) or (images_val is None and features_val is None):
         raise ValueError("expected images or precomputed quality features for both the train and the val split")
-    f_tr = np.asarray(features_train if features_train is not None else quality_features(images_train), np.float64)
-    f_va = np.asarray(features_val if features_val is not None else quality_features(images_val), np.float64)
+    f_tr = np.asarray(features_train if features_train is not None else quality_features(_given(images_train)),
+                      np.float64)
+    f_va = np.asarray(features_val if features_val is not None else quality_features(_given(images_val)), np.float64)
     if len(f_tr) != len(e_tr) or len(f_va) != len(e_va):
         raise ValueError(
             f"expected one image per embedding, got {len(f_tr)}/{len(e_tr)} train and {len(f_va)}/{len(e_va)} val"
@@ -562,7 +570,10 @@ def _jpeg(rgb: np.ndarray, quality: int) -> np.ndarray:
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
         raise ValueError("JPEG encoding failed")
-    return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    decoded = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    if decoded is None:
+        raise ValueError("JPEG decoding failed")
+    return cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
 
 
 SHIFTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
