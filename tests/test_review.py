@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-from http.client import HTTPConnection
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,14 @@ from wbc_batch.cli import main
 from wbc_batch.query import differential, query_frame
 from wbc_batch.report import render_report
 from wbc_batch.review.app import cell_id
-from wbc_batch.review.records import VERDICT_SCHEMA, VerdictStore, current_verdicts, make_record, read_verdicts, signoffs
+from wbc_batch.review.records import (
+    VERDICT_SCHEMA,
+    VerdictStore,
+    current_verdicts,
+    make_record,
+    read_verdicts,
+    signoffs,
+)
 
 TOKEN = "review-test-token-0123456789abcdef"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

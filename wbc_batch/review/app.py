@@ -42,7 +42,13 @@ from pydantic import BaseModel, Field
 from wbc_batch import query, storage
 from wbc_batch.review.counts import attach_verdicts
 from wbc_batch.review.records import (
-    AMEND, CONFIRM, RECLASSIFY, SIGN_OFF, VerdictStore, make_record, signoffs, validate_reviewer,
+    AMEND,
+    CONFIRM,
+    RECLASSIFY,
+    SIGN_OFF,
+    VerdictStore,
+    make_record,
+    validate_reviewer,
 )
 
 __all__ = ["ReviewSettings", "ReviewState", "create_app", "serve"]

@@ -24,7 +24,14 @@ from wbc_batch import query, storage
 from wbc_batch.imaging import IMAGE_EXTENSIONS
 from wbc_batch.review.counts import attach_verdicts
 from wbc_batch.review.records import (
-    AMEND, CONFIRM, RECLASSIFY, VerdictStore, make_record, read_verdicts, signoffs, validate_reviewer,
+    AMEND,
+    CONFIRM,
+    RECLASSIFY,
+    VerdictStore,
+    make_record,
+    read_verdicts,
+    signoffs,
+    validate_reviewer,
 )
 
 __all__ = ["ExportSummary", "export_labels", "import_verdicts"]
