@@ -176,14 +176,51 @@ def _write_csv(path: Path, rows: list[dict[str, str]]) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.s3)])
-def test_import_counts_agreement_and_export_round_trip(where: str, tmp_path: Path, request: pytest.FixtureRequest,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+def _locations(where: str, tmp_path: Path, request: pytest.FixtureRequest) -> tuple[str, str, str]:
+    """(input base, OUTPUT, DEST) on the local disk or in a fresh bucket of the loopback S3 endpoint."""
     if where == "s3":
         bucket = request.getfixturevalue("s3_bucket")
-        base, out, dest = f"s3://{bucket}/in", f"s3://{bucket}/out", f"s3://{bucket}/labels"
-    else:
-        base, out, dest = str(tmp_path / "in"), str(tmp_path / "out"), str(tmp_path / "labels")
+        return f"s3://{bucket}/in", f"s3://{bucket}/out", f"s3://{bucket}/labels"
+    return str(tmp_path / "in"), str(tmp_path / "out"), str(tmp_path / "labels")
+
+
+def test_counts_report_and_agreement_follow_the_verdicts(results: tuple[str, list[dict]], tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    out, specs = results
+    mono, neut = _cell(specs, "slide-A", "lymphocyte", 0.55), _cell(specs, "slide-A", "neutrophil", 0.62)
+    baso = _cell(specs, "slide-A", "basophil")
+    store = VerdictStore(out)
+    for spec, cls in ((mono, "monocyte"), (neut, "neutrophil"), (baso, "eosinophil")):
+        row = {**spec, "run_id": "run-1", "model_version": "1.0.0"}
+        store.append([make_record(action="confirm" if cls == spec["predicted_class"] else "reclassify", reviewer="Ana",
+                                  sample_id="slide-A", row=row, verified_class=cls)])
+    # Counts: slide-A's monocyte and eosinophil under their verified classes, the model's count beside them.
+    diff = differential(out).set_index(["sample_id", "cell_class"])
+    assert diff.loc[("slide-A", "monocyte"), ["count", "model_count"]].tolist() == [2, 1]
+    assert diff.loc[("slide-A", "lymphocyte"), ["count", "model_count"]].tolist() == [2, 3]
+    assert diff.loc[("slide-A", "eosinophil"), "count"] == 2 and diff.loc[("slide-A", "basophil"), "count"] == 0
+    assert diff.loc[("slide-A", "neutrophil"), "verified"] == 3 and pd_isna(diff.loc[("slide-A", "neutrophil"), "signed_off_by"])
+    assert diff.loc[("slide-B", "neutrophil"), "verified"] == 0
+    store.append([make_record(action="sign-off", reviewer="Ana", sample_id="slide-A")])
+    assert differential(out, "slide-A")["signed_off_by"].unique().tolist() == ["Ana"]
+    assert main(["query", out, "--differential", "--sample", "slide-A", "--format", "csv"]) == 0
+    assert "model_count" in capsys.readouterr().out.splitlines()[0]
+    _, doc = render_report(out)
+    assert "3 verified by a reviewer · signed off by Ana at" in doc and "<th>Model count</th>" in doc
+
+    agreement = query_frame(out, canned="agreement").set_index("predicted_class")
+    assert agreement.loc["(all)", ["verified", "agreed"]].tolist() == [3, 1]
+    assert agreement.loc["lymphocyte", ["verified", "agreed", "as_monocyte"]].tolist() == [1, 0, 1]
+    assert agreement.loc["neutrophil", "agreement_pct"] == 100.0
+    assert agreement.loc["monocyte", "sensitivity_pct"] == 0.0  # the reviewer's monocyte, missed by the model
+    assert main(["query", out, "--agreement", "--format", "json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == len(agreement)
+
+
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.s3)])
+def test_import_and_export_round_trip(where: str, tmp_path: Path, request: pytest.FixtureRequest,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    base, out, dest = _locations(where, tmp_path, request)
     specs = build(base, out)
     mono = _cell(specs, "slide-A", "lymphocyte", 0.55)  # really a monocyte
     neut = _cell(specs, "slide-A", "neutrophil", 0.62)
@@ -204,27 +241,8 @@ def test_import_counts_agreement_and_export_round_trip(where: str, tmp_path: Pat
     records = read_verdicts(out).to_pandas().sort_values("image_uri")
     assert sorted(records.action) == ["confirm", "reclassify", "reclassify"]
     assert set(records.source) == {"import:verdicts.csv", "import:by-hash.parquet"}
-
-    # Counts: slide-A's monocyte and eosinophil under their verified classes, the model's count beside them.
-    diff = differential(out).set_index(["sample_id", "cell_class"])
-    assert diff.loc[("slide-A", "monocyte"), ["count", "model_count"]].tolist() == [2, 1]
-    assert diff.loc[("slide-A", "lymphocyte"), ["count", "model_count"]].tolist() == [2, 3]
-    assert diff.loc[("slide-A", "eosinophil"), "count"] == 2 and diff.loc[("slide-A", "basophil"), "count"] == 0
-    assert diff.loc[("slide-A", "neutrophil"), "verified"] == 3 and pd_isna(diff.loc[("slide-A", "neutrophil"), "signed_off_by"])
+    # Into a signed sample, an import is an amendment with a reason.
     VerdictStore(out).append([make_record(action="sign-off", reviewer="Ana", sample_id="slide-A")])
-    assert differential(out, "slide-A")["signed_off_by"].unique().tolist() == ["Ana"]
-    _, doc = render_report(out)
-    assert "3 verified by a reviewer · signed off by Ana at" in doc and "<th>Model count</th>" in doc
-
-    agreement = query_frame(out, canned="agreement").set_index("predicted_class")
-    assert agreement.loc["(all)", ["verified", "agreed"]].tolist() == [3, 1]
-    assert agreement.loc["lymphocyte", ["verified", "agreed", "as_monocyte"]].tolist() == [1, 0, 1]
-    assert agreement.loc["neutrophil", "agreement_pct"] == 100.0
-    assert agreement.loc["monocyte", "sensitivity_pct"] == 0.0  # the reviewer's monocyte, missed by the model
-    assert main(["query", out, "--agreement", "--format", "json"]) == 0
-    assert len(json.loads(capsys.readouterr().out)) == len(agreement)
-
-    # Amendment after sign-off: an import into a signed sample is an amendment with a reason.
     again = _write_csv(tmp_path / "again.csv", [{"image_uri": neut["image_uri"], "verified_class": "ig", "reason": "band"}])
     assert main(["import-verdicts", out, again, "--reviewer", "Bo"]) == 0
     capsys.readouterr()
@@ -305,11 +323,7 @@ def test_server_refuses_without_token_and_cross_site_writes(results: tuple[str, 
 
 @pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.s3)])
 def test_two_reviewers_at_once_lose_nothing(where: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    if where == "s3":
-        bucket = request.getfixturevalue("s3_bucket")
-        base, out = f"s3://{bucket}/in", f"s3://{bucket}/out"
-    else:
-        base, out = str(tmp_path / "in"), str(tmp_path / "out")
+    base, out, _ = _locations(where, tmp_path, request)
     specs = build(base, out)
     cells = [s for s in specs if s["sample_id"] == "slide-A" and s["predicted_class"]]
     sent: list[tuple[str, str]] = []

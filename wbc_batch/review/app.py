@@ -47,6 +47,7 @@ from wbc_batch.review.records import (
     RECLASSIFY,
     SIGN_OFF,
     VerdictStore,
+    current_verdicts,
     make_record,
     validate_reviewer,
 )
@@ -184,7 +185,7 @@ def sample_summary(sample_id: str, rows: pd.DataFrame) -> dict[str, Any]:
     }
 
 
-def _cell_json(r: dict[str, Any], classes: list[str]) -> dict[str, Any]:
+def _cell_json(r: dict[str, Any], classes: list[str], actions: dict[tuple[str, str], str]) -> dict[str, Any]:
     probs = sorted(((c, _plain(r.get(f"p_{c}"))) for c in classes), key=lambda kv: -(kv[1] or 0.0))
     return {
         "id": r["cell_id"], "name": PurePosixPath(str(r["image_uri"])).name, "uri": r["image_uri"],
@@ -194,7 +195,7 @@ def _cell_json(r: dict[str, Any], classes: list[str]) -> dict[str, Any]:
         "suspect": bool(_plain(r["explanation_suspect"])), "cam_in_cell": _plain(r["cam_in_cell"]),
         "has_heatmap": bool(_plain(r["heatmap_uri"])), "run_id": r["run_id"], "model_version": r["model_version"],
         "verified": _plain(r["verified_class"]), "verified_by": _plain(r["verified_by"]),
-        "verified_at": _plain(r["verified_at"]),
+        "verified_at": _plain(r["verified_at"]), "action": actions.get((r["image_uri"], r["image_sha256"])),
     }
 
 
@@ -202,12 +203,14 @@ def sample_detail(state: ReviewState, sample_id: str) -> dict[str, Any]:
     """Everything the sample page shows: cells, sign-off, trail."""
     rows = state.sample_rows(sample_id)
     ok = rows[rows["status"] == "ok"]
-    trail = state.store.table().to_pandas()
+    records = state.store.table()
+    actions = {(v.image_uri, v.image_sha256): v.action for v in current_verdicts(records).itertuples()}
+    trail = records.to_pandas()
     trail = trail[trail["sample_id"] == sample_id].sort_values(["reviewed_at", "record_id"])
     names = {str(u): PurePosixPath(str(u)).name for u in ok["image_uri"]}
     return {
         "summary": sample_summary(sample_id, rows),
-        "cells": [_cell_json(r, state.class_names) for r in ok.to_dict("records")],
+        "cells": [_cell_json(r, state.class_names, actions) for r in ok.to_dict("records")],
         "errors": [{"name": PurePosixPath(str(r["image_uri"])).name, "error": r["error"]}
                    for r in rows[rows["status"] != "ok"].to_dict("records")],
         "trail": [{"at": _plain(t["reviewed_at"]), "reviewer": t["reviewer"], "action": t["action"],

@@ -41,6 +41,7 @@ ACTIONS = (CONFIRM, RECLASSIFY, SIGN_OFF, AMEND)
 CELL_ACTIONS = (CONFIRM, RECLASSIFY, AMEND)
 MAX_REVIEWER = 80
 MAX_REASON = 500
+PARALLEL_FROM = 16  # below this many new files, threads (each with a new S3 client) cost more than they save
 _FILE_RE = re.compile(r"^verdicts-\d{8}T\d{12}Z-[0-9a-f]{12}\.parquet$")
 _REVIEWER_RE = re.compile(r"^[^\x00-\x1f\x7f]+$")
 
@@ -162,8 +163,7 @@ class VerdictStore:
             files = []
         new = [f for f in files if _FILE_RE.match(f.rsplit("/", 1)[-1]) and f.rsplit("/", 1)[-1] not in self._seen]
         if new:
-            with ThreadPoolExecutor(max_workers=min(8, len(new))) as pool:
-                tables = list(pool.map(_read_file, new))
+            tables = _read_files(new)
             with self._lock:
                 for uri, table in zip(new, tables):
                     name = uri.rsplit("/", 1)[-1]
@@ -177,6 +177,14 @@ class VerdictStore:
         with self._lock:
             tables = list(self._tables)
         return pa.concat_tables(tables) if tables else _empty()
+
+
+def _read_files(uris: list[str]) -> list[pa.Table | None]:
+    """Read verdict files; a few in this thread (its S3 client is warm), many in parallel to hide latency."""
+    if len(uris) <= PARALLEL_FROM:
+        return [_read_file(u) for u in uris]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(_read_file, uris))
 
 
 def _read_file(uri: str) -> pa.Table | None:

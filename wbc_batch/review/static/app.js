@@ -141,9 +141,9 @@ function cellOrder(cells) {
 
 function verdictBadge(c) {
   if (!c.verified) return null;
-  const kind = c.verified !== c.predicted ? "reclassify" : "confirm";
-  return h("span", {class: "verdict " + kind, title: `verified by ${c.verified_by}`},
-    kind === "confirm" ? "✓" : "→ " + label(c.verified));
+  const kind = c.action === "amend" ? "amend" : c.verified !== c.predicted ? "reclassify" : "confirm";
+  const text = (kind === "amend" ? "amended → " : kind === "confirm" ? "✓ " : "→ ") + label(c.verified);
+  return h("span", {class: "verdict " + kind, title: `${c.action || "verdict"} by ${c.verified_by}`}, text);
 }
 
 function tile(c) {
@@ -254,13 +254,17 @@ function renderPanel() {
     h("h3", {}, "Sign-off"), signBox(), trailList(),
     h("h3", {}, "Keys"), h("div", {class: "shortcuts"}, h("kbd", {}, "1"), "–", h("kbd", {}, String(state.session.classes.length)),
       " class and next · ", h("kbd", {}, "Enter"), " confirm and next · ", h("kbd", {}, "←"), h("kbd", {}, "→"), h("kbd", {}, "↑"),
-      h("kbd", {}, "↓"), " move · ", h("kbd", {}, "G"), " Grad-CAM · ", h("kbd", {}, "Esc"), " samples"));
+      h("kbd", {}, "↓"), " move · ", h("kbd", {}, "G"), " Grad-CAM · ", h("kbd", {}, "S"), " sign off · ", h("kbd", {}, "Esc"), " samples"));
 }
 
 function renderHeader() {
   const s = state.sample.summary;
-  $("crumb").replaceChildren(h("a", {href: "#", id: "back"}, "‹ Samples"), "  ", h("strong", {}, s.sample_id),
-    h("span", {class: "muted", id: "sample-counts"}, ` · ${s.cells} cells · ${s.awaiting} awaiting review · ${s.verified} verified`));
+  $("crumb").replaceChildren(h("a", {href: "#", id: "back"}, "‹ Samples"), h("strong", {}, s.sample_id),
+    h("span", {class: "muted", id: "sample-counts"}, `${s.cells} cells · ${s.awaiting} awaiting review · ${s.verified} verified`),
+    s.signed_off ? h("span", {class: "pill signed"}, `Signed off by ${s.signed_off.by}`)
+      : h("button", {class: "primary", id: "sign-off-top", disabled: s.awaiting > 0, onclick: signOff,
+          title: s.awaiting ? "every flagged cell needs a verdict first" : "sign off this sample"},
+        h("kbd", {}, "S"), s.awaiting ? ` Sign off (${s.awaiting} awaiting)` : " Sign off…"));
 }
 
 function renderSample() {
@@ -434,6 +438,10 @@ function onKey(e) {
     if (c) verdict(c.predicted);
   } else if (e.key.startsWith("Arrow")) { e.preventDefault(); moveBy(e.key); }
   else if (e.key === "g" || e.key === "G") toggleCam();
+  else if ((e.key === "s" || e.key === "S") && !state.sample.summary.signed_off) {
+    if (state.sample.summary.awaiting) toast(`${state.sample.summary.awaiting} flagged cell(s) still need a verdict.`, true);
+    else signOff();
+  }
   else if (e.key === "Escape") location.hash = "";
 }
 
