@@ -369,7 +369,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     """Train, write the artifact and print a summary."""
     from wbc_batch.training import TrainConfig, run_training
 
-    args.command_line = " ".join(["wbc-batch", *sys.argv[1:]]) if sys.argv and "wbc" in sys.argv[0] else ""
+    args.command_line = _command_line()
     summary = run_training(TrainConfig.from_args(args))
     m = summary["metrics"]
     print(f"model {summary['version']} written to {summary['model_out']} "
@@ -383,6 +383,75 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- adapt ----------------------------------------------------------------
+
+
+def _add_adapt(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("adapt", help="fine-tune a model to a new lab from a few labelled cells per class",
+                       description="Fine-tune BASE (default: the shipped model) on a new lab's labelled class folders "
+                                   "(DATA/<class>/<image>, any subset of the model's classes, folder names in any "
+                                   "case) on Ray Train, refit the temperature and the OOD statistics so the lab's "
+                                   "cells are in distribution, and write a new artifact to MODEL_OUT. Ten cells per "
+                                   "class are enough; use --replay with the base's training data so the first lab "
+                                   "is not forgotten.")
+    p.add_argument("data", metavar="DATA", help="the new lab's labelled cells: local folder or s3:// prefix")
+    p.add_argument("model_out", metavar="MODEL_OUT", help="new artifact folder or s3:// prefix (must be new)")
+    p.add_argument("--base", metavar="MODEL", default=None, help="artifact to adapt (default: the shipped model)")
+    p.add_argument("--replay", metavar="DATA", default=None,
+                   help="the base's own training data (class folders); cells of its training split are mixed in, "
+                        "its validation cells refit the temperature")
+    p.add_argument("--replay-per-class", type=int, default=150, help="replayed cells per class (default 150)")
+    p.add_argument("--new-lab-share", type=float, default=0.5,
+                   help="share of each epoch's images that are the new lab's (repeated, augmented; default 0.5)")
+    p.add_argument("--epochs", type=int, default=12, help="epochs (default 12, chosen on a held-out lab)")
+    p.add_argument("--learning-rate", type=float, default=5e-4, help="peak learning rate (default 5e-4)")
+    p.add_argument("--batch-size", type=int, default=32, help="global batch size (default 32)")
+    p.add_argument("--lab", default=None, help="the lab's name in model.json (default: DATA's folder name)")
+    p.add_argument("--version", default=None, help="version of the new artifact (default: BASE+LAB.timestamp)")
+    p.add_argument("--workers", type=int, default=1, help="data-parallel training workers (default 1)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0,
+                   help="CPUs per training worker; also its TensorFlow thread count (default 1)")
+    p.add_argument("--use-gpu", action="store_true", help="give each training worker a GPU")
+    p.add_argument("--precision", choices=["auto", "float32", "mixed_bfloat16"], default="auto",
+                   help="training dtype policy (as for train)")
+    p.add_argument("--storage-path", default=None,
+                   help="local folder or s3:// prefix for checkpoints (default: MODEL_OUT-checkpoints)")
+    _trust_model_option(p)
+    _ray_address_option(p)
+    p.set_defaults(func=_cmd_adapt)
+
+
+def _cmd_adapt(args: argparse.Namespace) -> int:
+    """Adapt, write the artifact and print what was done."""
+    from wbc_batch.training.adapt import AdaptConfig, run_adaptation
+
+    summary = run_adaptation(AdaptConfig(
+        data_uri=args.data, model_out=args.model_out, base=args.base, replay_uri=args.replay,
+        replay_per_class=args.replay_per_class, new_lab_share=args.new_lab_share, epochs=args.epochs,
+        learning_rate=args.learning_rate, batch_size=args.batch_size, workers=args.workers,
+        cpus_per_worker=args.cpus_per_worker, use_gpu=args.use_gpu, storage_path=args.storage_path,
+        ray_address=args.ray_address, version=args.version, lab=args.lab, precision=args.precision,
+        allow_untrusted=args.trust_model, command=_command_line(),
+    ))
+    counts = ", ".join(f"{c} {n}" for c, n in summary["new_lab_counts"].items())
+    print(f"model {summary['version']} written to {summary['model_out']} "
+          f"(adapted to {summary['lab']!r} on {counts}; train {summary['train_seconds']:.0f}s)")
+    after = summary["replay_val"].get("after")
+    if after:
+        before = summary["replay_val"]["before"]
+        print(f"replay validation cells ({after['n']}, never trained on): accuracy {before['accuracy']:.2%} before, "
+              f"{after['accuracy']:.2%} after")
+    if not summary["ood_fitted"]:
+        print("warning: OOD statistics were not refitted (too few images); classify will not score OOD",
+              file=sys.stderr)
+    return 0
+
+
+def _command_line() -> str:
+    """The command as typed, for the artifact's provenance (empty when not run as wbc-batch)."""
+    return " ".join(["wbc-batch", *sys.argv[1:]]) if sys.argv and "wbc" in sys.argv[0] else ""
+
+
 # --- evaluate -------------------------------------------------------------
 
 
@@ -391,29 +460,39 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                        description="Evaluate MODEL on the labelled images of DATA (class-folder layout), by default "
                                    "on the test split recorded in the model's split.csv.")
     p.add_argument("model", metavar="MODEL", help="model artifact folder or s3:// URI ('shipped' for the default model)")
-    p.add_argument("data", metavar="DATA", help="local folder or s3://bucket/prefix with one folder per class")
+    p.add_argument("data", metavar="DATA", nargs="+",
+                   help="local folder or s3://bucket/prefix with one folder per class (any subset of the model's "
+                        "classes); several DATA are reported one lab at a time")
     p.add_argument("--split", choices=["train", "val", "test", "all"], default="test",
-                   help="which images, by the model's split.csv (default test; all images if it has none)")
-    p.add_argument("--out", default=None, help="write the full JSON here (local path or s3:// URI)")
+                   help="which images, by the model's split.csv (default test; every image of a DATA the model "
+                        "never saw, since none of it is in the split.csv)")
+    p.add_argument("--out", default=None,
+                   help="write the full JSON here (local path or s3:// URI; a list with one entry per DATA)")
     _trust_model_option(p)
     p.set_defaults(func=_cmd_evaluate)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate and print the headline figures."""
+    from wbc_batch import storage
     from wbc_batch.training import evaluate, format_summary
 
     model = None if args.model == "shipped" else args.model
-    result = evaluate(model, args.data, out_json=args.out, split=args.split, allow_untrusted=args.trust_model)
-    print(format_summary(result))
+    results = []
+    for i, data in enumerate(args.data):
+        result = evaluate(model, data, split=args.split, allow_untrusted=args.trust_model)
+        results.append(result)
+        print(("\n" if i else "") + format_summary(result))
     if args.out:
+        payload = results[0] if len(results) == 1 else results
+        storage.write_bytes(args.out, json.dumps(payload, indent=2, allow_nan=False).encode())
         print(f"full results: {args.out}")
     return 0
 
 
 # --- registry -------------------------------------------------------------
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_classify, _add_evaluate, _add_explain, _add_export_labels, _add_import_verdicts, _add_nightly, _add_query,
+    _add_adapt, _add_classify, _add_evaluate, _add_explain, _add_export_labels, _add_import_verdicts, _add_nightly, _add_query,
     _add_report, _add_review, _add_train,
 ]
 

@@ -416,3 +416,48 @@ def classification_report(
         if present:
             out[key] = subset_metrics(labels, preds, names, present)
     return out
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Two-sided 95% Wilson score interval of a proportion (sensible at 0, 1 and small n)."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def balanced_accuracy_interval(labels: np.ndarray, preds: np.ndarray, num_classes: int, n_boot: int = 1000,
+                               seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of the balanced accuracy, resampling within each class.
+
+    Why stratified: a lab's set has a fixed number of cells per class, and
+    resampling across classes would change the class mix the figure averages over.
+    """
+    labels = np.asarray(labels).astype(np.int64).ravel()
+    preds = np.asarray(preds).astype(np.int64).ravel()
+    rng = np.random.default_rng(seed)
+    by_class = [np.flatnonzero(labels == c) for c in range(num_classes)]
+    by_class = [idx for idx in by_class if len(idx)]
+    if not by_class:
+        return float("nan"), float("nan")
+    correct = preds == labels
+    draws = np.empty(n_boot)
+    for b in range(n_boot):
+        draws[b] = np.mean([correct[rng.choice(idx, len(idx))].mean() for idx in by_class])
+    low, high = np.quantile(draws, [0.025, 0.975])
+    return float(low), float(high)
+
+
+def with_intervals(report: dict[str, Any], labels: np.ndarray, preds: np.ndarray) -> dict[str, Any]:
+    """Add 95% intervals of accuracy (Wilson) and balanced accuracy (bootstrap) to a report."""
+    labels = np.asarray(labels).astype(np.int64).ravel()
+    preds = np.asarray(preds).astype(np.int64).ravel()
+    k = len(report["class_names"])
+    return {
+        **report,
+        "accuracy_ci95": list(wilson_interval(int((labels == preds).sum()), len(labels))),
+        "balanced_accuracy_ci95": list(balanced_accuracy_interval(labels, preds, k)),
+    }

@@ -33,9 +33,10 @@ def sha256_hex(data: bytes) -> str:
 
 
 def label_for_folder(folder: str, label_map: dict[str, str] | None = None) -> str:
-    """Map a class folder name (PBC/Kaggle layout) to a model class name."""
+    """Map a class folder name (PBC/Kaggle layout, any case) to a model class name."""
     mapping = DEFAULT_LABEL_MAP if label_map is None else label_map
-    return mapping.get(folder, folder)
+    name = folder.strip().lower()
+    return mapping.get(name, name)
 
 
 def assign_splits(

@@ -1,0 +1,357 @@
+"""``run_adaptation``: fine-tune a model to a new lab from a few labelled cells per class.
+
+Why it is built this way:
+
+* A few cells per class are too few to train on alone, and fine-tuning on
+  them alone makes the network forget the first lab. ``--replay`` mixes in
+  cells from the base model's *own training split* (its validation and test
+  images stay held out), and the new lab's cells are repeated so that each
+  lab carries half of every batch; inside each lab the classes weigh the same
+  (:func:`~wbc_batch.training.recipe.balanced_within_groups`).
+* The run is the same Ray Train job as ``train`` (:func:`~wbc_batch.training.driver.fit_on_ray`),
+  with the same augmentation, schedule and optimizer, started from the base's weights.
+* With ten cells per class there is no honest validation split of the new
+  lab. The settings (epochs, learning rate, lab share) are fixed, chosen once
+  on a lab held out from everything else (MODEL_CARD.md, "Other labs"); the
+  temperature is refitted on the base's validation images of the replay data
+  (never trained on); the review threshold stays the base's.
+* The OOD statistics are refitted so that the new lab is in distribution:
+  the Gaussians see the replayed training cells plus the eight dihedral views
+  of every new cell, and the threshold is set on the replay validation cells
+  plus augmented views of the new cells. Images of other labs stay far from both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from wbc_batch import metrics, splits, storage
+from wbc_batch.training.config import MATURE_CLASSES, TrainConfig, TrainingError, resolve_precision
+from wbc_batch.training.data import list_labelled_files, read_labelled, read_split_csv_rows
+from wbc_batch.training.driver import _ensure_ray, fit_on_ray, provenance
+from wbc_batch.training.evaluation import calibration_from_val, predict_embeddings, predict_logits
+from wbc_batch.training.recipe import balanced_within_groups
+
+log = logging.getLogger("wbc_batch.training")
+
+NEW_LAB, REPLAY = 1, 0
+AUGMENTED_VIEWS_FOR_THRESHOLD = 4
+
+
+@dataclass
+class AdaptConfig:
+    """Settings of one adaptation; see ``wbc-batch adapt --help`` for each."""
+
+    data_uri: str
+    model_out: str
+    base: str | None = None
+    replay_uri: str | None = None
+    replay_per_class: int = 150
+    new_lab_share: float = 0.5
+    epochs: int = 12
+    learning_rate: float = 5e-4
+    batch_size: int = 32
+    weight_decay: float = 5e-4
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    storage_path: str | None = None
+    ray_address: str | None = None
+    version: str | None = None
+    lab: str | None = None
+    seed: int = 1234
+    precision: str = "auto"
+    max_failures: int = 2
+    allow_untrusted: bool = False
+    command: str = ""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.new_lab_share < 1.0:
+            raise ValueError(f"new-lab share must lie in (0, 1), got {self.new_lab_share}")
+        if self.replay_per_class < 1:
+            raise ValueError(f"replay per class must be >= 1, got {self.replay_per_class}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+
+    def lab_name(self) -> str:
+        """The lab's name in ``model.json`` (default: DATA's last folder)."""
+        return self.lab or str(self.data_uri).rstrip("/").rsplit("/", 1)[-1] or "new-lab"
+
+    def train_config(self, image_size: int) -> TrainConfig:
+        """The :class:`TrainConfig` the shared Ray Train job runs with."""
+        return TrainConfig(
+            data_uri=self.data_uri, model_out=self.model_out, workers=self.workers, epochs=self.epochs,
+            image_size=image_size, batch_size=self.batch_size, learning_rate=self.learning_rate,
+            weight_decay=self.weight_decay, cpus_per_worker=self.cpus_per_worker, use_gpu=self.use_gpu,
+            storage_path=self.storage_path, max_failures=self.max_failures, ray_address=self.ray_address,
+            seed=self.seed, precision=self.precision, command=self.command,
+        )
+
+
+def _stable_order(rel: str, seed: int) -> str:
+    return hashlib.sha256(f"{seed}:{rel}".encode()).hexdigest()
+
+
+def choose_replay(rows: list[dict[str, str]], base_split: dict[str, str] | None, split: str, per_class: int,
+                  seed: int) -> list[dict[str, str]]:
+    """Up to ``per_class`` replay files of each class from the base's ``split`` (by the path in its split.csv).
+
+    Without a split.csv every file counts as ``train`` (and none as ``val``).
+    The pick is a keyed hash of the path: the same data gives the same pick.
+    """
+    by_class: dict[str, list[dict[str, str]]] = {}
+    for row in rows:
+        side = base_split.get(row["rel"], "unknown") if base_split is not None else "train"
+        if side == split:
+            by_class.setdefault(row["label"], []).append(row)
+    picked: list[dict[str, str]] = []
+    for label in sorted(by_class):
+        ranked = sorted(by_class[label], key=lambda r: _stable_order(r["rel"], seed))
+        picked.extend(ranked[:per_class])
+    return picked
+
+
+def _new_lab_rows(config: AdaptConfig, classes: list[str], label_map: dict[str, str]) -> list[dict[str, str]]:
+    rows = list_labelled_files(config.data_uri, label_map)
+    unknown = sorted({r["label"] for r in rows} - set(classes))
+    if unknown:
+        raise TrainingError(f"{config.data_uri} has class folders {unknown} that the base model does not know; "
+                            f"its classes are {classes}")
+    return rows
+
+
+def _repeats(n_new: int, n_replay: int, share: float) -> int:
+    """How often each new-lab cell is repeated per epoch so that the lab carries ``share`` of the images."""
+    if n_replay == 0 or n_new == 0:
+        return 1
+    return max(1, round(share / (1.0 - share) * n_replay / n_new))
+
+
+def dihedral_views(images: np.ndarray) -> np.ndarray:
+    """The 8 rotations and flips of each (N, S, S, 3) image, as (8N, S, S, 3)."""
+    views = [np.rot90(images, k, axes=(1, 2)) for k in range(4)]
+    views += [v[:, :, ::-1] for v in views]
+    return np.ascontiguousarray(np.concatenate(views))
+
+
+def augmented_views(images: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """``n`` random views of each image under the training augmentation (uint8)."""
+    import tensorflow as tf
+
+    from wbc_batch.training.augment import augment
+
+    tf.random.set_seed(seed)
+    out = [augment(tf, tf.constant(im, tf.float32)).numpy() for _ in range(n) for im in images]
+    if not out:
+        return np.zeros((0, *images.shape[1:]), np.uint8)
+    return np.clip(np.rint(np.stack(out)), 0, 255).astype(np.uint8)
+
+
+def refit_ood(model: Any, embedding_layer: str, num_classes: int, new: dict[str, np.ndarray],
+              replay_train: dict[str, np.ndarray], replay_val: dict[str, np.ndarray], seed: int) -> dict[str, Any]:
+    """OOD statistics in which the new lab is in distribution (see the module docstring)."""
+    from wbc_batch.ood import fit_ood
+
+    fit_x = np.concatenate([replay_train["image"], dihedral_views(new["image"])])
+    fit_y = np.concatenate([replay_train["label_index"], np.tile(new["label_index"], 8)])
+    val_x = np.concatenate([replay_val["image"], augmented_views(new["image"], AUGMENTED_VIEWS_FOR_THRESHOLD, seed)])
+    if len(val_x) < 2:
+        log.warning("OOD statistics not refitted: %d threshold images", len(val_x))
+        return {}
+    return fit_ood(predict_embeddings(model, embedding_layer, fit_x), fit_y, fit_x,
+                   predict_embeddings(model, embedding_layer, val_x), val_x, num_classes=num_classes)
+
+
+def check_same_graph(base_model: Any, num_classes: int, image_size: int) -> None:
+    """Refuse a base built with another architecture: its weights would land in the wrong layers.
+
+    Raises:
+        TrainingError: the layer types or weight shapes differ from :func:`build_classifier`'s.
+    """
+    import keras
+
+    from wbc_batch.architecture import build_classifier
+
+    def signature(model: Any) -> list[tuple[str, tuple[tuple[int, ...], ...]]]:
+        return [(type(layer).__name__, tuple(tuple(w.shape) for w in layer.weights)) for layer in model.layers]
+
+    if signature(base_model) != signature(build_classifier(keras, num_classes, image_size=image_size)):
+        raise TrainingError("the base model was built with another architecture than this version's "
+                            "(wbc_batch.architecture); adapt a model trained by this version")
+
+
+def _counts(labels: np.ndarray, classes: list[str]) -> dict[str, int]:
+    got = Counter(int(i) for i in labels)
+    return {c: got[i] for i, c in enumerate(classes) if got[i]}
+
+
+def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
+    """Fine-tune the base model on a new lab's labelled class folders and write a new artifact.
+
+    Returns:
+        A summary: ``model_out``, ``version``, ``lab``, ``new_lab_counts``,
+        ``replay_counts``, ``repeats``, ``calibration``, ``replay_val``
+        (figures on the base's validation images of the replay data, before
+        and after), ``train_seconds`` and ``total_seconds``.
+
+    Raises:
+        TrainingError: unknown class folders, no decodable images, or a base
+            of another architecture.
+    """
+    import keras
+
+    from wbc_batch.architecture import build_classifier
+    from wbc_batch.model import ModelMetadata, artifact_digest, load_artifact, save_artifact
+
+    t_start = time.time()
+    _ensure_ray(config.ray_address)
+    base = load_artifact(config.base, allow_untrusted=config.allow_untrusted)
+    meta = base.meta
+    classes, size = list(meta.class_names), int(meta.image_size)
+    check_same_graph(base.model, len(classes), size)
+    label_map = meta.training_data.get("label_map") or dict(splits.DEFAULT_LABEL_MAP)
+    class_index = {c: i for i, c in enumerate(classes)}
+
+    new = read_labelled(_new_lab_rows(config, classes, label_map), size, class_index)
+    if len(new["label_index"]) == 0:
+        raise TrainingError(f"no decodable images under {config.data_uri}")
+    empty = {"image": np.zeros((0, size, size, 3), np.uint8), "label_index": np.zeros(0, np.int64)}
+    replay_train, replay_val, base_split = dict(empty), dict(empty), None
+    if config.replay_uri:
+        base_split = read_split_csv_rows(base.uri)
+        replay_rows = list_labelled_files(config.replay_uri, label_map)
+        replay_rows = [r for r in replay_rows if r["label"] in class_index]
+        replay_train = read_labelled(
+            choose_replay(replay_rows, base_split, "train", config.replay_per_class, config.seed), size, class_index)
+        replay_val = read_labelled(
+            choose_replay(replay_rows, base_split, "val", config.replay_per_class, config.seed), size, class_index)
+
+    repeats = _repeats(len(new["label_index"]), len(replay_train["label_index"]), config.new_lab_share)
+    x = np.concatenate([replay_train["image"], np.repeat(new["image"], repeats, axis=0)])
+    y = np.concatenate([replay_train["label_index"], np.repeat(new["label_index"], repeats)])
+    groups = [REPLAY] * len(replay_train["label_index"]) + [NEW_LAB] * (len(new["label_index"]) * repeats)
+    weights = np.asarray(balanced_within_groups([int(v) for v in y], groups), np.float32)
+    import ray
+
+    train_ds = ray.data.from_items(
+        [{"image": im, "label_index": int(lab), "sample_weight": float(w)} for im, lab, w in zip(x, y, weights)]
+    ).materialize()
+    del x
+
+    tc = config.train_config(size)
+    precision = resolve_precision(config.precision, config.use_gpu)
+    fingerprint = hashlib.sha256("".join(sorted(new["sha256"])).encode()).hexdigest()
+    settings = f"{config.epochs}-{config.learning_rate}-{config.batch_size}-{config.replay_per_class}-" \
+               f"{config.new_lab_share}-{config.seed}-{meta.model_sha256}"
+    run_name = f"wbc-adapt-{fingerprint[:12]}-{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
+    fit = fit_on_ray(tc, train_ds, len(classes), [1.0] * len(classes),
+                     [np.asarray(w) for w in base.model.get_weights()], run_name, precision)
+
+    model = build_classifier(keras, len(classes), image_size=size)
+    model.set_weights(fit.weights)
+    calibration: dict[str, Any] = {"temperature": meta.temperature, "review_threshold": meta.review_threshold,
+                                   "source": "base model (no replay validation images)"}
+    replay_report: dict[str, Any] = {}
+    if len(replay_val["label_index"]):
+        val_logits = predict_logits(model, replay_val["image"])
+        refit = calibration_from_val(val_logits, replay_val["label_index"])
+        calibration = {"temperature": refit["temperature"], "review_threshold": meta.review_threshold,
+                       "source": "temperature on the base's validation images of the replay data; "
+                                 "review threshold kept from the base", "val_n": refit["val_n"]}
+        subsets = {"wbc": meta.wbc_classes, "mature5": list(MATURE_CLASSES)}
+        replay_report = {
+            "before": metrics.classification_report(
+                predict_logits(base.model, replay_val["image"]), replay_val["label_index"], classes,
+                meta.temperature, meta.review_threshold, subsets=subsets),
+            "after": metrics.classification_report(
+                val_logits, replay_val["label_index"], classes, calibration["temperature"],
+                meta.review_threshold, subsets=subsets),
+        }
+    ood = refit_ood(model, meta.embedding_layer, len(classes), new, replay_train, replay_val, config.seed)
+
+    lab = config.lab_name()
+    version = config.version or f"{meta.version}+{lab}.{datetime.now(timezone.utc):%Y%m%d%H%M%S}"
+    new_counts = _counts(new["label_index"], classes)
+    adaptation = {
+        "base": {"uri": str(base.uri), "version": meta.version, "digest": base.digest},
+        "lab": lab,
+        "data": str(config.data_uri),
+        "data_fingerprint_sha256": fingerprint,
+        "new_lab_counts": new_counts,
+        "replay": {"uri": config.replay_uri, "per_class": config.replay_per_class,
+                   "train_counts": _counts(replay_train["label_index"], classes),
+                   "val_counts": _counts(replay_val["label_index"], classes)} if config.replay_uri else None,
+        "repeats_per_new_cell": repeats,
+        "new_lab_share": config.new_lab_share,
+        "epochs": config.epochs,
+        "optimizer": f"AdamW lr {config.learning_rate}, weight decay {config.weight_decay}, batch {config.batch_size}",
+        "precision": precision,
+        "train_seconds": round(fit.seconds, 1),
+        "final_epoch": fit.final_state,
+        "calibration": calibration,
+        "provenance": provenance(tc, t_start),
+    }
+    labs = dict(meta.metrics.get("labs", {}))
+    labs[lab] = {"adapted_on": new_counts,
+                 "figures": "none here: every labelled cell of this lab was used to adapt; "
+                            "measure on other cells with wbc-batch evaluate"}
+    new_meta = ModelMetadata.from_dict({
+        **{k: v for k, v in _meta_dict(meta).items() if k not in ("model_sha256", "parent_digest", "parent_version")},
+        "version": version,
+        "temperature": calibration["temperature"],
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "changelog": [*meta.changelog, f"{version}: adapted from {meta.version} to lab {lab!r} on "
+                      f"{sum(new_counts.values())} labelled cells ({config.data_uri})"
+                      + (f" with replay from {config.replay_uri}" if config.replay_uri else "")],
+        "training": {**meta.training, "adaptation": adaptation},
+        "metrics": {**meta.metrics, "labs": labs,
+                    **({"replay_val_after_adaptation": replay_report["after"]} if replay_report else {})},
+        "ood": ood,
+    })
+    new_meta.parent_digest = adaptation["base"]["digest"]
+    new_meta.parent_version = meta.version
+    save_artifact(model, new_meta, config.model_out, split_csv=_split_csv(base.uri, new))
+    return {
+        "model_out": config.model_out,
+        "version": version,
+        "lab": lab,
+        "new_lab_counts": new_counts,
+        "replay_counts": adaptation["replay"]["train_counts"] if adaptation["replay"] else {},
+        "repeats": repeats,
+        "calibration": calibration,
+        "replay_val": replay_report,
+        "ood_fitted": bool(ood),
+        "train_seconds": fit.seconds,
+        "total_seconds": time.time() - t_start,
+        "final_epoch": fit.final_state,
+        "checkpoint": fit.checkpoint_path,
+    }
+
+
+def _meta_dict(meta: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(meta)
+
+
+def _split_csv(base_uri: str, new: dict[str, np.ndarray]) -> str:
+    """The base's split.csv (its held-out images stay held out) plus the new lab's cells as ``train``."""
+    from wbc_batch.model import SPLIT_FILE
+
+    try:
+        text = storage.read_bytes(storage.join(base_uri, SPLIT_FILE)).decode("utf-8")
+    except FileNotFoundError:
+        text = "sha256,label,split,uri\n"
+    if not text.endswith("\n"):
+        text += "\n"
+    lines = [f"{sha},{label},train,{uri}\n" for sha, label, uri in zip(new["sha256"], new["label"], new["uri"])]
+    return text + "".join(lines)
+

@@ -1,0 +1,141 @@
+"""The one augmentation policy of the project, as TensorFlow ops for ``tf.data``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    """The one augmentation policy: every training path draws its views from it.
+
+    Why these ranges: a smear has no up, so all 8 dihedral views are equally
+    valid; labs differ in magnification and crop (120 px tight crops to wide
+    fields), so the cell's scale varies by a factor of about two; and in stain,
+    optics and camera (colour cast, washed-out contrast, soft focus, vignetting,
+    sensor noise, JPEG re-encoding), which the photometric terms imitate. The
+    model's first layer standardises each channel, so global per-channel gain
+    and offset are removed anyway; hue, saturation, gamma and blur are not.
+    """
+
+    zoom: tuple[float, float] = (0.65, 1.35)
+    rotate_degrees: float = 20.0
+    shift: float = 0.06
+    hue: float = 0.06
+    saturation: tuple[float, float] = (0.5, 1.5)
+    gamma: tuple[float, float] = (0.7, 1.4)
+    contrast: tuple[float, float] = (0.45, 1.15)
+    brightness: tuple[float, float] = (0.75, 1.2)
+    channel_gain: tuple[float, float] = (0.85, 1.15)
+    blur_probability: float = 0.5
+    blur_sigma: tuple[float, float] = (0.3, 2.2)
+    noise_probability: float = 0.3
+    noise_std: tuple[float, float] = (1.0, 8.0)
+    jpeg_probability: float = 0.3
+    jpeg_quality: tuple[int, int] = (35, 95)
+    vignette_probability: float = 0.3
+    vignette_strength: tuple[float, float] = (0.1, 0.45)
+
+    def describe(self) -> dict[str, Any]:
+        """The spec as plain values for ``model.json``."""
+        return {"dihedral": "rot90 x flip", **asdict(self)}
+
+
+AUGMENT = AugmentSpec()
+
+
+def _affine(tf: Any, side: int, zoom: Any, angle: Any, tx: Any, ty: Any) -> Any:
+    """(1, 8) projective transform (output -> input coordinates) zooming and turning about the centre."""
+    c = (side - 1) / 2.0
+    cos, sin = tf.cos(angle) / zoom, tf.sin(angle) / zoom
+    a0, a1, b0, b1 = cos, -sin, sin, cos
+    a2 = c - a0 * c - a1 * c + tx * side
+    b2 = c - b0 * c - b1 * c + ty * side
+    zero = tf.zeros_like(cos)
+    return tf.reshape(tf.stack([a0, a1, a2, b0, b1, b2, zero, zero]), [1, 8])
+
+
+def _warp(tf: Any, image: Any, transform: Any, fill_mode: str) -> Any:
+    """Apply a projective transform to one (H, W, C) float32 image."""
+    side = tf.shape(image)[0:2]
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=image[None], transforms=transform, output_shape=side, fill_value=0.0,
+        interpolation="BILINEAR", fill_mode=fill_mode,
+    )[0]
+
+
+def _gaussian_blur(tf: Any, image: Any, sigma: Any) -> Any:
+    """Separable 9-tap Gaussian blur of one (H, W, 3) image."""
+    x = tf.range(-4.0, 5.0)
+    k = tf.exp(-0.5 * tf.square(x / sigma))
+    k = k / tf.reduce_sum(k)
+    kx = tf.tile(tf.reshape(k, [1, 9, 1, 1]), [1, 1, 3, 1])
+    ky = tf.tile(tf.reshape(k, [9, 1, 1, 1]), [1, 1, 3, 1])
+    out = tf.nn.depthwise_conv2d(image[None], kx, [1, 1, 1, 1], "SAME")
+    return tf.nn.depthwise_conv2d(out, ky, [1, 1, 1, 1], "SAME")[0]
+
+
+def _chance(tf: Any, p: float) -> Any:
+    return tf.random.uniform([]) < p
+
+
+def _uniform(tf: Any, bounds: tuple[float, float]) -> Any:
+    return tf.random.uniform([], float(bounds[0]), float(bounds[1]))
+
+
+def augment(tf: Any, image: Any, seed: Any = None, mask: Any = None, spec: AugmentSpec = AUGMENT) -> Any:
+    """One random view of a cell under ``spec``, as TensorFlow ops (usable in ``tf.data``).
+
+    Args:
+        tf: the TensorFlow module.
+        image: (S, S, 3) float32 RGB in [0, 255].
+        mask: optional (g, g) cell grid: it follows the same rotation, flip,
+            zoom and shift (areas brought in from outside count as off-cell).
+        spec: the policy (default :data:`AUGMENT`).
+
+    Returns:
+        (S, S, 3) float32 in [0, 255]; with ``mask``, the pair (image, mask).
+    """
+    import math
+
+    k = tf.random.uniform([], 0, 4, dtype=tf.int32)
+    flip = _chance(tf, 0.5)
+    image = tf.image.rot90(image, k)
+    image = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
+    zoom = tf.exp(_uniform(tf, (math.log(spec.zoom[0]), math.log(spec.zoom[1]))))
+    angle = _uniform(tf, (-spec.rotate_degrees, spec.rotate_degrees)) * (math.pi / 180.0)
+    tx, ty = _uniform(tf, (-spec.shift, spec.shift)), _uniform(tf, (-spec.shift, spec.shift))
+    side = int(image.shape[0])
+    image = _warp(tf, image, _affine(tf, side, zoom, angle, tx, ty), "REFLECT")
+    if mask is not None:
+        g = int(mask.shape[0])
+        mask = tf.image.rot90(mask[..., None], k)
+        mask = tf.cond(flip, lambda: tf.image.flip_left_right(mask), lambda: mask)
+        mask = _warp(tf, mask, _affine(tf, g, zoom, angle, tx, ty), "CONSTANT")[..., 0]
+
+    x = image / 255.0
+    x = tf.image.adjust_hue(x, _uniform(tf, (-spec.hue, spec.hue)))
+    x = tf.image.adjust_saturation(x, _uniform(tf, spec.saturation))
+    x = tf.pow(tf.clip_by_value(x, 0.0, 1.0), _uniform(tf, spec.gamma))
+    mean = tf.reduce_mean(x, axis=(0, 1), keepdims=True)
+    x = (x - mean) * _uniform(tf, spec.contrast) + mean * _uniform(tf, spec.brightness)
+    x = x * tf.random.uniform([1, 1, 3], spec.channel_gain[0], spec.channel_gain[1])
+    x = tf.clip_by_value(x, 0.0, 1.0) * 255.0
+    x = tf.cond(_chance(tf, spec.blur_probability),
+                lambda: _gaussian_blur(tf, x, _uniform(tf, spec.blur_sigma)), lambda: x)
+    yy, xx = tf.meshgrid(tf.linspace(-1.0, 1.0, side), tf.linspace(-1.0, 1.0, side), indexing="ij")
+    vignette = 1.0 - _uniform(tf, spec.vignette_strength) * (tf.square(xx) + tf.square(yy)) / 2.0
+    x = tf.cond(_chance(tf, spec.vignette_probability), lambda: x * vignette[..., None], lambda: x)
+    x = tf.cond(_chance(tf, spec.noise_probability),
+                lambda: x + tf.random.normal(tf.shape(x), stddev=_uniform(tf, spec.noise_std)), lambda: x)
+    x = tf.clip_by_value(x, 0.0, 255.0)
+
+    def jpeg() -> Any:
+        quality = tf.random.uniform([], spec.jpeg_quality[0], spec.jpeg_quality[1] + 1, dtype=tf.int32)
+        encoded = tf.image.adjust_jpeg_quality(tf.cast(tf.round(x), tf.uint8), quality)
+        return tf.cast(encoded, tf.float32)
+
+    x = tf.cond(_chance(tf, spec.jpeg_probability), jpeg, lambda: x)
+    x = tf.ensure_shape(x, [side, side, 3])
+    return x if mask is None else (x, mask)

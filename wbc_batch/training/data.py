@@ -1,0 +1,300 @@
+"""Training data: list class folders, read, hash, decode and split through Ray Data.
+
+Why Ray Data: the same job scales from a laptop folder to an S3 prefix on a
+cluster. The split is decided by content hash (:mod:`wbc_batch.splits`) and
+written with the model (``split.csv``), so a fine-tuned model never trains on
+its parent's held-out images.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from wbc_batch import imaging, splits, storage
+from wbc_batch.architecture import cam_grid_size
+from wbc_batch.model import SPLIT_FILE
+from wbc_batch.training.config import TrainConfig, TrainingError
+
+log = logging.getLogger("wbc_batch.training")
+
+
+def list_labelled_files(data_uri: str, label_map: dict[str, str] | None = None) -> list[dict[str, str]]:
+    """Image files of a class-folder layout (``DATA/<class>/<file>``) with their labels.
+
+    Files whose name is not an image are skipped with a warning; files that
+    merely *look* like images are caught later, when decoding.
+
+    Returns:
+        Rows ``{"uri", "rel", "folder", "label"}`` sorted by URI.
+    """
+    root = str(data_uri).rstrip("/")
+    rows: list[dict[str, str]] = []
+    for uri in storage.list_files(root):
+        rel = uri[len(root) :].lstrip("/")
+        parts = rel.split("/")
+        if len(parts) < 2:
+            log.warning("skipping %s: not inside a class folder", uri)
+            continue
+        if not imaging.is_image_name(parts[-1]):
+            log.warning("skipping %s: not an image file name", uri)
+            continue
+        folder = parts[0]
+        rows.append({"uri": uri, "rel": rel, "folder": folder, "label": splits.label_for_folder(folder, label_map)})
+    if not rows:
+        raise TrainingError(f"no images in class folders under {data_uri}")
+    return rows
+
+
+def cell_grid(model_input: np.ndarray, grid: int) -> np.ndarray:
+    """The segmented cell's share of each cell of a ``grid`` x ``grid`` partition of a model input.
+
+    The on-cell loss compares a class-activation map of that grid with it;
+    the mask is classify's (:func:`~wbc_batch.localisation.model_input_mask`).
+    """
+    import cv2
+
+    from wbc_batch.localisation import model_input_mask
+
+    mask = model_input_mask(model_input).astype(np.float32)
+    return cv2.resize(mask, (grid, grid), interpolation=cv2.INTER_AREA)
+
+
+def decode_batch(batch: dict[str, np.ndarray], image_size: int, grid: int = 0) -> dict[str, np.ndarray]:
+    """Ray Data ``map_batches`` function: read, hash, decode and resize each file.
+
+    Files that are not decodable images keep their row with ``ok=False`` and
+    the reason in ``error``, so the driver can warn about each one.
+
+    Args:
+        batch: columns ``uri``, ``rel``, ``label`` (object arrays); any other
+            column (a sample weight, say) passes through.
+        image_size: model input side S.
+
+        grid: with ``grid > 0`` also ``cell_grid`` (B, grid, grid) float32,
+            the cell masks the on-cell loss needs.
+
+    Returns:
+        The input columns plus ``sha256``, ``ok``, ``error`` and ``image``
+        (B, S, S, 3) uint8 (zeros on failed rows).
+    """
+    n = len(batch["uri"])
+    images = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
+    cells = np.zeros((n, grid, grid), dtype=np.float32)
+    sha = np.empty(n, dtype=object)
+    ok = np.zeros(n, dtype=bool)
+    error = np.empty(n, dtype=object)
+    for i, uri in enumerate(batch["uri"]):
+        data = storage.read_bytes(str(uri))
+        sha[i] = splits.sha256_hex(data)
+        error[i] = ""
+        try:
+            images[i] = imaging.resize_for_model(imaging.decode_image(data), image_size)
+            if grid:
+                cells[i] = cell_grid(images[i], grid)
+            ok[i] = True
+        except imaging.ImageDecodeError as exc:
+            error[i] = str(exc)
+    out = {**batch, "sha256": sha, "ok": ok, "error": error, "image": images}
+    if grid:
+        out["cell_grid"] = cells
+    return out
+
+
+def _failed_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    bad = ~batch["ok"].astype(bool)
+    return {"uri": batch["uri"][bad], "error": batch["error"][bad]}
+
+
+def _index_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    good = batch["ok"].astype(bool)
+    return {k: batch[k][good] for k in ("uri", "rel", "label", "sha256")}
+
+
+def _label_and_split(
+    batch: dict[str, np.ndarray], split_of: dict[str, str], class_index: dict[str, int]
+) -> dict[str, np.ndarray]:
+    good = batch["ok"].astype(bool)
+    out = {
+        "image": batch["image"][good],
+        "label_index": np.array([class_index[str(c)] for c in batch["label"][good]], dtype=np.int64),
+        "split": np.array([split_of[str(s)] for s in batch["sha256"][good]], dtype=object),
+    }
+    if "cell_grid" in batch:
+        out["cell_grid"] = batch["cell_grid"][good]
+    return out
+
+
+def only_split(batch: dict[str, np.ndarray], split: str) -> dict[str, np.ndarray]:
+    keep = batch["split"] == split
+    return {k: batch[k][keep] for k in ("image", "label_index", "cell_grid") if k in batch}
+
+
+def data_fingerprint(items: list[splits.LabelledImage]) -> str:
+    """SHA-256 over the sorted ``sha256,label`` pairs: the same images and labels give the same value."""
+    lines = sorted(f"{i.sha256},{i.label}\n" for i in items)
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def split_csv_text(items: list[splits.LabelledImage], split_of: dict[str, str]) -> str:
+    """The ``split.csv`` written with the model: sha256,label,split,uri (URI relative to DATA)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["sha256", "label", "split", "uri"])
+    for it in sorted(items, key=lambda i: i.uri):
+        writer.writerow([it.sha256, it.label, split_of[it.sha256], it.uri])
+    return buf.getvalue()
+
+
+def read_split_csv(artifact_uri: str) -> dict[str, str] | None:
+    """sha256 -> split from an artifact's ``split.csv``; None when it has none."""
+    try:
+        raw = storage.read_bytes(storage.join(artifact_uri, SPLIT_FILE))
+    except FileNotFoundError:
+        return None
+    reader = csv.DictReader(io.StringIO(raw.decode("utf-8")))
+    if reader.fieldnames is None or not {"sha256", "split"} <= set(reader.fieldnames):
+        raise ValueError(f"{SPLIT_FILE} of {artifact_uri} lacks sha256/split columns")
+    return {row["sha256"]: row["split"] for row in reader}
+
+
+def keep_earlier_split(split_of: dict[str, str], earlier: dict[str, str] | None) -> dict[str, str]:
+    """The content-hash split, except that images an earlier model held out stay held out.
+
+    Why: a model fine-tuned from another must never train on that model's
+    validation or test images, even when the dataset has grown and the
+    hash-ordered cut of a class has moved.
+    """
+    if not earlier:
+        return dict(split_of)
+    return {sha: (earlier[sha] if earlier.get(sha) in ("val", "test") else split) for sha, split in split_of.items()}
+
+
+def prepare_data(config: TrainConfig, earlier_split: dict[str, str] | None = None) -> dict[str, Any]:
+    """List, read, hash, decode and split DATA through Ray Data."""
+    import ray
+
+    rows = list_labelled_files(config.data_uri, config.label_map)
+    grid = cam_grid_size(config.image_size) if config.on_cell_weight > 0 else 0
+    ds = ray.data.from_items(rows).map_batches(
+        decode_batch,
+        fn_kwargs={"image_size": config.image_size, "grid": grid},
+        batch_size=config.decode_batch_size,
+        batch_format="numpy",
+    )
+    ds = ds.materialize()
+    for bad in ds.map_batches(_failed_rows, batch_format="numpy").take_all():
+        log.warning("skipping %s: %s", bad["uri"], bad["error"])
+    index = ds.map_batches(_index_rows, batch_format="numpy").take_all()
+    items = [
+        splits.LabelledImage(str(r["rel"]), str(r["sha256"]), str(r["label"]), str(r["rel"]).split("/")[0])
+        for r in index
+    ]
+    if not items:
+        raise TrainingError(f"no decodable images under {config.data_uri}")
+    classes = sorted({it.label for it in items})
+    if len(classes) < 2:
+        raise TrainingError(f"expected at least 2 classes under {config.data_uri}, got {classes}")
+    split_of = keep_earlier_split(splits.assign_splits(items), earlier_split)
+    class_index = {c: i for i, c in enumerate(classes)}
+    labelled = ds.map_batches(
+        _label_and_split, fn_kwargs={"split_of": split_of, "class_index": class_index}, batch_format="numpy"
+    ).materialize()
+    counts = Counter(split_of[it.sha256] for it in items)
+    train_labels = Counter(it.label for it in items if split_of[it.sha256] == "train")
+    for name in ("train", "val"):
+        if counts.get(name, 0) == 0:
+            raise TrainingError(f"the {name} split is empty: {len(items)} images are too few to train")
+    return {
+        "items": items,
+        "classes": classes,
+        "split_of": split_of,
+        "labelled": labelled,
+        "split_counts": {s: counts.get(s, 0) for s in splits.SPLITS},
+        "train_label_counts": {c: train_labels.get(c, 0) for c in classes},
+        "fingerprint": data_fingerprint(items),
+    }
+
+
+def split_arrays(labelled: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
+    return dataset_arrays(labelled.map_batches(only_split, fn_kwargs={"split": split}, batch_format="numpy"))
+
+
+def dataset_arrays(ds: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Images and class indices of a (split) dataset as two arrays."""
+    xs, ys = [], []
+    for batch in ds.iter_batches(batch_size=512, batch_format="numpy"):
+        xs.append(batch["image"])
+        ys.append(batch["label_index"])
+    if not xs:
+        return np.zeros((0, 1, 1, 3), np.uint8), np.zeros(0, np.int64)
+    return np.concatenate(xs), np.concatenate(ys).astype(np.int64)
+
+
+def read_and_hash(uri: str) -> tuple[str, bytes]:
+    data = storage.read_bytes(uri)
+    return splits.sha256_hex(data), data
+
+
+def read_split_csv_rows(artifact_uri: str) -> dict[str, str] | None:
+    """Path relative to DATA -> split from an artifact's ``split.csv``; None when it has none.
+
+    Why by path: choosing replay images this way reads no image bytes.
+    """
+    try:
+        raw = storage.read_bytes(storage.join(artifact_uri, SPLIT_FILE))
+    except FileNotFoundError:
+        return None
+    reader = csv.DictReader(io.StringIO(raw.decode("utf-8")))
+    if reader.fieldnames is None or not {"uri", "split"} <= set(reader.fieldnames):
+        raise ValueError(f"{SPLIT_FILE} of {artifact_uri} lacks uri/split columns")
+    return {row["uri"]: row["split"] for row in reader}
+
+
+def _decoded_columns(batch: dict[str, np.ndarray], class_index: dict[str, int]) -> dict[str, np.ndarray]:
+    good = batch["ok"].astype(bool)
+    return {
+        "image": batch["image"][good],
+        "label_index": np.array([class_index[str(c)] for c in batch["label"][good]], dtype=np.int64),
+        "label": batch["label"][good],
+        "uri": batch["uri"][good],
+        "sha256": batch["sha256"][good],
+    }
+
+
+def read_labelled(rows: list[dict[str, str]], image_size: int, class_index: dict[str, int],
+                  decode_batch_size: int = 32) -> dict[str, np.ndarray]:
+    """Read, hash and decode labelled files through Ray Data into arrays.
+
+    Files that are not images are skipped with a warning naming each.
+
+    Returns:
+        ``image`` (N, S, S, 3) uint8, ``label_index`` (N,) int64, and ``label``,
+        ``uri``, ``sha256`` (N,) object arrays (one row per decodable file, in no set order).
+    """
+    import ray
+
+    if not rows:
+        return {"image": np.zeros((0, image_size, image_size, 3), np.uint8), "label_index": np.zeros(0, np.int64),
+                "label": np.zeros(0, object), "uri": np.zeros(0, object), "sha256": np.zeros(0, object)}
+    keep = [{k: r[k] for k in ("uri", "rel", "label")} for r in rows]
+    ds = ray.data.from_items(keep).map_batches(
+        decode_batch, fn_kwargs={"image_size": image_size}, batch_size=decode_batch_size, batch_format="numpy"
+    ).materialize()
+    for bad in ds.map_batches(_failed_rows, batch_format="numpy").take_all():
+        log.warning("skipping %s: %s", bad["uri"], bad["error"])
+    parts: dict[str, list[np.ndarray]] = {}
+    columns = ds.map_batches(_decoded_columns, fn_kwargs={"class_index": class_index}, batch_format="numpy")
+    for batch in columns.iter_batches(batch_size=512, batch_format="numpy"):
+        for key, value in batch.items():
+            parts.setdefault(key, []).append(value)
+    out = {k: np.concatenate(v) for k, v in parts.items()}
+    if "image" not in out:
+        return read_labelled([], image_size, class_index)
+    return out

@@ -1,0 +1,373 @@
+"""``run_training``: prepare data, run the Ray Train job, calibrate, evaluate and write the artifact.
+
+Why it is built this way:
+
+* Every epoch writes a checkpoint to the run's storage (local or S3). A
+  worker failure restarts the group (``FailureConfig``) and the loop resumes
+  from the latest checkpoint; re-running the same command resumes too (the run
+  name is derived from the data fingerprint and settings).
+* Each replica writes the SHA-256 of its trainable weights into the epoch's
+  checkpoint, so anyone can verify that the gradients were synchronised.
+* Temperature and review threshold are fitted on the validation split only;
+  the test split is only ever reported.
+* ``model.json`` records the command, commit, package versions, hardware and
+  data fingerprint, so anyone with the images can rebuild the artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wbc_batch import metrics, splits, storage
+from wbc_batch.model import ModelMetadata
+from wbc_batch.training import recipe
+from wbc_batch.training.augment import AUGMENT
+from wbc_batch.training.config import (
+    LEGACY_KERAS_ENV,
+    MATURE_CLASSES,
+    STATE_FILE,
+    WEIGHTS_FILE,
+    TrainConfig,
+    TrainingError,
+    resolve_precision,
+)
+from wbc_batch.training.data import (
+    dataset_arrays,
+    only_split,
+    prepare_data,
+    read_split_csv,
+    split_arrays,
+    split_csv_text,
+)
+from wbc_batch.training.evaluation import calibration_from_val, fit_ood_statistics, predict_logits
+from wbc_batch.training.publishing import publish
+from wbc_batch.training.recipe import balanced_class_weights, scaled_class_weights
+from wbc_batch.training.worker import train_loop_per_worker
+
+log = logging.getLogger("wbc_batch.training")
+
+
+def _dashboard_running() -> bool:
+    """True when the connected Ray cluster serves the dashboard (and with it the state API)."""
+    from ray._private.worker import get_dashboard_url
+
+    try:
+        return bool(get_dashboard_url())
+    except Exception:  # noqa: BLE001 - any failure means no usable state API
+        return False
+
+
+def _trainer_class() -> type:
+    """``TensorflowTrainer``, minus Ray 2.60's placement-group cleaner when there is no dashboard.
+
+    Why: the cleaner asks the state API (served by the dashboard) whether the
+    train controller is alive. Without a dashboard (``include_dashboard=False``,
+    as in tests and on minimal clusters) the answer is empty, the cleaner reads
+    that as "dead" and removes the placement group of the *running* workers,
+    which kills them mid-epoch. The cleaner only matters when the controller
+    dies uncleanly, so dropping it there is the lesser evil.
+    """
+    from ray.train.tensorflow import TensorflowTrainer
+
+    class WbcTensorflowTrainer(TensorflowTrainer):  # type: ignore[misc, valid-type]
+        def _create_default_callbacks(self) -> list[Any]:
+            callbacks = super()._create_default_callbacks()
+            if _dashboard_running():
+                return callbacks
+            return [c for c in callbacks if type(c).__name__ != "PlacementGroupCleanerCallback"]
+
+    return WbcTensorflowTrainer
+
+
+def _ensure_ray(address: str | None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False)
+
+
+def initial_weights(config: TrainConfig, classes: list[str]) -> tuple[list[np.ndarray] | None, dict[str, Any]]:
+    """Weights and provenance of ``--init-from`` (fine-tuning), or ``(None, {})`` to start from scratch.
+
+    The artifact is loaded and verified like any model (sha256, ``safe_mode``);
+    it must have the data's classes, in order, and the run's input size.
+    """
+    if not config.init_from:
+        return None, {}
+    from wbc_batch.model import load_artifact
+
+    artifact = load_artifact(config.init_from, allow_untrusted=True)
+    meta = artifact.meta
+    if list(meta.class_names) != list(classes):
+        raise TrainingError(f"--init-from model has classes {meta.class_names}, the data has {classes}")
+    if int(meta.image_size) != config.image_size:
+        raise TrainingError(f"--init-from model takes {meta.image_size} px images, this run {config.image_size} px")
+    origin = {"uri": str(config.init_from), "version": meta.version, "model_sha256": meta.model_sha256,
+              "digest": artifact.digest}
+    return [np.asarray(w) for w in artifact.model.get_weights()], origin
+
+
+def _run_name(config: TrainConfig, fingerprint: str) -> str:
+    """Same data and settings give the same name, so re-running a killed job resumes it."""
+    c = config
+    settings = "-".join(
+        str(v)
+        for v in (c.image_size, c.epochs, c.batch_size, c.learning_rate, c.workers, c.seed, c.on_cell_weight,
+                  sorted(c.class_weight_factors.items()), c.init_from, c.weight_decay, c.precision)
+    )
+    return config.run_name or f"wbc-train-{fingerprint[:12]}-{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
+
+
+def provenance(config: TrainConfig, t_start: float) -> dict[str, Any]:
+    """What anyone needs to rebuild an artifact: command, commit, package versions, hardware, wall time."""
+    import platform
+    import subprocess
+    import sys
+    from importlib.metadata import PackageNotFoundError, version
+
+    def package(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    try:
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), platform.processor())
+    except OSError:
+        cpu = platform.processor()
+    return {
+        "command": config.command or None,
+        "git_commit": commit,
+        "packages": {n: package(n) for n in ("wbc-batch", "tensorflow", "tf-keras", "keras", "ray", "numpy",
+                                              "opencv-python-headless")},
+        "python": platform.python_version(),
+        "hardware": {"cpu": cpu, "cpu_count": os.cpu_count(), "workers": config.workers,
+                     "cpus_per_worker": config.cpus_per_worker, "use_gpu": config.use_gpu},
+        "wall_seconds_to_artifact": round(time.time() - t_start, 1),
+        "argv": list(sys.argv),
+    }
+
+
+def _read_replica_digests(checkpoint_dir: Path) -> dict[str, str]:
+    return {
+        str(json.loads(p.read_text())["rank"]): json.loads(p.read_text())["trainable_sha256"]
+        for p in sorted(checkpoint_dir.glob("replica-*.json"))
+    }
+
+
+@dataclass
+class FitResult:
+    """What a Ray Train run leaves: the final weights and the evidence of how they were made."""
+
+    weights: list[np.ndarray]
+    final_state: dict[str, Any]
+    replica_digests: dict[str, str]
+    checkpoint_path: str
+    seconds: float
+
+
+def _storage_kwargs(root: str) -> dict[str, Any]:
+    if storage.is_remote(root):
+        fs, path = storage.arrow_filesystem(root)
+        return {"storage_path": path, "storage_filesystem": fs}
+    return {"storage_path": str(Path(root).resolve())}
+
+
+def fit_on_ray(
+    config: TrainConfig,
+    train_ds: Any,
+    num_classes: int,
+    class_weights: list[float],
+    init_weights: list[np.ndarray] | None,
+    run_name: str,
+    precision: str,
+    train_loop: Callable[[dict[str, Any]], None] = train_loop_per_worker,
+) -> FitResult:
+    """Run the Ray Train job over ``train_ds`` (columns ``image``, ``label_index``, optional
+    ``cell_grid`` and ``sample_weight``) and read back its last checkpoint.
+
+    ``train_loop`` is the worker body; callers other than the tests keep the default.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+
+    steps = max(1, train_ds.count() // config.batch_size)
+    trainer = _trainer_class()(
+        train_loop_per_worker=train_loop,
+        train_loop_config={
+            "num_classes": num_classes,
+            "image_size": config.image_size,
+            "epochs": config.epochs,
+            "steps_per_epoch": steps,
+            "batch_size": config.batch_size,
+            "learning_rate": config.learning_rate,
+            "weight_decay": config.weight_decay,
+            "class_weights": class_weights,
+            "seed": config.seed,
+            "cpus_per_worker": config.cpus_per_worker,
+            "on_cell_weight": config.on_cell_weight,
+            "initial_weights": init_weights,
+            "precision": precision,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=config.workers, use_gpu=config.use_gpu, resources_per_worker={"CPU": config.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            worker_runtime_env={"env_vars": dict(LEGACY_KERAS_ENV)},
+            **_storage_kwargs(config.checkpoint_root()),
+        ),
+        datasets={"train": train_ds},
+    )
+    t0 = time.time()
+    result = trainer.fit()
+    seconds = time.time() - t0
+    if result.checkpoint is None:
+        raise TrainingError(f"training run {run_name} ended without a checkpoint (error: {result.error})")
+    with result.checkpoint.as_directory() as d:
+        saved = np.load(Path(d, WEIGHTS_FILE))
+        return FitResult(
+            weights=[saved[k] for k in sorted(saved.files)],
+            final_state=json.loads(Path(d, STATE_FILE).read_text()),
+            replica_digests=_read_replica_digests(Path(d)),
+            checkpoint_path=result.checkpoint.path,
+            seconds=seconds,
+        )
+
+
+def run_training(
+    config: TrainConfig, train_loop: Callable[[dict[str, Any]], None] = train_loop_per_worker
+) -> dict[str, Any]:
+    """Train, calibrate, evaluate and write a candidate artifact; publish if asked.
+
+    Returns:
+        A summary: ``model_out``, ``version``, ``classes``, ``split_counts``,
+        ``calibration``, ``metrics`` (test split), ``final_epoch`` (rank-0
+        metrics of the last epoch), ``replica_trainable_sha256`` (per rank),
+        ``checkpoint``, ``train_seconds`` and ``publish`` (when requested).
+
+    Raises:
+        TrainingError: no images, fewer than 2 classes, empty splits, or a run
+            that ended without a checkpoint.
+    """
+    import keras
+
+    from wbc_batch.architecture import CAM_LAYER, EMBEDDING_LAYER, build_classifier
+    from wbc_batch.model import save_artifact
+
+    t_start = time.time()
+    _ensure_ray(config.ray_address)
+    data = prepare_data(config, read_split_csv(config.init_from) if config.init_from else None)
+    classes: list[str] = data["classes"]
+    init_weights, init_origin = initial_weights(config, classes)
+    train_ds = data["labelled"].map_batches(only_split, fn_kwargs={"split": "train"}, batch_format="numpy")
+    train_ds = train_ds.materialize()
+    class_weights = scaled_class_weights(
+        classes, balanced_class_weights([data["train_label_counts"][c] for c in classes]), config.class_weight_factors
+    )
+    run_name = _run_name(config, data["fingerprint"])
+    precision = resolve_precision(config.precision, config.use_gpu)
+    fit = fit_on_ray(config, train_ds, len(classes), class_weights, init_weights, run_name, precision, train_loop)
+    weights, final_state, train_seconds = fit.weights, fit.final_state, fit.seconds
+
+    model = build_classifier(keras, len(classes), image_size=config.image_size)
+    model.set_weights(weights)
+    x_val, y_val = split_arrays(data["labelled"], "val")
+    calibration = calibration_from_val(predict_logits(model, x_val), y_val)
+    x_train, y_train = dataset_arrays(train_ds)  # materialised above for the trainer
+    ood_stats = fit_ood_statistics(model, EMBEDDING_LAYER, x_train, y_train, x_val, len(classes))
+    del x_train
+    x_test, y_test = split_arrays(data["labelled"], "test")
+    non_wbc = [c for c in classes if c == splits.NON_WBC]
+    wbc = [c for c in classes if c not in non_wbc]
+    test_report: dict[str, Any] = {}
+    if len(y_test):
+        test_report = metrics.classification_report(
+            predict_logits(model, x_test),
+            y_test,
+            classes,
+            calibration["temperature"],
+            calibration["review_threshold"],
+            subsets={"wbc": wbc, "mature5": list(MATURE_CLASSES)},
+        )
+    version = config.version or f"{datetime.now(timezone.utc):%Y%m%d.%H%M%S}-{data['fingerprint'][:8]}"
+    meta = ModelMetadata(
+        version=version,
+        class_names=classes,
+        image_size=config.image_size,
+        gradcam_layer=CAM_LAYER,
+        embedding_layer=EMBEDDING_LAYER,
+        temperature=calibration["temperature"],
+        review_threshold=calibration["review_threshold"],
+        non_wbc_classes=non_wbc,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        changelog=[
+            f"{version}: trained by wbc_batch.training on {config.data_uri}"
+            + (f", fine-tuned from {init_origin['version']} ({init_origin['uri']})" if init_origin else "")
+        ],
+        training_data={
+            "source": config.data_uri,
+            "fingerprint_sha256": data["fingerprint"],
+            "n_images": len(data["items"]),
+            "split_counts": data["split_counts"],
+            "label_map": config.label_map,
+        },
+        training={
+            "trainer": "wbc_batch.training (Ray Train TensorflowTrainer, tf-keras, MultiWorkerMirroredStrategy)",
+            "workers": config.workers,
+            "epochs": config.epochs,
+            "train_seconds": round(train_seconds, 1),
+            "optimizer": recipe.describe(config.learning_rate, config.weight_decay, config.batch_size),
+            "augmentation": AUGMENT.describe(),
+            "precision": precision,
+            "provenance": provenance(config, t_start),
+            "class_weights": {c: round(w, 4) for c, w in zip(classes, class_weights)},
+            "run_name": run_name,
+            "final_epoch": final_state,
+            "on_cell_weight": config.on_cell_weight,
+            **({"init_from": init_origin} if init_origin else {}),
+        },
+        metrics={"split": "test", **test_report, "calibration": calibration}
+        if test_report
+        else {"calibration": calibration},
+        ood=ood_stats,
+    )
+    if init_origin:  # a fine-tuned model names the artifact it grew from
+        meta.parent_digest, meta.parent_version = init_origin["digest"], init_origin["version"]
+    split_text = split_csv_text(data["items"], data["split_of"])
+    save_artifact(model, meta, config.model_out, split_csv=split_text)
+    summary: dict[str, Any] = {
+        "model_out": config.model_out,
+        "version": version,
+        "classes": classes,
+        "split_counts": data["split_counts"],
+        "calibration": calibration,
+        "metrics": test_report,
+        "final_epoch": final_state,
+        "replica_trainable_sha256": fit.replica_digests,
+        "checkpoint": fit.checkpoint_path,
+        "run_name": run_name,
+        "train_seconds": train_seconds,
+        "total_seconds": time.time() - t_start,
+    }
+    if config.publish:
+        summary["publish"] = publish(config.model_out, config.publish, config.data_uri)
+    return summary

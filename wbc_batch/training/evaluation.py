@@ -1,0 +1,291 @@
+"""Calibration, OOD statistics and evaluation of an artifact on labelled class folders."""
+
+from __future__ import annotations
+
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from wbc_batch import imaging, metrics, splits, storage
+from wbc_batch.model import SPLIT_FILE
+from wbc_batch.training.config import MATURE_CLASSES, TrainingError
+from wbc_batch.training.data import list_labelled_files, read_and_hash, read_split_csv
+
+log = logging.getLogger("wbc_batch.training")
+
+
+def predict_logits(model: Any, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Logits for uint8 or float images, in batches (float32 0..255 in, as classify does)."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        out.append(np.asarray(model.predict_on_batch(images[i : i + batch_size].astype(np.float32))))
+    return np.concatenate(out) if out else np.zeros((0, int(model.output_shape[-1])), np.float32)
+
+
+def predict_embeddings(model: Any, embedding_layer: str, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Pooled embeddings (the tensor classify's OOD score reads), in batches, without Grad-CAM's backward pass."""
+    import keras
+
+    sub = keras.Model(model.inputs, model.get_layer(embedding_layer).output)
+    out = [np.asarray(sub.predict_on_batch(images[i : i + batch_size].astype(np.float32)))
+           for i in range(0, len(images), batch_size)]
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, int(sub.output_shape[-1])), np.float32)
+
+
+def fit_ood_statistics(model: Any, embedding_layer: str, x_train: np.ndarray, y_train: np.ndarray,
+                       x_val: np.ndarray, num_classes: int) -> dict[str, Any]:
+    """The OOD statistics classify needs, fitted on train and thresholded on val.
+
+    Why here: the score compares a new image with what *this* network saw,
+    so each trained artifact carries its own statistics (``model.json["ood"]``);
+    an empty dict (OOD off, with a warning) when the splits are too small.
+    """
+    from wbc_batch.ood import fit_ood
+
+    if len(x_train) < 2 or len(x_val) < 2:
+        log.warning("OOD statistics not fitted: %d train and %d val images", len(x_train), len(x_val))
+        return {}
+    return fit_ood(
+        predict_embeddings(model, embedding_layer, x_train), y_train, x_train,
+        predict_embeddings(model, embedding_layer, x_val), x_val, num_classes=num_classes,
+    )
+
+
+def calibration_from_val(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Temperature (NLL on val) and the review threshold on val.
+
+    The threshold is the lowest whose accepted validation cells reach 99.5%
+    accuracy with 95% one-sided confidence (Clopper-Pearson), so that it
+    still holds on cells the model has not seen.
+
+    Returns:
+        ``{"temperature", "review_threshold", "val_coverage", "val_n"}``.
+    """
+    if len(labels) == 0:
+        raise TrainingError("cannot calibrate on an empty validation split")
+    temperature = metrics.fit_temperature(logits, labels)
+    probs = metrics.softmax(logits, temperature)
+    threshold, coverage = metrics.review_threshold_with_margin(probs.max(axis=1), probs.argmax(axis=1) == labels)
+    return {
+        "temperature": temperature,
+        "review_threshold": threshold,
+        "val_coverage": coverage,
+        "val_n": int(len(labels)),
+    }
+
+
+def _in_split(recorded: str | None, split: str) -> bool:
+    """An image the split.csv does not list was never trained on: it counts as ``test`` (a lab never seen)."""
+    return recorded == split or (recorded is None and split == "test")
+
+
+def collect_logits(
+    artifact: Any,
+    data_uri: str,
+    split: str | None = "test",
+    split_of: dict[str, str] | None = None,
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """Run a loaded artifact over the labelled images of one split.
+
+    Args:
+        artifact: a :class:`wbc_batch.model.ModelArtifact`.
+        data_uri: class-folder layout, local or ``s3://``.
+        split: which split to keep; None for every image.
+        split_of: sha256 -> split; None to use every image.
+
+    Returns:
+        ``{"logits" (N, C), "labels" (N,), "uris", "skipped" [{uri, reason}],
+        "ood_flagged" (N,) bool or None when the model has no OOD statistics}``.
+    """
+    meta = artifact.meta
+    label_map = meta.training_data.get("label_map") or splits.DEFAULT_LABEL_MAP
+    rows = list_labelled_files(data_uri, label_map)
+    names = list(meta.class_names)
+    skipped: list[dict[str, str]] = []
+    chosen: list[tuple[str, int, bytes]] = []
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for row, (sha, data) in zip(rows, pool.map(lambda r: read_and_hash(r["uri"]), rows)):
+            if split is not None and split_of is not None and not _in_split(split_of.get(sha), split):
+                continue
+            if row["label"] not in names:
+                reason = f"class {row['label']!r} is not one of the model's classes"
+                skipped.append({"uri": row["uri"], "reason": reason})
+                continue
+            chosen.append((row["uri"], names.index(row["label"]), data))
+
+    def decode(entry: tuple[str, int, bytes]) -> np.ndarray | str:
+        try:
+            return imaging.decode_image(entry[2])
+        except imaging.ImageDecodeError as exc:
+            return str(exc)
+
+    import keras
+
+    logits, labels, uris, flagged = [], [], [], []
+    size = meta.image_size
+    both = keras.Model(artifact.model.inputs,
+                       [artifact.model.output, artifact.model.get_layer(meta.embedding_layer).output])
+    from wbc_batch.ood import OodScorer
+
+    scorer = OodScorer.from_metadata(meta)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for start in range(0, len(chosen), batch_size):
+            part = chosen[start : start + batch_size]
+            images, keep = [], []
+            for entry, rgb in zip(part, pool.map(decode, part)):
+                if isinstance(rgb, str):
+                    log.warning("skipping %s: %s", entry[0], rgb)
+                    skipped.append({"uri": entry[0], "reason": rgb})
+                    continue
+                images.append(rgb)
+                keep.append(entry)
+            if not images:
+                continue
+            batch = imaging.prepare_batch(images, size)
+            out, emb = both.predict_on_batch(batch)
+            logits.append(np.asarray(out))
+            if scorer is not None:
+                flagged.append(scorer.score(np.asarray(emb, np.float32), batch)[1])
+            labels.extend(e[1] for e in keep)
+            uris.extend(e[0] for e in keep)
+    n_classes = len(names)
+    return {
+        "logits": np.concatenate(logits) if logits else np.zeros((0, n_classes), np.float32),
+        "labels": np.asarray(labels, dtype=np.int64),
+        "uris": uris,
+        "skipped": skipped,
+        "ood_flagged": np.concatenate(flagged) if flagged else None,
+    }
+
+
+def evaluate(
+    model_uri: str | None,
+    data_uri: str,
+    out_json: str | None = None,
+    split: str = "test",
+    split_source: str | None = None,
+    allow_untrusted: bool = False,
+) -> dict[str, Any]:
+    """Evaluate an artifact on labelled images; the figures of ``wbc-batch evaluate``.
+
+    The images of ``split`` are picked by content hash from the ``split.csv``
+    of ``split_source`` (default: the model itself), so the test images are
+    the ones the model never trained on; an image the split.csv does not list
+    (another lab's, say) was never trained on and counts as ``test``. Without
+    a split.csv every image is used (``split`` is then reported as ``"all"``).
+
+    Args:
+        model_uri: artifact folder or ``s3://`` URI; None for the shipped model.
+        data_uri: class-folder layout, local or ``s3://``.
+        out_json: where to write the JSON (local path or ``s3://``), optional.
+        split: ``train``, ``val``, ``test`` or ``all``.
+        split_source: artifact whose split.csv decides the split.
+
+    Returns:
+        ``{"model", "data", "split", "n_images", "skipped", "metrics"}`` with
+        ``metrics`` as in :func:`wbc_batch.metrics.classification_report`
+        plus ``wbc`` (white-cell classes) and ``mature5`` subsets.
+    """
+    from wbc_batch.model import load_artifact
+
+    if split not in (*splits.SPLITS, "all"):
+        raise ValueError(f"expected split to be one of train, val, test, all; got {split!r}")
+    artifact = load_artifact(model_uri, allow_untrusted=allow_untrusted)
+    split_of = None if split == "all" else read_split_csv(split_source or artifact.uri)
+    used_split = split if split_of is not None else "all"
+    if split != "all" and split_of is None:
+        log.warning("model %s has no %s: evaluating on every image", artifact.uri, SPLIT_FILE)
+    got = collect_logits(artifact, data_uri, used_split if split_of is not None else None, split_of)
+    if len(got["labels"]) == 0:
+        raise ValueError(f"no labelled images of split {used_split!r} under {data_uri} for this model")
+    meta = artifact.meta
+    report = metrics.classification_report(
+        got["logits"], got["labels"], meta.class_names, meta.temperature, meta.review_threshold,
+        subsets={"wbc": meta.wbc_classes, "mature5": list(MATURE_CLASSES)},
+    )
+    report = metrics.with_intervals(report, got["labels"], got["logits"].argmax(axis=1))
+    if got["ood_flagged"] is not None:
+        n_flagged = int(got["ood_flagged"].sum())
+        report["ood_flagged"] = {"share": n_flagged / len(got["labels"]), "n": n_flagged,
+                                 "ci95": list(metrics.wilson_interval(n_flagged, len(got["labels"])))}
+    result = {
+        "model": {"uri": artifact.uri, "version": meta.version, "sha256": meta.model_sha256},
+        "data": str(data_uri),
+        "split": used_split,
+        "n_images": int(len(got["labels"])),
+        "skipped": got["skipped"],
+        "metrics": report,
+    }
+    if out_json:
+        storage.write_bytes(str(out_json), json.dumps(result, indent=2, allow_nan=False).encode())
+    return result
+
+
+def format_summary(result: dict[str, Any]) -> str:
+    """A few readable lines of an evaluation result."""
+    m = result["metrics"]
+    def ci(key: str) -> str:
+        low_high = m.get(f"{key}_ci95")
+        return f" (95% CI {low_high[0]:.1%}-{low_high[1]:.1%})" if low_high else ""
+
+    lines = [
+        f"model {result['model']['version']} on {result['n_images']} images "
+        f"({result['split']} split of {result['data']})",
+        f"accuracy {m['accuracy']:.2%}{ci('accuracy')}  balanced {m['balanced_accuracy']:.2%}"
+        f"{ci('balanced_accuracy')}  macro-F1 {m['macro_f1']:.2%}",
+        f"ECE raw {m['ece_raw']:.2%} calibrated {m['ece_calibrated']:.2%} (T={m['temperature']:.3f})",
+    ]
+    if "ood_flagged" in m:
+        f = m["ood_flagged"]
+        lines.append(f"out of distribution: {f['n']} of {m['n']} flagged ({f['share']:.1%}, "
+                     f"95% CI {f['ci95'][0]:.1%}-{f['ci95'][1]:.1%})")
+    if "review" in m:
+        r = m["review"]
+        acc = "n/a" if r["accuracy_above"] is None else f"{r['accuracy_above']:.2%}"
+        lines.append(f"review threshold {r['threshold']:.3f}: {r['coverage']:.1%} of cells above it, accuracy {acc}")
+    for key, label in (("wbc", "white-cell classes"), ("mature5", "5 mature classes")):
+        if key in m:
+            sub = m[key]
+            lines.append(f"{label} ({sub['n']} images): accuracy {sub['accuracy']:.2%}  macro-F1 {sub['macro_f1']:.2%}")
+    lines.append("recall: " + ", ".join(f"{c} {r:.1%}" for c, r in m["recall"].items() if r is not None))
+    if result["skipped"]:
+        lines.append(f"skipped {len(result['skipped'])} files (see JSON)")
+    return "\n".join(lines)
+
+
+def calibrate(model_uri: str | None, data_uri: str, out_uri: str | None = None,
+              version: str | None = None) -> dict[str, Any]:
+    """Refit temperature and review threshold of an artifact on its validation split.
+
+    Uses real images picked by content hash from the artifact's split.csv.
+    Artifacts are immutable: with ``out_uri`` the refitted values go into a
+    *new* artifact version there (:func:`wbc_batch.model.write_derived_artifact`),
+    which records its parent's digest; the parent is never changed.
+
+    Returns:
+        :func:`calibration_from_val` output plus ``val_nll_raw`` and
+        ``val_nll_calibrated`` (and ``written`` {uri, version, digest} with ``out_uri``).
+    """
+    from wbc_batch.model import load_artifact, write_derived_artifact
+
+    artifact = load_artifact(model_uri)
+    split_of = read_split_csv(artifact.uri)
+    if split_of is None:
+        raise ValueError(f"model {artifact.uri} has no {SPLIT_FILE}: cannot tell its validation images")
+    got = collect_logits(artifact, data_uri, "val", split_of)
+    result: dict[str, Any] = calibration_from_val(got["logits"], got["labels"])
+    result["val_nll_raw"] = metrics.nll(got["logits"], got["labels"], 1.0)
+    result["val_nll_calibrated"] = metrics.nll(got["logits"], got["labels"], result["temperature"])
+    if out_uri:
+        new_version = version or f"{artifact.meta.version}+recal"
+        _, digest = write_derived_artifact(
+            artifact.uri, out_uri, {"temperature": result["temperature"], "review_threshold": result["review_threshold"]},
+            version=new_version,
+            note=f"temperature and review threshold refitted on the validation split of {data_uri}",
+        )
+        result["written"] = {"uri": out_uri, "version": new_version, "digest": digest}
+    return result

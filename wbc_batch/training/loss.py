@@ -1,0 +1,70 @@
+"""The on-cell loss term: class evidence outside the segmented cell costs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def outside_share(tf: Any, feats: Any, kernel: Any, labels: Any, cells: Any) -> Any:
+    """(B,) share of each image's true-class map ``relu(A @ w_label)`` that lies outside its cell grid.
+
+    Args:
+        tf: the TensorFlow module.
+        feats: (B, g, g, C) last-stage features; kernel: (C, K) logits weights.
+        labels: (B,) int class per image; cells: (B, g, g) cell share per grid cell.
+    """
+    w = tf.gather(tf.transpose(tf.cast(kernel, tf.float32)), tf.cast(labels, tf.int32))
+    cam = tf.nn.relu(tf.einsum("bhwc,bc->bhw", tf.cast(feats, tf.float32), w))
+    return tf.reduce_sum(cam * (1.0 - cells), axis=(1, 2)) / (tf.reduce_sum(cam, axis=(1, 2)) + 1e-6)
+
+
+def on_cell_model(tf_keras: Any, classifier: Any, cam_layer: str, logits_layer: str, weight: float) -> Any:
+    """Wrap a classifier so ``fit`` adds the on-cell term to the loss.
+
+    Why: with global average pooling before one dense layer, the map
+    ``relu(A @ w_c)`` on the last stage is exactly each location's
+    contribution to the logit of ``c`` (what Grad-CAM shows). The term is the
+    share of the true class's map outside the segmented cell, so the network
+    learns to take its evidence from the cell rather than its surroundings
+    (docs/EXPLANATIONS.md; ``tools/finetune_on_cell.py`` made model 1.1.0
+    this way). The wrapper shares the classifier's variables; data are
+    ``(image, (label, cell_grid), sample_weight)``.
+    """
+    import tensorflow as tf
+
+    view = tf_keras.Model(classifier.inputs, [classifier.get_layer(cam_layer).output, classifier.output])
+    dense = classifier.get_layer(logits_layer)
+    ce_loss = tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
+
+    class OnCell(tf_keras.Model):
+        def __init__(self) -> None:
+            super().__init__()
+            self.classifier = classifier
+            self.loss_tracker = tf_keras.metrics.Mean(name="loss")
+            self.outside_tracker = tf_keras.metrics.Mean(name="outside")
+            self.acc = tf_keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+
+        def call(self, inputs: Any, training: bool = False) -> Any:
+            return self.classifier(inputs, training=training)
+
+        @property
+        def metrics(self) -> list[Any]:
+            return [self.loss_tracker, self.outside_tracker, self.acc]
+
+        def train_step(self, data: Any) -> dict[str, Any]:
+            images, (labels, cells), weights = data
+            with tf.GradientTape() as tape:
+                feats, logits = view(images, training=True)
+                ce = tf.reduce_sum(ce_loss(labels, logits) * weights) / tf.maximum(tf.reduce_sum(weights), 1e-6)
+                outside = tf.reduce_mean(outside_share(tf, feats, dense.kernel, labels, cells))
+                loss = ce + weight * outside
+                # MirroredStrategy sums gradients over replicas: scale as Keras does for its own losses
+                scaled = loss / tf.distribute.get_strategy().num_replicas_in_sync
+            grads = tape.gradient(scaled, classifier.trainable_variables)
+            self.optimizer.apply_gradients(zip(grads, classifier.trainable_variables))
+            self.loss_tracker.update_state(loss)
+            self.outside_tracker.update_state(outside)
+            self.acc.update_state(labels, logits)
+            return {m.name: m.result() for m in self.metrics}
+
+    return OnCell()

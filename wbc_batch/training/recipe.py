@@ -1,0 +1,75 @@
+"""The one class-weight rule, learning-rate schedule and optimizer of every training path.
+
+``wbc-batch train`` and ``wbc-batch adapt`` (and the tests) call these, so a
+lab that retrains or adapts gets the recipe the shipped model was made with.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+from wbc_batch.training.config import TrainingError
+
+WARMUP_EPOCHS = 3
+FINAL_LR_FRACTION = 1e-3
+
+
+def balanced_class_weights(counts: list[int]) -> list[float]:
+    """n / (C * n_c) per class: every class contributes equally to the loss (absent classes get 0)."""
+    total, k = sum(counts), len(counts)
+    return [total / (k * c) if c else 0.0 for c in counts]
+
+
+def scaled_class_weights(classes: list[str], weights: list[float], factors: dict[str, float]) -> list[float]:
+    """Balanced weights times ``--class-weight`` factors (e.g. ``non_wbc=2``: a missed platelet costs double).
+
+    Raises:
+        TrainingError: a factor names a class the data does not have.
+    """
+    unknown = sorted(set(factors) - set(classes))
+    if unknown:
+        raise TrainingError(f"--class-weight names {unknown}, which are not classes of the data {classes}")
+    return [w * float(factors.get(c, 1.0)) for c, w in zip(classes, weights)]
+
+
+def learning_rate_schedule(keras: ModuleType, peak: float, epochs: int, steps_per_epoch: int) -> Any:
+    """Linear warm-up to ``peak`` over up to 3 epochs (at most a tenth of the run), then cosine to peak/1000."""
+    total = max(1, epochs * steps_per_epoch)
+    warm = min(WARMUP_EPOCHS * steps_per_epoch, max(1, total // 10))
+    return keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=max(1, total - warm), alpha=FINAL_LR_FRACTION, warmup_target=float(peak), warmup_steps=warm,
+    )
+
+
+def make_optimizer(keras: ModuleType, peak: float, weight_decay: float, epochs: int, steps_per_epoch: int) -> Any:
+    """AdamW on :func:`learning_rate_schedule` (decoupled weight decay)."""
+    schedule = learning_rate_schedule(keras, peak, epochs, steps_per_epoch)
+    return keras.optimizers.AdamW(learning_rate=schedule, weight_decay=float(weight_decay))
+
+
+def describe(peak: float, weight_decay: float, global_batch: int) -> str:
+    """The optimizer and schedule in words, for ``model.json``."""
+    return (f"AdamW lr {peak} ({WARMUP_EPOCHS}-epoch warm-up, cosine to x{FINAL_LR_FRACTION}), "
+            f"weight decay {weight_decay}, global batch {global_batch}")
+
+
+def balanced_within_groups(labels: list[int], groups: list[int]) -> list[float]:
+    """Per-image weights: within each group (a lab) every class weighs the same; the mean weight is 1.
+
+    Why: when a new lab's cells are mixed with replayed cells of the first lab,
+    each lab's class mix is its own accident of sampling; balancing classes
+    inside each lab keeps a rare class of one lab from being drowned out.
+    """
+    from collections import Counter
+
+    if len(labels) != len(groups):
+        raise TrainingError(f"expected one group per label, got {len(groups)} groups for {len(labels)} labels")
+    if not labels:
+        return []
+    per_group = Counter(groups)
+    per_class = Counter(zip(groups, labels))
+    classes_in = Counter(g for g, _ in per_class)
+    raw = [per_group[g] / (classes_in[g] * per_class[(g, c)]) for c, g in zip(labels, groups)]
+    mean = sum(raw) / len(raw)
+    return [w / mean for w in raw]

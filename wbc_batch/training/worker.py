@@ -1,0 +1,164 @@
+"""The Ray Train worker loop: tf-keras under ``MultiWorkerMirroredStrategy``.
+
+Why tf-keras: Ray 2.60's ``TensorflowTrainer`` sets ``TF_USE_LEGACY_KERAS=1``
+and Keras 3 cannot run ``MultiWorkerMirroredStrategy`` (keras-team/keras#20585).
+The graph comes from :func:`wbc_batch.architecture.build_classifier`, so the
+driver moves the trained weights into the Keras 3 graph classify loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wbc_batch.training import recipe
+from wbc_batch.training.augment import augment
+from wbc_batch.training.config import LEGACY_KERAS_ENV, OPTIMIZER_FILE, STATE_FILE, WEIGHTS_FILE, TrainingError
+from wbc_batch.training.loss import on_cell_model
+
+
+def weights_sha256(arrays: list[np.ndarray]) -> str:
+    """SHA-256 over the bytes of a list of weight arrays, in order."""
+    digest = hashlib.sha256()
+    for a in arrays:
+        digest.update(np.ascontiguousarray(a).tobytes())
+    return digest.hexdigest()
+
+
+def _load_shard(shard: Any) -> dict[str, np.ndarray]:
+    """This worker's shard as arrays: ``image``, ``label_index`` and, when present, ``cell_grid``, ``sample_weight``."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for batch in shard.iter_batches(batch_size=256, batch_format="numpy"):
+        for key in ("image", "label_index", "cell_grid", "sample_weight"):
+            if key in batch:
+                parts.setdefault(key, []).append(batch[key])
+    if not parts.get("image"):
+        raise TrainingError("this worker received no training images")
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+    """Body of each Ray Train worker: tf-keras under ``MultiWorkerMirroredStrategy``.
+
+    Each epoch ends with ``ray.train.report`` and a checkpoint folder
+    ``epoch-NNNN`` holding the weights and optimizer state (rank 0) and one
+    ``replica-<rank>.json`` per worker with the SHA-256 of its trainable weights.
+    """
+    os.environ.update(LEGACY_KERAS_ENV)
+    import ray.train
+    import tensorflow as tf
+    import tf_keras
+
+    from wbc_batch.architecture import build_classifier
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    threads = max(1, int(cfg.get("cpus_per_worker", 1)))
+    # intra-op only: collective all-reduce ops block an inter-op thread while they
+    # wait for the peers, so a single inter-op thread deadlocks the strategy
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf_keras.utils.set_random_seed(int(cfg["seed"]))
+    tf_keras.mixed_precision.set_global_policy(str(cfg.get("precision", "float32")))
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+
+    shard = _load_shard(ray.train.get_dataset_shard("train"))
+    x, y, cells = shard["image"], shard["label_index"].astype(np.int64), shard.get("cell_grid")
+    on_cell = float(cfg.get("on_cell_weight", 0.0))
+    if on_cell > 0 and cells is None:
+        raise TrainingError("the on-cell loss needs cell grids in the training data")
+    # per-image weights when the driver sets them (adapt: lab share x class balance), else the class rule
+    w = shard.get("sample_weight")
+    if w is None:
+        w = np.asarray(cfg["class_weights"], dtype=np.float32)[y]
+    w = np.asarray(w, dtype=np.float32)
+    steps, epochs, global_batch = int(cfg["steps_per_epoch"]), int(cfg["epochs"]), int(cfg["batch_size"])
+
+    def dataset_fn(input_context: Any) -> Any:
+        per_replica = input_context.get_per_replica_batch_size(global_batch)
+
+        def view(im: Any, lab: Any, wt: Any, *cell: Any) -> Any:
+            if not cell:
+                return augment(tf, tf.cast(im, tf.float32)), lab, wt
+            im, grid = augment(tf, tf.cast(im, tf.float32), mask=cell[0])
+            return im, (lab, grid), wt  # the on-cell wrapper reads (label, cell grid)
+
+        ds = tf.data.Dataset.from_tensor_slices((x, y, w, cells) if on_cell > 0 else (x, y, w))
+        ds = ds.shuffle(len(x), seed=int(cfg["seed"]) + rank, reshuffle_each_iteration=True).repeat()
+        ds = ds.map(view, num_parallel_calls=threads)
+        ds = ds.batch(per_replica, drop_remainder=True).prefetch(2)
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        return ds.with_options(options)
+
+    with strategy.scope():
+        model = build_classifier(tf_keras, int(cfg["num_classes"]), image_size=int(cfg["image_size"]))
+        optimizer = recipe.make_optimizer(
+            tf_keras, float(cfg["learning_rate"]), float(cfg["weight_decay"]), epochs, steps
+        )
+        if on_cell > 0:
+            from wbc_batch.architecture import CAM_LAYER, LOGITS_LAYER
+
+            fitter = on_cell_model(tf_keras, model, CAM_LAYER, LOGITS_LAYER, on_cell)
+            fitter.compile(optimizer=optimizer)
+        else:
+            fitter = model
+            model.compile(
+                optimizer=optimizer,
+                loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                weighted_metrics=["accuracy"],
+            )
+        optimizer.build(model.trainable_variables)
+        if cfg.get("initial_weights") is not None:  # fine-tuning (--init-from); a checkpoint below overrides it
+            model.set_weights(list(cfg["initial_weights"]))
+
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = json.loads(Path(d, STATE_FILE).read_text())
+            saved = np.load(Path(d, WEIGHTS_FILE))
+            model.set_weights([saved[k] for k in sorted(saved.files)])
+            saved_opt = np.load(Path(d, OPTIMIZER_FILE))
+            for var, key in zip(optimizer.variables, sorted(saved_opt.files)):
+                var.assign(saved_opt[key])
+        start_epoch = int(state["epoch"]) + 1
+
+    creator = tf_keras.utils.experimental.DatasetCreator(dataset_fn)
+    for epoch in range(start_epoch, epochs):
+        t0 = time.time()
+        hist = fitter.fit(creator, epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=steps, verbose=0)
+        # every rank must read the weights: BatchNormalization's moving statistics are
+        # sync-on-read variables, and reading them is an all-reduce (the mean over workers)
+        weights = model.get_weights()
+        opt_state = [v.numpy() for v in optimizer.variables]
+        digest = weights_sha256([v.numpy() for v in model.trainable_variables])
+        epoch_metrics = {
+            "epoch": epoch,
+            "start_epoch": start_epoch,
+            "loss": float(hist.history["loss"][-1]),
+            "accuracy": float(hist.history["accuracy"][-1]),
+            "epoch_seconds": time.time() - t0,
+            "trainable_sha256": digest,
+            "world_size": world,
+        }
+        if "outside" in hist.history:  # the on-cell term: share of the true class's evidence outside the cell
+            epoch_metrics["outside_share"] = float(hist.history["outside"][-1])
+        with tempfile.TemporaryDirectory() as d:
+            replica = {"rank": rank, "epoch": epoch, "trainable_sha256": digest}
+            Path(d, f"replica-{rank}.json").write_text(json.dumps(replica))
+            if rank == 0:
+                np.savez(Path(d, WEIGHTS_FILE), **{f"w{i:04d}": a for i, a in enumerate(weights)})
+                np.savez(Path(d, OPTIMIZER_FILE), **{f"v{i:04d}": a for i, a in enumerate(opt_state)})
+                Path(d, STATE_FILE).write_text(json.dumps(epoch_metrics))
+            ray.train.report(
+                epoch_metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(d),
+                checkpoint_dir_name=f"epoch-{epoch:04d}",
+            )
