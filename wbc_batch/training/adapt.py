@@ -209,7 +209,7 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
     import keras
 
     from wbc_batch.architecture import build_classifier
-    from wbc_batch.model import ModelMetadata, artifact_digest, load_artifact, save_artifact
+    from wbc_batch.model import ModelMetadata, load_artifact, save_artifact
 
     t_start = time.time()
     _ensure_ray(config.ray_address)
