@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from wbc_batch import imaging, splits
+from wbc_batch.errors import InvalidInputError
 
 MATURE_CLASSES: tuple[str, ...] = ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil")
 
@@ -46,8 +47,8 @@ def resolve_precision(requested: str, use_gpu: bool) -> str:
     return "mixed_bfloat16" if ("amx_bf16" in flags or "avx512_bf16" in flags) else "float32"
 
 
-class TrainingError(RuntimeError):
-    """Training that cannot start or finish (no data, too few classes, no checkpoint)."""
+class TrainingError(InvalidInputError):
+    """Training data or settings a run cannot use (no images, too few classes, unknown class folders): exit 2."""
 
 
 @dataclass

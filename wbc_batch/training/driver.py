@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from wbc_batch import metrics, splits, storage
+from wbc_batch.errors import WbcError
 from wbc_batch.model import ModelMetadata
 from wbc_batch.training import recipe
 from wbc_batch.training.augment import AUGMENT
@@ -241,7 +242,7 @@ def fit_on_ray(
     result = trainer.fit()
     seconds = time.time() - t0
     if result.checkpoint is None:
-        raise TrainingError(f"training run {run_name} ended without a checkpoint (error: {result.error})")
+        raise WbcError(f"training run {run_name} ended without a checkpoint (error: {result.error})")
     with result.checkpoint.as_directory() as d:
         saved = np.load(Path(d, WEIGHTS_FILE))
         return FitResult(

@@ -213,7 +213,7 @@ def evaluate(
         report["ood_flagged"] = {"share": n_flagged / len(got["labels"]), "n": n_flagged,
                                  "ci95": list(metrics.wilson_interval(n_flagged, len(got["labels"])))}
     result = {
-        "model": {"uri": artifact.uri, "version": meta.version, "sha256": meta.model_sha256},
+        "model": {"uri": artifact.uri, "version": meta.version, "sha256": meta.model_sha256, "digest": artifact.digest},
         "data": str(data_uri),
         "split": used_split,
         "n_images": int(len(got["labels"])),

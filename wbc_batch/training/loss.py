@@ -26,8 +26,8 @@ def on_cell_model(tf_keras: Any, classifier: Any, cam_layer: str, logits_layer: 
     contribution to the logit of ``c`` (what Grad-CAM shows). The term is the
     share of the true class's map outside the segmented cell, so the network
     learns to take its evidence from the cell rather than its surroundings
-    (docs/EXPLANATIONS.md; ``tools/finetune_on_cell.py`` made model 1.1.0
-    this way). The wrapper shares the classifier's variables; data are
+    (docs/EXPLANATIONS.md; the shipped model trains with it at weight 1.0).
+    The wrapper shares the classifier's variables; data are
     ``(image, (label, cell_grid), sample_weight)``.
     """
     import tensorflow as tf

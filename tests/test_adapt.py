@@ -1,0 +1,121 @@
+"""Adapting the shipped model to a lab it never saw (real Ray Train, real JPEGs, real artifact)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from wbc_batch import imaging
+from wbc_batch.cli import main
+from wbc_batch.model import artifact_digest, load_artifact, shipped_model_dir
+from wbc_batch.ood import _zoom
+from wbc_batch.training import evaluate
+from wbc_batch.training.adapt import AdaptConfig, choose_replay, dihedral_views, run_adaptation
+
+LAB_CLASSES = ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil")  # like a lab without ig or non_wbc
+
+
+def _other_lab(rgb: np.ndarray) -> np.ndarray:
+    """Another stain (red and blue swapped) photographed at half the magnification."""
+    return _zoom(np.ascontiguousarray(rgb[..., ::-1]), 0.5)
+
+
+@pytest.fixture(scope="module")
+def synthetic_lab(samples_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Five classes of the bundled samples as another lab would show them: 4 cells each to adapt on, 4 to test."""
+    root = tmp_path_factory.mktemp("lab")
+    for cls in LAB_CLASSES:
+        for i, src in enumerate(sorted((samples_dir / cls).iterdir())):
+            side = "adapt" if i < 4 else "rest"
+            dest = root / side / cls.capitalize()  # folder names in any case
+            dest.mkdir(parents=True, exist_ok=True)
+            rgb = _other_lab(imaging.decode_image(src.read_bytes()))
+            cv2.imwrite(str(dest / src.name), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    return {"adapt": root / "adapt", "rest": root / "rest"}
+
+
+@pytest.fixture(scope="module")
+def adapted(ray_local: None, synthetic_lab: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("adapted")
+    summary = run_adaptation(AdaptConfig(
+        data_uri=str(synthetic_lab["adapt"]), model_out=str(out / "model"), epochs=6, batch_size=8,
+        storage_path=str(out / "checkpoints"), lab="swapped-stain", version="test-adapted",
+    ))
+    return summary
+
+
+@pytest.mark.slow
+def test_adapt_makes_a_new_lab_in_distribution_and_classifies_it(
+    adapted: dict, synthetic_lab: dict[str, Path]
+) -> None:
+    before = evaluate(None, str(synthetic_lab["rest"]))["metrics"]
+    after = evaluate(adapted["model_out"], str(synthetic_lab["rest"]))["metrics"]
+    assert before["n"] == after["n"] == 20  # never the cells it adapted on
+    assert before["ood_flagged"]["share"] >= 0.5  # the base rightly flags the other lab
+    assert after["ood_flagged"]["share"] <= 0.2
+    assert after["balanced_accuracy"] >= max(before["balanced_accuracy"], 0.4)
+    assert adapted["new_lab_counts"] == {c: 4 for c in LAB_CLASSES}
+
+
+@pytest.mark.slow
+def test_adapted_artifact_records_its_base_and_the_lab(adapted: dict, synthetic_lab: dict[str, Path]) -> None:
+    art = load_artifact(adapted["model_out"])
+    meta = art.meta
+    shipped = load_artifact(None).meta
+    assert meta.version == "test-adapted" and meta.class_names == shipped.class_names
+    assert meta.parent_version == shipped.version and meta.parent_digest == artifact_digest(shipped_model_dir())
+    info = meta.training["adaptation"]
+    assert info["base"]["version"] == shipped.version and info["lab"] == "swapped-stain"
+    assert info["data"] == str(synthetic_lab["adapt"]) and info["replay"] is None
+    assert "swapped-stain" in meta.metrics["labs"] and meta.ood  # OOD statistics refitted
+    assert "adapted from" in meta.changelog[-1]
+
+
+@pytest.mark.slow
+def test_cli_evaluate_reports_each_lab_with_intervals(
+    adapted: dict, synthetic_lab: dict[str, Path], samples_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", adapted["model_out"], str(synthetic_lab["rest"]), str(samples_dir), "--split", "all",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("95% CI") >= 4 and "out of distribution:" in printed
+    results = json.loads(out.read_text())
+    assert [r["data"] for r in results] == [str(synthetic_lab["rest"]), str(samples_dir)]
+    lab = results[0]["metrics"]
+    assert lab["support"]["ig"] == 0 and lab["recall"]["ig"] is None  # a class subset is fine
+    low, high = lab["balanced_accuracy_ci95"]
+    assert low <= lab["balanced_accuracy"] <= high
+
+
+def test_replay_takes_only_the_bases_training_images() -> None:
+    rows = [{"rel": f"neutrophil/{i}.jpg", "label": "neutrophil", "uri": f"/d/neutrophil/{i}.jpg"} for i in range(6)]
+    rows.append({"rel": "monocyte/m.jpg", "label": "monocyte", "uri": "/d/monocyte/m.jpg"})
+    base_split = {"neutrophil/0.jpg": "train", "neutrophil/1.jpg": "val", "neutrophil/2.jpg": "test",
+                  "neutrophil/3.jpg": "train", "neutrophil/4.jpg": "train", "monocyte/m.jpg": "train"}
+    train = choose_replay(rows, base_split, "train", per_class=2, seed=1)
+    assert {r["rel"] for r in train} <= {"neutrophil/0.jpg", "neutrophil/3.jpg", "neutrophil/4.jpg", "monocyte/m.jpg"}
+    assert sum(r["label"] == "neutrophil" for r in train) == 2 and "monocyte/m.jpg" in {r["rel"] for r in train}
+    assert [r["rel"] for r in choose_replay(rows, base_split, "val", 5, 1)] == ["neutrophil/1.jpg"]
+    assert choose_replay(rows, base_split, "train", 2, 1) == train  # the same data gives the same pick
+
+
+def test_dihedral_views_are_the_eight_rotations_and_flips() -> None:
+    image = np.arange(2 * 2 * 3, dtype=np.uint8).reshape(1, 2, 2, 3)
+    views = dihedral_views(image)
+    assert views.shape == (8, 2, 2, 3)
+    assert len({v.tobytes() for v in views}) == 8
+
+
+def test_adapt_refuses_class_folders_the_model_does_not_know(ray_local: None, tmp_path: Path, samples_dir: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    data = tmp_path / "lab"
+    (data / "smudge").mkdir(parents=True)
+    src = next((samples_dir / "lymphocyte").iterdir())
+    (data / "smudge" / src.name).write_bytes(src.read_bytes())
+    assert main(["adapt", str(data), str(tmp_path / "out")]) != 0
+    assert "smudge" in capsys.readouterr().err
