@@ -14,7 +14,7 @@ import pytest
 
 from wbc_batch import training
 from wbc_batch.cli import main
-from wbc_batch.model import SPLIT_FILE, ModelMetadata, load_artifact, read_metadata, save_artifact
+from wbc_batch.model import SPLIT_FILE, ModelArtifactError, ModelMetadata, load_artifact, read_metadata, save_artifact
 from wbc_batch.ood import OodScorer
 from wbc_batch.splits import LabelledImage, assign_splits, sha256_hex
 
@@ -375,3 +375,54 @@ def test_cli_failures_are_one_line(
     assert main(argv) == code
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_copy_artifact_copies_every_file_and_checks_the_digest(data_with_junk: Path, tmp_path: Path) -> None:
+    from wbc_batch.model import artifact_digest
+    from wbc_batch.training.publishing import _copy_artifact
+
+    src = Path(_constant_model(tmp_path, "src", CLASSES, "non_wbc", _split_csv(data_with_junk)))
+    (src / "extra").mkdir()
+    (src / "extra" / "notes.txt").write_text("any file of the folder is part of the artifact\n")
+    dst = tmp_path / "dst"
+    (dst / "old").mkdir(parents=True)
+    (dst / "old" / "stale.bin").write_bytes(b"from an earlier model")
+    assert _copy_artifact(str(src), str(dst)) == artifact_digest(str(src)) == artifact_digest(str(dst))
+    assert sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*") if p.is_file()) == [
+        "extra/notes.txt", "model.json", "model.keras", "split.csv"]
+    # a link out of the folder: the digest reads through it, the listing skips it, so the copy differs
+    outside = tmp_path / "outside.txt"
+    outside.write_text("outside")
+    (src / "linked.txt").symlink_to(outside)
+    with pytest.raises(ModelArtifactError, match="not the source's"):
+        _copy_artifact(str(src), str(tmp_path / "dst2"))
+
+
+def test_publish_compares_digests_and_never_overwrites_a_published_version(
+    data_with_junk: Path, tmp_path: Path
+) -> None:
+    from wbc_batch.model import artifact_digest
+
+    split = _split_csv(data_with_junk)
+    worse = _constant_model(tmp_path, "always-basophil", CLASSES, "basophil", split)
+    better = _constant_model(tmp_path, "always-non-wbc", CLASSES, "non_wbc", split)
+    loc = tmp_path / "published"
+    training.publish(worse, str(loc), str(data_with_junk))
+    promoted = training.publish(better, str(loc), str(data_with_junk))
+    assert promoted["promoted"] and promoted["candidate"]["digest"] == artifact_digest(better)
+    archived = artifact_digest(str(loc / "versions" / "always-basophil"))
+    assert promoted["previous"]["digest"] == artifact_digest(worse) == archived
+    assert training.evaluate(better, str(data_with_junk))["model"]["digest"] == artifact_digest(better)
+
+    same = training.publish(better, str(loc), str(data_with_junk))
+    assert not same["promoted"] and "nothing to do" in same["reason"] and same["candidate"]["score"] is None
+
+    # another artifact under a version already published: refused before anything is written
+    current_before = artifact_digest(str(loc / "current"))
+    for version, always in (("always-basophil", "eosinophil"), ("always-non-wbc", "ig")):
+        (tmp_path / always).mkdir()
+        other = _constant_model(tmp_path / always, version, CLASSES, always, split)
+        with pytest.raises(ModelArtifactError, match="give the candidate a new version"):
+            training.publish(other, str(loc), str(data_with_junk))
+        assert artifact_digest(str(loc / "current")) == current_before
+    assert artifact_digest(str(loc / "versions" / "always-basophil")) == artifact_digest(worse)
