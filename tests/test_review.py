@@ -59,7 +59,12 @@ def wait_for(check: Callable[[], Any], timeout: float = 20.0, what: str = "condi
     """Poll until ``check()`` is truthy; returns its value."""
     deadline = time.monotonic() + timeout
     while True:
-        value = check()
+        try:
+            value = check()
+        except Exception as exc:  # an element the page replaced under us: look again
+            if type(exc).__name__ != "StaleElementReferenceException":
+                raise
+            value = None
         if value:
             return value
         if time.monotonic() > deadline:
@@ -400,7 +405,8 @@ def test_review_in_chromium_keyboard_sign_off_and_amend(results: tuple[str, list
     out, specs = results
     d = browser
     css = lambda sel: d.find_elements(By.CSS_SELECTOR, sel)  # noqa: E731
-    selected = lambda: css(".tile.sel")[0].get_attribute("data-cell") if css(".tile.sel") else None  # noqa: E731
+    # Read the page in one script call: the app re-renders parts of it as the server answers.
+    selected = lambda: d.execute_script("const t = document.querySelector('.tile.sel'); return t && t.dataset.cell")  # noqa: E731
     records = lambda n: wait_for(lambda: (t := read_verdicts(out)).num_rows >= n and t, what=f"{n} records")  # noqa: E731
     body = lambda: d.find_element(By.TAG_NAME, "body")  # noqa: E731
     baso, mono = _cell(specs, "slide-A", "basophil"), _cell(specs, "slide-A", "lymphocyte", 0.55)
@@ -425,8 +431,9 @@ def test_review_in_chromium_keyboard_sign_off_and_amend(results: tuple[str, list
         wait_for(lambda: selected() == cell_id(mono["image_uri"]), what="the next cell")
         body().send_keys("5")  # it is a monocyte
         wait_for(lambda: selected() == cell_id(neut["image_uri"]), what="the next cell")
-        mono_row = lambda: [c.text for c in css("#differential tr[data-class=monocyte] td")]  # noqa: E731
-        assert mono_row()[1:4:2] == ["1", "2"]  # model 1, verified 2: the differential follows at once
+        mono_row = lambda: d.execute_script(  # noqa: E731
+            "return [...document.querySelectorAll('#differential tr[data-class=monocyte] td')].map(t => t.textContent)")
+        wait_for(lambda: mono_row()[1:4:2] == ["1", "2"], what="model 1, verified 2: the differential follows")
         body().send_keys(Keys.ENTER)
         records(3)
         wait_for(lambda: selected() == cell_id(eos["image_uri"]), what="the first class group")
@@ -441,7 +448,7 @@ def test_review_in_chromium_keyboard_sign_off_and_amend(results: tuple[str, list
         wait_for(lambda: d.find_element(By.ID, "dialog").is_displayed(), what="the sign-off dialog")
         d.find_element(By.ID, "dialog-input").send_keys(Keys.ENTER)  # the name is filled in
         wait_for(lambda: css("#signbox.signed"), what="the signed state")
-        assert "Signed off by Ana Tech" in d.find_element(By.ID, "signbox").text
+        wait_for(lambda: "Signed off by Ana Tech" in d.find_element(By.ID, "signbox").text, what="who signed")
 
         css(f"#t-{cell_id(eos['image_uri'])}")[0].click()
         body().send_keys("6")  # signed: a change asks for a reason

@@ -1,8 +1,9 @@
 """`make demo`: classify the bundled samples with the shipped model on a local Ray.
 
 Lays the 64 bundled images out as two "slides" (as a lab's export would be),
-runs the real classify pipeline, and prints the per-slide differential and
-where the results and heatmaps are.
+runs the real classify pipeline, and prints the per-slide differential,
+where the results and heatmaps are, writes the HTML report and says how to
+open the review app on the results.
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ def main() -> int:
     print(f"heatmaps:        {output_dir / 'heatmaps'}")
     print(f"run manifest:    {output_dir / 'runs' / 'demo.json'}")
     print(f"query further:   .venv/bin/wbc-batch query {output_dir} --differential")
+    from wbc_batch.report import write_report
+
+    print(f"HTML report:     {write_report(str(output_dir))}")
+    print(f"\nreview and sign off the cells in a browser:\n  .venv/bin/wbc-batch review {output_dir}\n"
+          "  then open the http://127.0.0.1:8765/?token=... link it prints (this machine only; Ctrl+C stops it)")
     return 0
 
 

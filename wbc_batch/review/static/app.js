@@ -142,7 +142,7 @@ function cellOrder(cells) {
 function verdictBadge(c) {
   if (!c.verified) return null;
   const kind = c.action === "amend" ? "amend" : c.verified !== c.predicted ? "reclassify" : "confirm";
-  const text = (kind === "amend" ? "amended → " : kind === "confirm" ? "✓ " : "→ ") + label(c.verified);
+  const text = (kind === "amend" ? "✎ " : kind === "confirm" ? "✓ " : "→ ") + label(c.verified);  // ✎: amended after sign-off
   return h("span", {class: "verdict " + kind, title: `${c.action || "verdict"} by ${c.verified_by}`}, text);
 }
 
