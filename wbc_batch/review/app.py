@@ -40,6 +40,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Red
 from pydantic import BaseModel, Field
 
 from wbc_batch import query, storage
+from wbc_batch.ood import ShiftRule, sample_shifted
 from wbc_batch.review.counts import attach_verdicts
 from wbc_batch.review.records import (
     AMEND,
@@ -116,6 +117,7 @@ class ReviewState:
     rows: pd.DataFrame = field(init=False)
     cells: dict[str, dict[str, Any]] = field(init=False)
     class_names: list[str] = field(init=False)
+    shift_rules: dict[str, ShiftRule] = field(init=False)
     loaded_at: float = 0.0
     lock: threading.RLock = field(default_factory=threading.RLock)
 
@@ -126,10 +128,11 @@ class ReviewState:
     def reload(self) -> None:
         """Read the committed results again (a nightly run may have committed since)."""
         rows = query.load_results(self.output)
+        rules = query.run_shift_rules(query.read_manifests(self.output))
         classes = [c[2:] for c in rows.columns if c.startswith("p_")]
         rows = rows.assign(cell_id=[cell_id(str(u)) for u in rows["image_uri"]])
         with self.lock:
-            self.rows, self.class_names, self.loaded_at = rows, classes, time.monotonic()
+            self.rows, self.class_names, self.shift_rules, self.loaded_at = rows, classes, rules, time.monotonic()
             self.cells = {r["cell_id"]: r for r in rows[rows["status"] == "ok"].to_dict("records")}
 
     def maybe_reload(self) -> None:
@@ -170,17 +173,18 @@ def _sign_off_json(rows: pd.DataFrame) -> dict[str, Any] | None:
     return {"by": _plain(signed.iloc[0]["signed_off_by"]), "at": _plain(signed.iloc[0]["signed_off_at"])}
 
 
-def sample_summary(sample_id: str, rows: pd.DataFrame) -> dict[str, Any]:
-    """One line of the samples page."""
+def sample_summary(sample_id: str, rows: pd.DataFrame, rules: dict[str, ShiftRule]) -> dict[str, Any]:
+    """One line of the samples page; "unreliable" by the rule the sample's runs recorded, as the differential judges."""
     ok = rows[rows["status"] == "ok"]
     ood = ok["out_of_distribution"].astype("boolean").fillna(False).astype(bool)
     share = float(ood.mean()) if len(ok) else 0.0
+    rule = ShiftRule.strictest(rules[r] for r in set(ok["run_id"].dropna()) if r in rules) if rules else ShiftRule()
     return {
         "sample_id": sample_id, "cells": len(ok), "errors": int((rows["status"] != "ok").sum()),
         "flagged": int(ok["needs_review"].astype("boolean").fillna(False).sum()),
         "awaiting": int(_awaiting(ok).sum()), "verified": int(ok["verified_class"].notna().sum()),
         "out_of_distribution": int(ood.sum()), "ood_share": share,
-        "unreliable": share > query.DEFAULT_OOD_SHARE_LIMIT, "signed_off": _sign_off_json(rows),
+        "unreliable": sample_shifted(len(ok), int(ood.sum()), rule), "signed_off": _sign_off_json(rows),
         "run_ids": sorted({str(r) for r in rows["run_id"].dropna()}),
     }
 
@@ -209,7 +213,7 @@ def sample_detail(state: ReviewState, sample_id: str) -> dict[str, Any]:
     trail = trail[trail["sample_id"] == sample_id].sort_values(["reviewed_at", "record_id"])
     names = {str(u): PurePosixPath(str(u)).name for u in ok["image_uri"]}
     return {
-        "summary": sample_summary(sample_id, rows),
+        "summary": sample_summary(sample_id, rows, state.shift_rules),
         "cells": [_cell_json(r, state.class_names, actions) for r in ok.to_dict("records")],
         "errors": [{"name": PurePosixPath(str(r["image_uri"])).name, "error": r["error"]}
                    for r in rows[rows["status"] != "ok"].to_dict("records")],
@@ -298,7 +302,7 @@ def list_samples(state: ReviewState = Depends(_state)) -> list[dict[str, Any]]:
         state.maybe_reload()
         rows = state.reviewed()
     keys = rows["sample_id"].fillna("")
-    return [sample_summary(str(sid), part) for sid, part in rows.groupby(keys, sort=True)]
+    return [sample_summary(str(sid), part, state.shift_rules) for sid, part in rows.groupby(keys, sort=True)]
 
 
 @samples.get("/samples/{sample_id}")
