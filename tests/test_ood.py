@@ -247,27 +247,31 @@ class TestDomainShiftSummary:
             domain_shift_summary(5, 1, {}, max_share=1.5)
 
 
-def test_fit_tool_changes_only_the_ood_key(tmp_path: Path) -> None:
-    """tools/fit_ood.py rewrites model.json by read-modify-write of "ood" alone, keeping the file mode."""
+def test_fit_tool_writes_a_derived_artifact_and_leaves_the_parent(tmp_path: Path) -> None:
+    """tools/fit_ood.py writes refitted statistics as a new version naming its parent; the parent is unchanged."""
     import importlib.util
-    import os
-    import shutil
 
-    from wbc_batch.model import shipped_model_dir
+    from wbc_batch.model import MODEL_FILE, ModelArtifactError, artifact_digest, shipped_model_dir
 
     tool_path = Path(__file__).resolve().parent.parent / "tools" / "fit_ood.py"
     spec = importlib.util.spec_from_file_location("fit_ood_tool", tool_path)
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    shutil.copy(shipped_model_dir() / "model.json", tmp_path / "model.json")
-    os.chmod(tmp_path / "model.json", 0o644)
-    before = json.loads((tmp_path / "model.json").read_text())
-    tool.write_ood(tmp_path, {"format": OOD_FORMAT, "marker": 1})
-    after = json.loads((tmp_path / "model.json").read_text())
-    assert after["ood"] == {"format": OOD_FORMAT, "marker": 1}
-    assert {k: v for k, v in after.items() if k != "ood"} == {k: v for k, v in before.items() if k != "ood"}
-    assert os.stat(tmp_path / "model.json").st_mode & 0o777 == 0o644
-    assert [p.name for p in tmp_path.iterdir()] == ["model.json"]
+    parent = shipped_model_dir()
+    parent_digest = artifact_digest(parent)
+    before = json.loads((parent / "model.json").read_text())
+    stats = {"format": OOD_FORMAT, "fpr_target": 0.03, "marker": 1, "evaluation": {"test_flagged": 0.033}}
+    meta, digest = tool.write_ood(parent, str(tmp_path / "refit"), stats, "9.9.9+ood")
+    assert artifact_digest(parent) == parent_digest and digest == artifact_digest(tmp_path / "refit")
+    after = json.loads((tmp_path / "refit" / "model.json").read_text())
+    assert after["ood"] == stats and meta.version == "9.9.9+ood"
+    assert after["parent_digest"] == parent_digest and after["parent_version"] == before["version"]
+    assert "tools/fit_ood.py" in after["changelog"][-1] and "3.3%" in after["changelog"][-1]
+    changed = {"ood", "version", "parent_digest", "parent_version", "created_at", "changelog"}
+    assert {k: v for k, v in after.items() if k not in changed} == {k: v for k, v in before.items() if k not in changed}
+    assert (tmp_path / "refit" / MODEL_FILE).read_bytes() == (parent / MODEL_FILE).read_bytes()
+    with pytest.raises(ModelArtifactError, match="already holds"):
+        tool.write_ood(parent, str(tmp_path / "refit"), stats, "9.9.10+ood")
 
 
 def test_float_batch_from_prepare_batch_scores_like_uint8(shipped, originals) -> None:

@@ -1,15 +1,18 @@
 """Fit the out-of-distribution statistics of a model artifact and measure them.
 
-Why a tool: the shipped model was trained before OOD statistics existed, and
-the statistics only need the model's embeddings of its own train/val split,
-so they can be added afterwards without retraining or re-saving the model.
-The Gaussians are fitted on the train split, the threshold on the val split
-at ``--fpr``; the test split and simulated shifts of its original images
-(``wbc_batch.ood.SHIFTS``) are scored for the figures in ``docs/OOD.md``.
+Training (``wbc-batch train``) and ``wbc-batch adapt`` fit the statistics of
+the artifacts they write; this tool is for an existing artifact: one whose
+statistics are missing or of an older format, or to measure another
+``--fpr``. The statistics only need the model's embeddings of its own
+train/val split, so no retraining. The Gaussians are fitted on the train
+split, the threshold on the val split at ``--fpr``; the test split and
+simulated shifts of its original images (``wbc_batch.ood.SHIFTS``) are
+scored for the figures in ``docs/OOD.md``.
 
-Only ``model.json["ood"]`` is changed, by read-modify-write right before the
-write (other keys may be edited by others meanwhile); ``model.keras`` is
-never touched, so its sha256 still matches.
+Artifacts are immutable: the refitted statistics become a new version in a
+new folder (``--out``, ``--version``) written by
+``wbc_batch.model.write_derived_artifact``, which records the parent's
+digest; the parent is left as it was.
 
 Images come from ``--cache`` (an npz with X (N,S,S,3) uint8 model inputs, y,
 s = split name, classes; made with the classify preprocessing) when given,
@@ -17,8 +20,8 @@ else from ``--data`` (the labelled class folders) and the artifact's
 ``split.csv``. Shifts are applied to the original test images from
 ``--data`` when that folder exists, else to the cached model inputs.
 
-Usage: python tools/fit_ood.py [--model DIR] [--cache X.npz] [--data DIR] [--fpr 0.03] [--dry-run]
-                               [--report OUT.json] [--work-cache /tmp/ood-work.npz]
+Usage: python tools/fit_ood.py [--model DIR] (--out NEW_DIR [--version V] | --dry-run) [--cache X.npz]
+                               [--data DIR] [--fpr 0.03] [--report OUT.json] [--work-cache /tmp/ood-work.npz]
 """
 
 from __future__ import annotations
@@ -27,9 +30,7 @@ import argparse
 import csv
 import json
 import os
-import stat
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from wbc_batch.imaging import decode_image, resize_for_model  # noqa: E402
-from wbc_batch.model import META_FILE, SPLIT_FILE, ModelMetadata, load_artifact, shipped_model_dir  # noqa: E402
+from wbc_batch.model import (  # noqa: E402
+    SPLIT_FILE,
+    ModelMetadata,
+    load_artifact,
+    shipped_model_dir,
+    write_derived_artifact,
+)
 from wbc_batch.ood import (  # noqa: E402
     DEFAULT_FPR,
     QUALITY_FEATURES,
@@ -128,31 +135,39 @@ def shift_originals(
     return list(fallback), "cached model inputs of the test split (originals not available)", "input"
 
 
-def write_ood(model_dir: Path, stats: dict[str, Any]) -> None:
-    """Replace only the "ood" key of model.json, re-reading it right before an atomic write."""
-    path = model_dir / META_FILE
-    data = json.loads(path.read_text())
-    data["ood"] = stats
-    ModelMetadata.from_dict(data)  # refuse to write something the loader would reject
-    fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=".model.json.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(json.dumps(data, indent=2))
-    os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))  # mkstemp makes 0600; keep the file's own mode
-    os.replace(tmp, path)
+def write_ood(parent: Path, out: str, stats: dict[str, Any], version: str) -> tuple[ModelMetadata, str]:
+    """Write ``parent`` with these OOD statistics as a new artifact version at ``out``.
+
+    Returns:
+        The new metadata and the new artifact's digest.
+
+    Raises:
+        ModelArtifactError: ``out`` holds files, ``version`` is the parent's,
+            or the statistics are not what the loader accepts.
+    """
+    ev = stats.get("evaluation", {})
+    figures = f"; test flagged {ev['test_flagged']:.1%}" if "test_flagged" in ev else ""
+    note = (f"OOD statistics refitted with tools/fit_ood.py (format {stats.get('format')}, "
+            f"threshold at {stats.get('fpr_target', DEFAULT_FPR):.1%} val FPR{figures})")
+    return write_derived_artifact(parent, out, {"ood": stats}, version=version, note=note)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(shipped_model_dir()), help="artifact folder to update (local)")
+    ap.add_argument("--model", default=str(shipped_model_dir()), help="artifact folder to refit (local; left unchanged)")
+    ap.add_argument("--out", default=None, help="new folder for the derived artifact (required unless --dry-run)")
+    ap.add_argument("--version", default=None, help="version of the derived artifact (default: <parent version>+ood)")
     ap.add_argument(
         "--cache", default=None, help="npz of decoded model inputs (X, y, s, classes); default: decode --data"
     )
     ap.add_argument("--data", default=DEFAULT_DATA, help="labelled class folders that split.csv's uris are relative to")
     ap.add_argument("--fpr", type=float, default=DEFAULT_FPR, help="share of validation images to flag")
-    ap.add_argument("--dry-run", action="store_true", help="measure only; leave model.json unchanged")
+    ap.add_argument("--dry-run", action="store_true", help="measure only; write no artifact")
     ap.add_argument("--report", default=None, help="also write the evaluation figures to this JSON file")
     ap.add_argument("--work-cache", default=None, help="npz to keep embeddings and features in between runs")
     args = ap.parse_args()
+    if not args.dry_run and not args.out:
+        ap.error("--out is required (artifacts are immutable: refitted statistics make a new version), or --dry-run")
 
     model_dir = Path(args.model)
     art = load_artifact(model_dir)
@@ -201,8 +216,8 @@ def main() -> None:
     if args.report:
         Path(args.report).write_text(json.dumps(stats["evaluation"], indent=2))
     if not args.dry_run:
-        write_ood(model_dir, stats)
-        print(f"wrote model.json['ood'] of {model_dir}", file=sys.stderr)
+        new_meta, digest = write_ood(model_dir, args.out, stats, args.version or f"{meta.version}+ood")
+        print(f"wrote {args.out}: version {new_meta.version}, artifact digest {digest}", file=sys.stderr)
 
 
 if __name__ == "__main__":
