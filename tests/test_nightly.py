@@ -42,9 +42,10 @@ V1 = "1.0.0"
 # --- planning --------------------------------------------------------------------------------
 
 
-def _row(uri: str, sha: str | None, status: str = "ok", kind: str | None = None, version: str = V1) -> dict[str, Any]:
+def _row(uri: str, sha: str | None, status: str = "ok", kind: str | None = None, version: str = V1,
+         digest: str | None = None) -> dict[str, Any]:
     return {"image_uri": uri, "image_sha256": sha, "status": status, "error_kind": kind,
-            "model_version": version, "run_id": "r"}
+            "model_version": version, "model_digest": digest, "run_id": "r"}
 
 
 @pytest.mark.parametrize(
@@ -63,9 +64,17 @@ def _row(uri: str, sha: str | None, status: str = "ok", kind: str | None = None,
         ([_row("a", "h1", version="0.9.0")], "h1", {"reprocess_on_model_change": True}, "new"),
         ([_row("a", "h1", version="0.9.0"), _row("a", "h1")], "h1", {"reprocess_on_model_change": True},
          "skipped_done"),
+        # ... told apart by artifact digest: another model.json under the same version is another model
+        ([_row("a", "h1", digest="d0")], "h1", {"reprocess_on_model_change": True, "model_digest": "d1"}, "new"),
+        ([_row("a", "h1", digest="d0")], "h1", {"model_digest": "d1"}, "skipped_done"),
+        ([_row("a", "h1", version="0.9.0", digest="d1")], "h1",
+         {"reprocess_on_model_change": True, "model_digest": "d1"}, "skipped_done"),
+        # rows written before rows carried a digest count by version
+        ([_row("a", "h1")], "h1", {"reprocess_on_model_change": True, "model_digest": "d1"}, "skipped_done"),
+        ([_row("a", "h1", version="0.9.0")], "h1", {"reprocess_on_model_change": True, "model_digest": "d1"}, "new"),
     ],
 )
-def test_plan_night_sorts_each_image(rows: list[dict[str, Any]], current: str | None, options: dict[str, bool],
+def test_plan_night_sorts_each_image(rows: list[dict[str, Any]], current: str | None, options: dict[str, Any],
                                      expected: str) -> None:
     plan = plan_night({"a": current}, rows, V1, **options)
     found = [c for c in ("new", "changed", "retried", "skipped_done", "skipped_permanent") if "a" in getattr(plan, c)]
@@ -430,6 +439,27 @@ def test_a_night_with_nothing_new_reads_no_image_and_commits_nothing(tmp_path: P
     # --rehash: the full pass, every image read once, still nothing to do
     result = run_nightly(_config(small_input, out), NightlyOptions(rehash=True))
     assert result["status"] == "nothing_new" and sorted(count_reads) == sorted(uris)
+
+
+def test_the_night_names_and_pins_the_artifact_digest(tmp_path: Path, small_input: Path) -> None:
+    from dataclasses import replace
+
+    from wbc_batch.model import ModelArtifactError, artifact_digest
+    from wbc_batch.nightly import NightlyOptions, plan_from_listing, run_nightly
+
+    out = str(tmp_path / "out")
+    uris = _night_one(out, small_input)  # rows of model 1.0.0 with digest "cd" * 32
+    result = run_nightly(_config(small_input, out))
+    assert result["status"] == "nothing_new" and result["model"]["digest"] == artifact_digest(None)
+    assert result["nightly"]["policy"]["model_digest"] == artifact_digest(None)
+    with pytest.raises(ModelArtifactError, match="not the pinned"):
+        run_nightly(replace(_config(small_input, out), model_digest="00" * 32))
+    _, rows = committed_rows(out)
+    assert set(rows.column("model_digest").to_pylist()) == {"cd" * 32}
+    again = NightlyOptions(reprocess_on_model_change=True)
+    assert plan_from_listing(str(small_input), rows, V1, again, model_digest="cd" * 32)[0].to_process == []
+    assert sorted(plan_from_listing(str(small_input), rows, V1, again, model_digest="ef" * 32)[0].to_process) == \
+        sorted(uris), "same version, another artifact: every image again"
 
 
 def test_only_new_or_changed_entries_are_read_and_processed(tmp_path: Path, small_input: Path,

@@ -112,8 +112,8 @@ def _add_nightly(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--retry-errors", action="store_true",
                    help="also retry images whose row is a permanent error (transient errors are always retried)")
     p.add_argument("--reprocess-on-model-change", action="store_true",
-                   help="process every image without a row for the current model version "
-                        "(default: a new model version processes only images no version has seen)")
+                   help="process every image without a row of the current model artifact (by digest) "
+                        "(default: a new model processes only images no model has seen)")
     p.add_argument("--rehash", action="store_true",
                    help="read and hash every listed image (default: only images whose size and ETag, or size and "
                         "mtime, differ from what their committed row recorded)")
@@ -124,16 +124,13 @@ def _add_nightly(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_nightly(args: argparse.Namespace) -> int:
     """Run one night; a held lease is exit code 75 (EX_TEMPFAIL) with the holder named."""
-    from wbc_batch.nightly import EXIT_LEASE_HELD, LeaseHeldError, NightlyOptions, run_nightly
+    from wbc_batch.nightly import NightlyOptions, run_nightly
     from wbc_batch.pipeline import ClassifyConfig
 
     config = ClassifyConfig.from_args(args)
     options = NightlyOptions(retry_errors=args.retry_errors, reprocess_on_model_change=args.reprocess_on_model_change,
                              lease_seconds=args.lease_seconds, rehash=args.rehash)
-    try:
-        result = run_nightly(config, options)
-    except LeaseHeldError as exc:
-        raise CliError(str(exc), code=EXIT_LEASE_HELD) from None
+    result = run_nightly(config, options)  # a held lease is a LeaseHeldError: exit 75 with the holder named
     n = result["nightly"]["counts"]
     if result.get("status") == "nothing_new":
         reads = result["nightly"]["listing"]

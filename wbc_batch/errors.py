@@ -15,7 +15,7 @@ Exit codes (README.md, "Failures and how to recover"):
 4     model missing, tampered with, untrusted or not the pinned one (:class:`ModelError`)
 5     the Ray cluster named by ``--ray-address`` or ``RAY_ADDRESS`` does not answer (:class:`ClusterError`)
 6     committed results that cannot be read (:class:`CorruptResultsError`)
-75    nightly lease held by another run; try later (EX_TEMPFAIL)
+75    nightly lease held by another run; try later (EX_TEMPFAIL; :class:`wbc_batch.nightly.LeaseHeldError`)
 130   interrupted
 ====  =========================================================================
 """

@@ -31,11 +31,15 @@ considered (see model policy below), in one DuckDB query (``PLAN_SQL``):
 * rows for the uri, but only with other hashes     -> changed, processed again
 * no row                                           -> new
 
-Model version policy: by default a new model version processes only images
-that no committed row covers under *any* model version, so a model upgrade
-does not silently re-run the whole archive. With
-``--reprocess-on-model-change`` only rows of the current model version
-count, so every image without a row for the new version is processed.
+Model policy: by default a new model processes only images that no
+committed row covers under *any* model, so a model upgrade does not silently
+re-run the whole archive. With ``--reprocess-on-model-change`` only rows of
+tonight's artifact count, told apart by artifact digest (``model_digest``),
+so every image without a row of this exact artifact is processed, a new
+``model.json`` under the same version included. Rows written before rows
+carried a digest (null ``model_digest``) count when their ``model_version``
+is tonight's. The night pins the digest it planned with, so the run refuses
+an artifact that changed in between (exit 4).
 
 Exactly once: the run id is the date's first id not committed yet
 (``nightly-YYYYMMDD`` of the UTC date, then ``nightly-YYYYMMDD-2``, ``-3``,
@@ -105,6 +109,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from wbc_batch import storage
+from wbc_batch.errors import EXIT_LEASE_HELD, WbcError
 
 if TYPE_CHECKING:  # pipeline imports Ray and TensorFlow; keep them off this module's import path
     from wbc_batch.pipeline import ClassifyConfig
@@ -113,19 +118,21 @@ log = logging.getLogger(__name__)
 
 LEASE_PATH = "state/lease.json"
 DEFAULT_LEASE_SECONDS = 900.0
-EXIT_LEASE_HELD = 75  # EX_TEMPFAIL: a scheduler may simply try again later
-ROW_COLUMNS = ["image_uri", "image_sha256", "status", "error_kind", "model_version", "run_id"]
+ROW_COLUMNS = ["image_uri", "image_sha256", "status", "error_kind", "model_version", "model_digest", "run_id"]
 ROWS_SCHEMA = pa.schema([
     ("image_uri", pa.string()), ("image_sha256", pa.string()), ("status", pa.string()), ("error_kind", pa.string()),
-    ("model_version", pa.string()), ("run_id", pa.string()),
+    ("model_version", pa.string()), ("model_digest", pa.string()), ("run_id", pa.string()),
     ("source_size", pa.int64()), ("source_etag", pa.string()), ("source_mtime", pa.timestamp("us", tz="UTC")),
 ])  # ROW_COLUMNS plus what the listing said (results.SOURCE_FIELDS)
 _PART_RE = re.compile(r"^part-(?P<run_id>.+)-(?P<seq>\d+)\.parquet$")
 _LIST_CAP = 1000  # URIs listed per category in the manifest; counts are always exact
 
 
-class LeaseHeldError(RuntimeError):
-    """Another nightly run holds the lease on this OUTPUT (or won the race to take it)."""
+class LeaseHeldError(WbcError, RuntimeError):
+    """Another nightly run holds the lease on this OUTPUT (or won the race to take it): exit 75, try later."""
+
+    exit_code = EXIT_LEASE_HELD
+    prefix = ""  # the message names the holder and says what to do
 
 
 class LeaseLostError(RuntimeError):
@@ -467,9 +474,10 @@ def committed_rows(output_uri: str) -> tuple[set[str], pa.Table]:
     The commit rule is the one queries apply (``query.read_manifests``):
     only part files named for a run whose manifest says ``succeeded`` and, when
     the manifest lists its ``parquet_files``, only those; rows are filtered on
-    their own ``run_id`` too. One lazy pyarrow dataset reads just these nine
+    their own ``run_id`` too. One lazy pyarrow dataset reads just these ten
     columns; Parquet written before the ``source_*`` columns existed reads
-    them as nulls (those images are read and hashed once more, then recorded).
+    them as nulls (those images are read and hashed once more, then recorded),
+    and before ``model_digest`` existed a null digest.
     """
     import pyarrow.dataset as ds
 
@@ -613,7 +621,9 @@ PLAN_SQL = """
 WITH r AS (
     SELECT image_uri, image_sha256,
            CASE WHEN status = 'ok' THEN 'ok' ELSE coalesce(error_kind, 'transient') END AS outcome
-    FROM rows WHERE NOT $only_current OR model_version = $version
+    FROM rows
+    WHERE NOT $only_current OR model_digest = $digest
+       OR ((model_digest IS NULL OR $digest IS NULL) AND model_version = $version)
 ), m AS (
     SELECT c.image_uri, any_value(c.sha) AS sha,
            coalesce(bool_or(r.outcome = 'ok' AND r.image_sha256 = c.sha), false) AS done,
@@ -655,6 +665,7 @@ def plan_night(
     rows: pa.Table | Iterable[dict[str, Any]],
     model_version: str,
     *,
+    model_digest: str | None = None,
     retry_errors: bool = False,
     reprocess_on_model_change: bool = False,
 ) -> NightPlan:
@@ -666,8 +677,10 @@ def plan_night(
             gets an error row of its own).
         rows: committed rows with at least ``ROW_COLUMNS`` (table or dicts).
         model_version: the version tonight's model carries.
+        model_digest: tonight's artifact digest; None: compare versions only.
         retry_errors: retry permanent error rows too.
-        reprocess_on_model_change: only rows of ``model_version`` count.
+        reprocess_on_model_change: only rows of tonight's artifact count: its
+            ``model_digest``, or ``model_version`` for rows without a digest.
 
     Returns:
         The plan; ``to_process`` is what to classify.
@@ -677,7 +690,7 @@ def plan_night(
         con.register("candidates", _candidates_table(candidates))
         con.register("rows", _rows_table(rows))
         decisions = con.sql(PLAN_SQL, params={"only_current": reprocess_on_model_change, "version": model_version,
-                                           "retry_errors": retry_errors}).to_arrow_table()
+                                           "digest": model_digest, "retry_errors": retry_errors}).to_arrow_table()
     finally:
         con.close()
     return NightPlan(decisions=decisions)
@@ -732,8 +745,8 @@ def next_run_id(committed: Collection[str], now: dt.datetime | None = None) -> s
     return f"{base}-{k}"
 
 
-def plan_from_listing(input_uri: str, rows: pa.Table, model_version: str,
-                      options: NightlyOptions) -> tuple[NightPlan, pa.Table, dict[str, Any]]:
+def plan_from_listing(input_uri: str, rows: pa.Table, model_version: str, options: NightlyOptions,
+                      model_digest: str | None = None) -> tuple[NightPlan, pa.Table, dict[str, Any]]:
     """List the input, read and hash only entries that are new or changed in the listing, and plan.
 
     Returns:
@@ -749,7 +762,7 @@ def plan_from_listing(input_uri: str, rows: pa.Table, model_version: str,
     hashed = pa.table({"image_uri": pa.array(list(hashes), pa.string()),
                        "sha": pa.array(list(hashes.values()), pa.string())})
     candidates = pa.concat_tables([known.select(["image_uri", "sha"]).cast(hashed.schema), hashed])
-    plan = plan_night(candidates, rows, model_version, retry_errors=options.retry_errors,
+    plan = plan_night(candidates, rows, model_version, model_digest=model_digest, retry_errors=options.retry_errors,
                       reprocess_on_model_change=options.reprocess_on_model_change)
     plan.vanished = vanished
     reads = {"entries": listing.num_rows, "unchanged_in_listing": known.num_rows, "read_and_hashed": len(to_read),
@@ -777,28 +790,34 @@ def run_nightly(config: ClassifyConfig, options: NightlyOptions | None = None) -
 
     Raises:
         LeaseHeldError: another run holds the lease on this OUTPUT.
+        ModelArtifactError: the model's digest is not the pinned one (``config.model_digest``).
     """
-    from wbc_batch.model import read_metadata, shipped_model_dir
+    from wbc_batch.model import ModelArtifactError, artifact_digest, read_metadata, shipped_model_dir
 
     options = options or NightlyOptions()
-    meta = read_metadata(config.model_uri or str(shipped_model_dir()))
+    model_uri = config.model_uri or str(shipped_model_dir())
+    meta = read_metadata(model_uri)
+    digest = artifact_digest(model_uri)
+    if config.model_digest is not None and digest != config.model_digest:
+        raise ModelArtifactError(f"model {model_uri} has artifact digest {digest}, not the pinned "
+                                 f"{config.model_digest} (--model-digest or WBC_MODEL_DIGEST); refusing another artifact")
     with Lease(config.output_uri, config.run_id or default_run_id(), options.lease_seconds) as lease:
         committed, rows = committed_rows(config.output_uri)
         run_id = config.run_id or next_run_id(committed)
         lease.run_id = run_id  # named in the lease from its next renewal on
         base: dict[str, Any] = {"run_id": run_id, "input": config.input_uri, "output": config.output_uri,
-                                "model": {"version": meta.version, "sha256": meta.model_sha256}}
+                                "model": {"version": meta.version, "sha256": meta.model_sha256, "digest": digest}}
         if run_id in committed:
             log.warning("run %s is already committed; nothing to do", run_id)
             return {**base, "status": "already_committed", "nightly": {"counts": {"to_process": 0}}}
         started = time.monotonic()
-        plan, listing, reads = plan_from_listing(config.input_uri, rows, meta.version, options)
+        plan, listing, reads = plan_from_listing(config.input_uri, rows, meta.version, options, model_digest=digest)
         nightly = {
             **plan.summary(),
             "listing": reads,
             "policy": {"retry_errors": options.retry_errors,
                        "reprocess_on_model_change": options.reprocess_on_model_change,
-                       "model_version": meta.version},
+                       "model_version": meta.version, "model_digest": digest},
             "planning_seconds": round(time.monotonic() - started, 3),
             "lease": {"uri": lease.uri, "ttl_seconds": lease.ttl_s, "took_over": lease.took_over},
         }
@@ -815,5 +834,6 @@ def run_nightly(config: ClassifyConfig, options: NightlyOptions | None = None) -
         lease.check()
         # run_classify discards part files of an earlier, uncommitted attempt of this run id first
         # and writes the manifest (the commit) last.
+        # pinned to the digest planned with: an artifact changed since is refused, not run under this plan
         return run_classify(replace(config, run_id=run_id, uris=to_process, listing=tonight, manifest_extra=extra,
-                                    before_commit=lambda _manifest: lease.check()))
+                                    model_digest=digest, before_commit=lambda _manifest: lease.check()))
