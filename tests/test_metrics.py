@@ -164,3 +164,34 @@ def test_classification_report_is_json_ready_and_skips_missing_subset_classes() 
     # images 2 and 3 e^(2/3)/(e^(2/3)+2) = 0.494; so images 0 and 1 (both right) are above 0.5
     assert out["review"]["coverage"] == pytest.approx(2 / 4)
     assert out["review"]["accuracy_above"] == 1.0
+
+
+def test_natural_mix_weights_each_class_to_its_natural_count() -> None:
+    from wbc_batch.metrics import natural_mix_report
+
+    names = ["a", "b", "non_wbc"]
+    # class a: 10 images, all right; class b: 2 images, one wrong (called a); non_wbc: 4 right
+    labels = np.array([0] * 10 + [1] * 2 + [2] * 4)
+    preds = labels.copy()
+    preds[10] = 0
+    logits = np.eye(3)[preds] * 10.0
+    report = natural_mix_report(logits, labels, names, 1.0, 0.5, natural_counts={"a": 1, "b": 1, "non_wbc": 2},
+                                white_cells=["a", "b"])
+    # a and b weigh the same in the natural mix: white-cell accuracy (1 + 0.5) / 2, not 11 / 12
+    assert report["wbc_accuracy"] == pytest.approx(0.75)
+    assert report["non_wbc_recall"] == pytest.approx(1.0)
+    assert report["review"]["coverage"] == pytest.approx(1.0)
+    assert natural_mix_report(logits, labels, names, 1.0, 0.5, natural_counts={"a": 1, "c": 1}) == {}
+
+
+def test_intervals_hold_the_estimate_and_narrow_with_n() -> None:
+    from wbc_batch.metrics import balanced_accuracy_interval, wilson_interval
+
+    low, high = wilson_interval(90, 100)
+    assert low < 0.9 < high and high - low > wilson_interval(900, 1000)[1] - wilson_interval(900, 1000)[0]
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
+    labels = np.repeat([0, 1], 50)
+    preds = labels.copy()
+    preds[:10] = 1  # class 0 recall 0.8, class 1 recall 1.0: balanced 0.9
+    low, high = balanced_accuracy_interval(labels, preds, 2)
+    assert low <= 0.9 <= high and high <= 1.0

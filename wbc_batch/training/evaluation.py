@@ -208,6 +208,10 @@ def evaluate(
         subsets={"wbc": meta.wbc_classes, "mature5": list(MATURE_CLASSES)},
     )
     report = metrics.with_intervals(report, got["labels"], got["logits"].argmax(axis=1))
+    natural = metrics.natural_mix_report(got["logits"], got["labels"], meta.class_names, meta.temperature,
+                                         meta.review_threshold, white_cells=meta.wbc_classes)
+    if natural:
+        report["natural_mix"] = natural
     if got["ood_flagged"] is not None:
         n_flagged = int(got["ood_flagged"].sum())
         report["ood_flagged"] = {"share": n_flagged / len(got["labels"]), "n": n_flagged,
@@ -239,6 +243,14 @@ def format_summary(result: dict[str, Any]) -> str:
         f"{ci('balanced_accuracy')}  macro-F1 {m['macro_f1']:.2%}",
         f"ECE raw {m['ece_raw']:.2%} calibrated {m['ece_calibrated']:.2%} (T={m['temperature']:.3f})",
     ]
+    if "natural_mix" in m:
+        nm = m["natural_mix"]
+        worst = min((f, c) for c, f in nm["f1"].items() if f is not None and c != "non_wbc")
+        above = nm["review"]["accuracy_above"]
+        lines.append(f"in PBC's natural class mix: white-cell accuracy {nm['wbc_accuracy']:.2%}, lowest white-cell "
+                     f"F1 {worst[1]} {worst[0]:.2%}, non_wbc recall {nm.get('non_wbc_recall') or 0:.2%}, "
+                     f"ECE {nm['ece_calibrated']:.2%}, {nm['review']['coverage']:.1%} auto-accepted at "
+                     + ("n/a" if above is None else f"{above:.2%}"))
     if "ood_flagged" in m:
         f = m["ood_flagged"]
         lines.append(f"out of distribution: {f['n']} of {m['n']} flagged ({f['share']:.1%}, "
