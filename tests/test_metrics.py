@@ -189,7 +189,7 @@ def test_intervals_hold_the_estimate_and_narrow_with_n() -> None:
 
     low, high = wilson_interval(90, 100)
     assert low < 0.9 < high and high - low > wilson_interval(900, 1000)[1] - wilson_interval(900, 1000)[0]
-    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
     labels = np.repeat([0, 1], 50)
     preds = labels.copy()
     preds[:10] = 1  # class 0 recall 0.8, class 1 recall 1.0: balanced 0.9
