@@ -27,6 +27,7 @@ import hashlib
 import logging
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -223,8 +224,10 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
     new = read_labelled(_new_lab_rows(config, classes, label_map), size, class_index)
     if len(new["label_index"]) == 0:
         raise TrainingError(f"no decodable images under {config.data_uri}")
-    empty = {"image": np.zeros((0, size, size, 3), np.uint8), "label_index": np.zeros(0, np.int64)}
-    replay_train, replay_val, base_split = dict(empty), dict(empty), None
+    empty: dict[str, np.ndarray] = {"image": np.zeros((0, size, size, 3), np.uint8),
+                                    "label_index": np.zeros(0, np.int64)}
+    replay_train: dict[str, np.ndarray] = dict(empty)
+    replay_val: dict[str, np.ndarray] = dict(empty)
     if config.replay_uri:
         base_split = read_split_csv_rows(base.uri)
         replay_rows = list_labelled_files(config.replay_uri, label_map)
@@ -266,7 +269,7 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
         calibration = {"temperature": refit["temperature"], "review_threshold": meta.review_threshold,
                        "source": "temperature on the base's validation images of the replay data; "
                                  "review threshold kept from the base", "val_n": refit["val_n"]}
-        subsets = {"wbc": meta.wbc_classes, "mature5": list(MATURE_CLASSES)}
+        subsets: dict[str, Sequence[str]] = {"wbc": meta.wbc_classes, "mature5": list(MATURE_CLASSES)}
         replay_report = {
             "before": metrics.classification_report(
                 predict_logits(base.model, replay_val["image"]), replay_val["label_index"], classes,
@@ -280,7 +283,7 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
     lab = config.lab_name()
     version = config.version or f"{meta.version}+{lab}.{datetime.now(timezone.utc):%Y%m%d%H%M%S}"
     new_counts = _counts(new["label_index"], classes)
-    adaptation = {
+    adaptation: dict[str, Any] = {
         "base": {"uri": str(base.uri), "version": meta.version, "digest": base.digest},
         "lab": lab,
         "data": str(config.data_uri),

@@ -183,7 +183,7 @@ def prepare_data(config: TrainConfig, earlier_split: dict[str, str] | None = Non
     rows = list_labelled_files(config.data_uri, config.label_map)
     grid = cam_grid_size(config.image_size) if config.on_cell_weight > 0 else 0
     ds = ray.data.from_items(rows).map_batches(
-        decode_batch,
+        decode_batch,  # type: ignore[arg-type]  # Ray's stubs do not model fn_kwargs
         fn_kwargs={"image_size": config.image_size, "grid": grid},
         batch_size=config.decode_batch_size,
         batch_format="numpy",
@@ -285,7 +285,8 @@ def read_labelled(rows: list[dict[str, str]], image_size: int, class_index: dict
                 "label": np.zeros(0, object), "uri": np.zeros(0, object), "sha256": np.zeros(0, object)}
     keep = [{k: r[k] for k in ("uri", "rel", "label")} for r in rows]
     ds = ray.data.from_items(keep).map_batches(
-        decode_batch, fn_kwargs={"image_size": image_size}, batch_size=decode_batch_size, batch_format="numpy"
+        decode_batch,  # type: ignore[arg-type]  # Ray's stubs do not model fn_kwargs
+        fn_kwargs={"image_size": image_size}, batch_size=decode_batch_size, batch_format="numpy",
     ).materialize()
     for bad in ds.map_batches(_failed_rows, batch_format="numpy").take_all():
         log.warning("skipping %s: %s", bad["uri"], bad["error"])

@@ -83,7 +83,7 @@ def _trainer_class() -> type:
 
     class WbcTensorflowTrainer(TensorflowTrainer):  # type: ignore[misc, valid-type]
         def _create_default_callbacks(self) -> list[Any]:
-            callbacks = super()._create_default_callbacks()
+            callbacks = super()._create_default_callbacks()  # type: ignore[misc]  # Ray 2.60 private hook
             if _dashboard_running():
                 return callbacks
             return [c for c in callbacks if type(c).__name__ != "PlacementGroupCleanerCallback"]
@@ -229,7 +229,7 @@ def fit_on_ray(
         scaling_config=ScalingConfig(
             num_workers=config.workers, use_gpu=config.use_gpu, resources_per_worker={"CPU": config.cpus_per_worker}
         ),
-        run_config=RunConfig(
+        run_config=RunConfig(  # type: ignore[call-arg]  # Train v2 RunConfig has worker_runtime_env
             name=run_name,
             failure_config=FailureConfig(max_failures=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),

@@ -125,7 +125,10 @@ def collect_logits(
 
     import keras
 
-    logits, labels, uris, flagged = [], [], [], []
+    logits: list[np.ndarray] = []
+    labels: list[int] = []
+    uris: list[str] = []
+    flagged: list[np.ndarray] = []
     size = meta.image_size
     both = keras.Model(artifact.model.inputs,
                        [artifact.model.output, artifact.model.get_layer(meta.embedding_layer).output])
