@@ -154,7 +154,7 @@ def _grow(scaled: np.ndarray, seed: np.ndarray, fraction: float, density: np.nda
     computes them once for all the fractions it tries.
     """
     density = _density(scaled, pixel_scale) if density is None else density
-    loose = (density > fraction * 255).astype(np.uint8)
+    loose: np.ndarray = (density > fraction * 255).astype(np.uint8)
     loose = cv2.morphologyEx(loose, cv2.MORPH_OPEN, _ellipse(9, pixel_scale))
     loose = cv2.morphologyEx(loose, cv2.MORPH_CLOSE, _ellipse(7, pixel_scale))
     loose = _fill_holes(loose | seed.astype(np.uint8))

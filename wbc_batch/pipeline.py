@@ -490,7 +490,7 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
         workers, gpus_per, cpus_per = _plan_resources(config)
         items = [{"image_uri": u, "sample_id": sample_id_for(u, config.sample_id_regex)} for u in uris]
         blocks = max(1, min(len(items) // config.batch_size + 1, 512))
-        ds = ray.data.from_items(items, override_num_blocks=blocks)
+        ds: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=blocks)
         ds = ds.map_batches(load_images, fn_kwargs={"image_size": meta.image_size, "with_quality": bool(meta.ood)},
                             batch_size=config.batch_size, num_cpus=0.5)
         ds = ds.map_batches(
@@ -529,7 +529,7 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
     elapsed = time.perf_counter() - t0
     faithfulness = faithfulness_sample.result()
     del artifact
-    manifest = {
+    manifest: dict[str, Any] = {
         "run_id": run_id,
         "status": "succeeded",
         "input": config.input_uri,

@@ -365,7 +365,7 @@ def list_entries(input_uri: str, *, head_remote_manifest_entries: bool = False) 
         entries = [heads.get(u, (u, None, None, None)) if is_remote(u) else (u, *_stat(u)) for u in uris]
     else:
         entries = [e for e in _list_entries(input_uri) if is_image_name(e[0])]
-    cols = list(zip(*entries)) if entries else [[], [], [], []]
+    cols: list[tuple[Any, ...]] = list(zip(*entries)) if entries else [(), (), (), ()]
     return pa.table({
         "image_uri": pa.array(cols[0], type=pa.string()),
         "source_size": pa.array(cols[1], type=pa.int64()),
