@@ -144,7 +144,7 @@ def write_run(output: str, run_id: str, table: pa.Table, *, status: str | None =
         "counts": {"total": len(rows), "ok": len(ok), "error": len(rows) - len(ok),
                    "needs_review": sum(r["needs_review"] for r in ok),
                    "out_of_distribution": sum(bool(r["out_of_distribution"]) for r in ok),
-                   "per_class": {}},
+                   "per_class": {}, "sample_ids": sorted({r["sample_id"] or "" for r in rows})},
         "timings": {"seconds": 12.5, "images_per_second": len(rows) / 12.5},
         "parquet_files": files,
         "options": {},

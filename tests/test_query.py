@@ -310,3 +310,100 @@ def test_corrupt_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
         err = capsys.readouterr().err
         assert err.startswith("wbc-batch query: corrupt results: part file ") and err.count("\n") == 1
         assert "of committed run good cannot be decoded" in err and "--run-id good" in err
+
+
+# --- archive scale: a lazy dataset, partition pruning, one schema for every part ------------------------------
+
+
+def _damage_pages(path: Path) -> None:
+    """Overwrite the first column's pages of a Parquet file, leaving its footer intact."""
+    import pyarrow.parquet as pq
+
+    data = bytearray(path.read_bytes())
+    col = pq.read_metadata(path).row_group(0).column(0)
+    start = col.dictionary_page_offset or col.data_page_offset
+    data[start + 20: start + col.total_compressed_size - 5] = b"\xff" * (col.total_compressed_size - 25)
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture()
+def two_nights(tmp_path: Path) -> str:
+    """Night 1 (2026-11-25): sample N1, 120 cells, 12 need review; night 2 (2026-11-26): sample N2 in two parts."""
+    out = str(tmp_path / "out")
+    n1 = cells("N1", {"neutrophil": 60, "lymphocyte": 60})
+    for r in n1[:12]:
+        r["confidence"] = 0.5
+    write_run(out, "night-1", make_table(n1, "night-1"), run_date="2026-11-25")
+    write_run(out, "night-2", make_table(cells("N2", {"monocyte": 50, "neutrophil": 50}), "night-2",
+                                         processed_at=T0.replace(day=26)), run_date="2026-11-26", parts=2)
+    return out
+
+
+@pytest.mark.parametrize("damage", ["footer", "pages"])
+def test_one_night_never_opens_another_nights_files(two_nights: str, tmp_path: Path, damage: str,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    night2 = sorted((tmp_path / "out" / "predictions" / "run_date=2026-11-26").glob("part-*.parquet"))
+    if damage == "footer":
+        night2[1].write_bytes(b"garbage")
+    else:
+        _damage_pages(night2[1])
+    # night 1 alone: the damaged file is never opened, so every query of that night runs
+    d = query.differential(two_nights, run_dates=["2026-11-25"]).set_index("cell_class")
+    assert set(d.sample_id) == {"N1"} and d.loc["neutrophil", "count"] == 60 and d.loc["neutrophil", "needs_review"] == 12
+    assert main(["query", two_nights, "--review-queue", "--run-date", "2026-11-25", "--format", "csv"]) == 0
+    queue = capsys.readouterr().out.splitlines()
+    assert len(queue) == 1 + 12 and all(",N1," in line or line.startswith("N1,") for line in queue[1:])
+    assert main(["query", two_nights, "SELECT count(*) AS n FROM predictions_raw", "--run-date", "2026-11-25",
+                 "--format", "csv"]) == 0
+    assert capsys.readouterr().out == "n\n120\n"
+    # the whole archive reads it and says which file of which run is damaged (exit 6, one line)
+    assert main(["query", two_nights, "--review-queue"]) == EXIT_CORRUPT_RESULTS
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"part file {night2[1]} of committed run night-2 cannot be decoded" in err
+
+
+def test_run_date_scope_and_errors(two_nights: str, capsys: pytest.CaptureFixture[str]) -> None:
+    both = query.query_frame(two_nights, "SELECT run_date, count(*) AS n FROM predictions GROUP BY 1 ORDER BY 1",
+                             run_dates=["2026-11-25", "2026-11-26"])
+    assert [str(pd.Timestamp(d).date()) for d in both.run_date] == ["2026-11-25", "2026-11-26"] and both.n.tolist() == [120, 100]
+    assert query.load_results(two_nights, run_dates=["2026-11-27"]).empty  # a night without runs: no rows
+    assert query.query_frame(two_nights, canned="runs", run_dates=["2026-11-25"]).run_id.tolist() == ["night-1", "night-2"]
+    assert main(["query", two_nights, "--differential", "--run-date", "25/11/2026"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "expected a run date as YYYY-MM-DD, got '25/11/2026'" in err
+
+
+def test_columns_are_projected_and_run_date_is_pushed_down(two_nights: str) -> None:
+    results = query.read_results(two_nights)
+    assert len(results.parts) == 3 and results.run_ids == {"night-1", "night-2"}
+    con = query.connect(results)
+    try:
+        plan = "\n".join(r[1] for r in con.execute(
+            "EXPLAIN SELECT sample_id FROM predictions_raw WHERE run_date = DATE '2026-11-25'").fetchall())
+        n = con.execute("SELECT count(*) FROM predictions_raw WHERE run_date = DATE '2026-11-25'").fetchone()[0]
+    finally:
+        con.close()
+    assert n == 120
+    assert "ARROW_SCAN" in plan.upper().replace(" ", "_") or "arrow" in plan.lower()
+    assert "p_neutrophil" not in plan  # only the columns the query uses leave the files
+
+
+def test_parts_of_different_ages_and_models_share_one_schema(tmp_path: Path) -> None:
+    """A run of a five-class model whose Parquet predates model_digest and source_* (float64 probabilities)."""
+    import pyarrow as pa
+
+    out = str(tmp_path / "out")
+    write_run(out, "new", make_table(cells("A", {"ig": 2}), "new"), run_date="2026-11-26")
+    five = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
+    old = make_table(cells("B", {"neutrophil": 3}), "old", classes=five).drop_columns(
+        ["model_digest", "source_size", "source_etag", "source_mtime"])
+    old = old.set_column(old.schema.get_field_index("p_neutrophil"), "p_neutrophil",
+                         old.column("p_neutrophil").cast(pa.float64()))
+    write_run(out, "old", old, run_date="2026-11-24")
+    rows = query.load_results(out)
+    assert rows.sample_id.tolist() == ["A", "A", "B", "B", "B"]
+    assert rows.model_digest.isna().tolist() == [False, False, True, True, True]
+    assert rows.source_size.isna().all() and rows.p_ig.isna().tolist() == [False, False, True, True, True]
+    assert rows.p_neutrophil.dtype == "float32" and rows.run_date.astype(str).tolist()[-1] == "2026-11-24"
+    d = query.differential(out).set_index(["sample_id", "cell_class"])
+    assert d.loc[("B", "neutrophil"), "count"] == 3 and d.loc[("A", "ig"), "count"] == 2

@@ -20,7 +20,8 @@ import pytest
 from tests.results_factory import T0, cell, cells, make_table, write_run
 from wbc_batch import storage
 from wbc_batch.cli import main
-from wbc_batch.report import write_report
+from wbc_batch.errors import EXIT_CORRUPT_RESULTS
+from wbc_batch.report import render_report, write_report
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "pbc"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -197,3 +198,47 @@ def test_confidence_histogram_marks_the_effective_review_threshold(
         assert "review &lt;" not in html
     else:
         assert marker in html and html.count("review &lt;") == 1
+
+
+def _corrupt_parts(out: str, run_id: str) -> None:
+    for part in Path(out, "predictions").rglob(f"part-{run_id}-*.parquet"):
+        part.write_bytes(b"not parquet")
+
+
+def test_report_reads_only_its_runs_parts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Runs over other slides, on this night and others, are never opened: damaged, they cannot fail the report."""
+    out = str(tmp_path / "out")
+    write_run(out, "night-1", make_table(cells("S1", {"neutrophil": 4}), "night-1"), run_date="2026-11-24",
+              finished_at=T0.replace(day=24))
+    write_run(out, "other", make_table(cells("S9", {"monocyte": 3}), "other"), finished_at=T0.replace(hour=7))
+    write_run(out, "night-2", make_table(cells("S2", {"lymphocyte": 5}), "night-2"))
+    write_run(out, "night-3", make_table(cells("S3", {"ig": 2}), "night-3"), run_date="2026-11-26",
+              finished_at=T0.replace(day=26))
+    for rid in ("night-1", "other", "night-3"):
+        _corrupt_parts(out, rid)
+    doc = render_report(out, "night-2")[1]
+    assert re.search(r"<td>lymphocyte</td><td class=num>5</td>", doc) and "Sample S1" not in doc
+    # an earlier run that shares a sample is read (the sample as of this run), so its damage shows
+    write_run(out, "night-2b", make_table(cells("S2", {"basophil": 1}, prefix="/late"), "night-2b"),
+              finished_at=T0.replace(hour=9))
+    assert re.search(r"<td>lymphocyte</td><td class=num>5</td>", render_report(out, "night-2b")[1])
+    _corrupt_parts(out, "night-2")
+    assert main(["report", out, "--run-id", "night-2b"]) == EXIT_CORRUPT_RESULTS
+    assert "of committed run night-2 cannot be decoded" in capsys.readouterr().err
+
+
+def test_report_reads_earlier_runs_without_a_sample_list(tmp_path: Path) -> None:
+    """Manifests written before runs recorded ``counts.sample_ids`` may hold any sample: they are read, as before."""
+    import json
+
+    out = str(tmp_path / "out")
+    write_run(out, "old", make_table(cells("S1", {"neutrophil": 4}), "old"), finished_at=T0)
+    manifest_path = Path(out, "runs", "old.json")
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["counts"]["sample_ids"]
+    manifest_path.write_text(json.dumps(manifest))
+    write_run(out, "new", make_table(cells("S1", {"monocyte": 1}, prefix="/late"), "new"),
+              finished_at=T0.replace(hour=9))
+    doc = render_report(out, "new")[1]
+    assert re.search(r"<td>neutrophil</td><td class=num>4</td>", doc)
+    assert re.search(r"<td>monocyte</td><td class=num>1</td>", doc)

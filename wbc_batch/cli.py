@@ -173,6 +173,9 @@ def _add_query(sub: argparse._SubParsersAction) -> None:
     canned.add_argument("--agreement", dest="canned", action="store_const", const="agreement",
                         help="model against reviewers' verdicts per run and predicted class: agreement %%, "
                              "sensitivity %% and the confusion row")
+    p.add_argument("--run-date", dest="run_dates", action="append", default=None, metavar="YYYY-MM-DD",
+                   help="only rows of this night (repeatable); other nights' part files are not opened, and "
+                        "'latest row per image' is taken among these nights' rows. --runs is not affected")
     p.add_argument("--sample", default=None, help="with --differential: only this sample id")
     p.add_argument("--min-cells", type=int, default=None, help="with --differential: warn below this many white cells (default 100)")
     p.add_argument("--ood-share", type=float, default=None,
@@ -196,7 +199,8 @@ def _cmd_query(args: argparse.Namespace) -> int:
         options["min_cells"] = args.min_cells
     if args.ood_share is not None:
         options["ood_share_limit"] = args.ood_share
-    sys.stdout.write(run_query(args.output, args.sql, fmt=args.fmt, canned=args.canned, sample=args.sample, **options))
+    sys.stdout.write(run_query(args.output, args.sql, fmt=args.fmt, canned=args.canned, sample=args.sample,
+                               run_dates=args.run_dates, **options))
     return 0
 
 

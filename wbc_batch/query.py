@@ -1,11 +1,15 @@
 """Read-only DuckDB over committed results, and the canned queries a lab needs.
 
-The Parquet files are read with pyarrow (local or S3 through
-:func:`wbc_batch.storage.arrow_filesystem`) and handed to an in-memory DuckDB
-as tables, because DuckDB's own S3 support (the httpfs extension) cannot be
-downloaded where this runs. After the data is loaded the connection loses
-all file-system access and its configuration is locked, so a user's SQL can
-read the results and nothing else.
+The committed part files are a lazy pyarrow dataset (local or S3 through
+:func:`wbc_batch.storage.arrow_filesystem`, because DuckDB's own S3 support,
+the httpfs extension, cannot be had where this runs) registered in an
+in-memory DuckDB. Nothing is loaded up front (only each file's footer is
+checked): a query reads only the columns it uses, a ``run_date`` filter in
+SQL reads no row of other nights, ``run_dates`` (``--run-date``) leaves
+other nights' files unopened, and a report reads only its run's files. Once the
+dataset is registered the connection loses all file-system access and its
+configuration is locked, so a user's SQL can read the results and nothing
+else.
 
 Views on every connection:
 
@@ -38,7 +42,6 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from wbc_batch import storage
@@ -46,9 +49,10 @@ from wbc_batch.errors import CorruptResultsError, InvalidInputError
 from wbc_batch.ood import DEFAULT_MAX_SHARE, ShiftRule, sample_shifted
 
 __all__ = [
-    "BASE_COLUMNS", "CANNED", "DEFAULT_REFERENCE_RANGES", "QueryError", "Results", "check_read_only", "committed_run_ids",
-    "connect", "differential", "differential_from_frame", "domain_shift_detected", "format_frame", "load_results",
-    "query_frame", "read_manifests", "read_results", "run_query", "wilson_interval",
+    "BASE_COLUMNS", "CANNED", "DEFAULT_REFERENCE_RANGES", "Part", "QueryError", "Results", "check_read_only",
+    "committed_parts", "committed_run_ids", "connect", "differential", "differential_from_frame",
+    "domain_shift_detected", "fetch_df", "format_frame", "load_results", "part_files", "query_frame",
+    "read_manifests", "read_results", "row_schema", "run_query", "wilson_interval",
 ]
 
 PREDICTIONS_DIR = "predictions"
@@ -111,18 +115,51 @@ class QueryError(InvalidInputError):
 # --- loading ----------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Part:
+    """One part file: where it is in the pyarrow filesystem, its run (from the name) and night (from the folder)."""
+
+    path: str
+    run_id: str | None
+    run_date: str | None
+
+
 @dataclass
 class Results:
-    """Committed rows and run manifests of one OUTPUT, as Arrow tables."""
+    """The committed rows of one OUTPUT as a lazy pyarrow dataset, and its run manifests.
 
-    rows: pa.Table
+    Nothing but the part files' footers has been read: DuckDB scans
+    ``dataset`` with the columns and filters a query needs
+    (:func:`connect`), so memory follows what a query keeps, not the archive.
+
+    Attributes:
+        dataset: the part files in scope (the commit rule applied to file
+            names, then ``run_ids`` and ``run_dates``), one schema for all
+            (:func:`row_schema`), ``run_date`` from the Hive partition.
+        runs: one row per manifest (any status), see :func:`_runs_table`.
+        manifests: every manifest, keyed by run id.
+        run_ids: rows count only when their own ``run_id`` is one of these
+            (None: every row of the files, ``committed_only=False``).
+        parts: the part files in ``dataset``.
+        output: the OUTPUT location read.
+    """
+
+    dataset: Any
     runs: pa.Table
     manifests: dict[str, dict[str, Any]] = field(default_factory=dict)
+    run_ids: frozenset[str] | None = None
+    parts: list[Part] = field(default_factory=list)
+    output: str = ""
 
     @property
     def class_names(self) -> list[str]:
         """Classes seen in the data, from the ``p_<class>`` columns, in model order."""
-        return [c[2:] for c in self.rows.column_names if c.startswith("p_")]
+        return [c[2:] for c in self.dataset.schema.names if c.startswith("p_")]
+
+    @property
+    def rows(self) -> pa.Table:
+        """Every counted row in memory (small OUTPUTs and tests; queries scan :attr:`dataset` instead)."""
+        return self.dataset.to_table(filter=_run_filter(self.run_ids))
 
 
 def _fs_error(output: str, exc: Exception) -> storage.StorageError:
@@ -191,34 +228,146 @@ def _committed_files(manifest: Mapping[str, Any]) -> set[str] | None:
     return {str(f).rstrip("/").rsplit("/", 1)[-1] for f in files}
 
 
-def _normalise(table: pa.Table, run_date: str | None) -> pa.Table:
-    """Give a part file the full row schema: add missing columns as nulls, fix types."""
-    if "run_date" in table.column_names:
-        table = table.drop_columns(["run_date"])
-    date = datetime.strptime(run_date, "%Y-%m-%d").date() if run_date else None
-    table = table.append_column("run_date", pa.array([date] * table.num_rows, type=pa.date32()))
-    for name, typ in BASE_COLUMNS.items():
-        if name not in table.column_names:
-            table = table.append_column(name, pa.nulls(table.num_rows, type=typ))
-        elif table.schema.field(name).type != typ:
-            table = table.set_column(table.column_names.index(name), name, table.column(name).cast(typ))
-    for i, name in enumerate(table.column_names):
-        if name.startswith("p_") and table.schema.field(name).type != pa.float32():
-            table = table.set_column(i, name, table.column(name).cast(pa.float32()))
-    return table
+def part_files(output: str) -> list[Part]:
+    """Every ``*.parquet`` under ``OUTPUT/predictions`` (sorted), with its run id and night; no file is opened."""
+    fs, root = storage.arrow_filesystem(output)
+    out = []
+    for path in _list(fs, f"{root}/{PREDICTIONS_DIR}", output):
+        if not path.endswith(".parquet"):
+            continue
+        match = _PART_RE.match(path.rsplit("/", 1)[-1])
+        date = _RUN_DATE_RE.search(path)
+        out.append(Part(path, match.group("run_id") if match else None, date.group(1) if date else None))
+    return out
 
 
-def _empty_rows() -> pa.Table:
-    return pa.schema([pa.field(k, v) for k, v in BASE_COLUMNS.items()]).empty_table()
+def committed_parts(parts: Iterable[Part], manifests: Mapping[str, Mapping[str, Any]]) -> list[Part]:
+    """The part files whose rows count: the commit rule applied to file names.
+
+    A file counts when its run's manifest says succeeded and, when the
+    manifest lists its ``parquet_files``, it is one of them (not a stale part
+    of an earlier attempt of the run id). Skipping the others up front also
+    skips half-written files. Rows are filtered on their own ``run_id`` as
+    well (:attr:`Results.run_ids`).
+    """
+    committed = committed_run_ids(manifests)
+    out = []
+    for part in parts:
+        if part.run_id is None or part.run_id not in committed:
+            continue
+        listed = _committed_files(manifests[part.run_id])
+        if listed is not None and part.path.rsplit("/", 1)[-1] not in listed:
+            continue
+        out.append(part)
+    return out
 
 
-def _order_columns(table: pa.Table) -> pa.Table:
-    """Base columns in DESIGN order with the p_<class> columns after ``confidence``."""
-    p_cols = [c for c in table.column_names if c.startswith("p_")]
+def _check_run_dates(run_dates: Collection[str]) -> set[str]:
+    out = set()
+    for day in run_dates:
+        try:
+            out.add(datetime.strptime(str(day), "%Y-%m-%d").date().isoformat())
+        except ValueError:
+            raise ValueError(f"expected a run date as YYYY-MM-DD, got {day!r}") from None
+    return out
+
+
+class _TrackedFile:
+    """A file object over a pyarrow input file that remembers an I/O failure.
+
+    Parquet reads go through it so that a storage failure (exit 3) is never
+    taken for a damaged file (exit 6): a decode error with no I/O error
+    behind it is the file's fault.
+    """
+
+    def __init__(self, fh: Any) -> None:
+        self.fh, self.io_error = fh, None
+        self.closed = False
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return self.fh.read() if n is None or n < 0 else self.fh.read(n)
+        except OSError as exc:
+            self.io_error = exc
+            raise
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self.fh.seek(pos, whence)
+
+    def tell(self) -> int:
+        return self.fh.tell()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _corrupt(part: Part, exc: Exception) -> CorruptResultsError:
+    reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+    rid = part.run_id
+    return CorruptResultsError(
+        f"part file {part.path} of committed run {rid} cannot be decoded ({reason}); re-run that run id "
+        f"(classify --run-id {rid}) or delete its manifest runs/{rid}.json to uncommit it")
+
+
+def _part_schema(fs: Any, part: Part, output: str, must_count: bool) -> pa.Schema | None:
+    """A part file's schema from its footer (one small read); None for an unreadable file that does not count.
+
+    Raises:
+        CorruptResultsError: a file that counts cannot be decoded.
+        StorageError: the storage failed.
+    """
+    try:
+        fh = fs.open_input_file(part.path)
+    except OSError as exc:
+        if not must_count:
+            return None
+        raise _fs_error(output, exc) from None
+    tracked = _TrackedFile(fh)
+    try:
+        return pq.read_schema(tracked)
+    except (OSError, pa.ArrowException) as exc:
+        if not must_count:
+            return None  # an uncommitted run's file may be incomplete; it never counts anyway
+        if tracked.io_error is not None:
+            raise _fs_error(output, tracked.io_error) from None
+        raise _corrupt(part, exc) from None
+    finally:
+        fh.close()
+
+
+def row_schema(schemas: Iterable[pa.Schema]) -> pa.Schema:
+    """One schema for part files of any age and model: base columns in DESIGN order, ``p_<class>`` after ``confidence``.
+
+    Classes appear in the order the files (oldest night first) name them;
+    base columns take the types of :data:`BASE_COLUMNS` (a file without one
+    reads it as nulls), probabilities are float32, other columns keep the
+    type they first had.
+    """
+    seen: dict[str, pa.DataType] = {}
+    for schema in schemas:
+        for f in schema:
+            if f.name != "run_date":
+                seen.setdefault(f.name, f.type)
+    p_cols = [n for n in seen if n.startswith("p_")]
+    extra = [n for n in seen if n not in BASE_COLUMNS and n not in p_cols]
     base = list(BASE_COLUMNS)
     at = base.index("confidence") + 1
-    extra = [c for c in table.column_names if c not in BASE_COLUMNS and c not in p_cols]
-    return table.select(base[:at] + p_cols + base[at:] + extra)
+    return pa.schema([pa.field(n, BASE_COLUMNS[n]) for n in base[:at]]
+                     + [pa.field(n, pa.float32()) for n in p_cols]
+                     + [pa.field(n, BASE_COLUMNS[n]) for n in base[at:]]
+                     + [pa.field(n, seen[n]) for n in extra])
+
+
+def _run_filter(run_ids: Collection[str] | None) -> Any:
+    import pyarrow.dataset as ds
+
+    return None if run_ids is None else ds.field("run_id").isin(sorted(run_ids))
 
 
 def parse_time(value: Any) -> datetime | None:
@@ -283,73 +432,113 @@ def domain_shift_detected(manifest: Mapping[str, Any]) -> bool:
     return bool(shift)
 
 
-def read_results(output: str, *, committed_only: bool = True, run_ids: Collection[str] | None = None) -> Results:
-    """Read the rows under ``OUTPUT/predictions`` and the manifests under ``OUTPUT/runs``.
+def read_results(output: str, *, committed_only: bool = True, run_ids: Collection[str] | None = None,
+                 run_dates: Collection[str] | None = None,
+                 manifests: dict[str, dict[str, Any]] | None = None) -> Results:
+    """The committed rows under ``OUTPUT/predictions`` as a lazy dataset, and the manifests under ``OUTPUT/runs``.
+
+    Only the listing, the manifests and the footers of the part files in
+    scope are read here; rows are read when a query scans them
+    (:func:`connect`). Files outside the scope are never opened: a night
+    not asked for, or another run, costs nothing and cannot fail the query.
 
     Args:
         output: local folder or ``s3://bucket/prefix`` given to ``classify``.
         committed_only: keep only rows of runs whose manifest says succeeded
-            (the commit rule); False reads every part file, for debugging.
+            (the commit rule, :func:`committed_parts`); False reads every part
+            file, for debugging (unreadable uncommitted files are skipped).
         run_ids: if given, keep only rows of these runs (after the commit rule).
+        run_dates: if given, only the part files under these
+            ``run_date=YYYY-MM-DD`` partitions.
+        manifests: :func:`read_manifests` of ``output`` when already read.
 
     Raises:
         FileNotFoundError: OUTPUT has neither ``runs/`` nor ``predictions/``.
         StorageError: the storage cannot be read.
+        CorruptResultsError: a part file in scope that counts cannot be decoded.
+        ValueError: a run date that is not YYYY-MM-DD.
     """
+    import pyarrow.dataset as ds
+
     if not output:
         raise ValueError("expected an OUTPUT folder or s3:// URI, got an empty string")
+    days = _check_run_dates(run_dates) if run_dates is not None else None
     fs, root = storage.arrow_filesystem(output)
-    manifests = read_manifests(output)
-    files = [f for f in _list(fs, f"{root}/{PREDICTIONS_DIR}", output) if f.endswith(".parquet")]
+    manifests = read_manifests(output) if manifests is None else manifests
+    files = part_files(output)
     if not manifests and not files:
         raise FileNotFoundError(f"no results under {output} (expected {output}/runs/<run_id>.json and {output}/predictions/)")
-    committed = committed_run_ids(manifests)
-    keep_runs: set[str] | None = committed if committed_only else None
+    keep_runs: set[str] | None = committed_run_ids(manifests) if committed_only else None
     if run_ids is not None:
         keep_runs = set(run_ids) if keep_runs is None else keep_runs & set(run_ids)
-    wanted: list[tuple[str, str | None]] = []
-    for path in files:
-        name = path.rsplit("/", 1)[-1]
-        match = _PART_RE.match(name)
-        file_run = match.group("run_id") if match else None
-        if keep_runs is not None:
-            # Skipping files of uncommitted runs up front also skips half-written ones.
-            if file_run is not None and file_run not in keep_runs:
-                continue
-            listed = _committed_files(manifests.get(file_run, {})) if file_run else None
-            if listed is not None and name not in listed:
-                continue  # a stale part of an earlier attempt of this run id
-        wanted.append((path, file_run))
+    wanted = committed_parts(files, manifests) if committed_only else files
+    if keep_runs is not None:
+        wanted = [p for p in wanted if p.run_id is None or p.run_id in keep_runs]
+    if days is not None:
+        wanted = [p for p in wanted if p.run_date in days]
+    counted = {p.path for p in committed_parts(wanted, manifests)}
 
-    def read(item: tuple[str, str | None]) -> pa.Table | None:
-        path, file_run = item
-        try:  # the bytes first, so that a storage failure (exit 3) is never taken for a damaged file
-            with fs.open_input_file(path) as fh:
-                data = fh.read()
-        except OSError as exc:
-            if keep_runs is None and file_run not in committed:
-                return None
-            raise _fs_error(output, exc) from None
-        try:
-            table = pq.read_table(pa.BufferReader(data))
-        except (OSError, pa.ArrowException) as exc:
-            if keep_runs is None and file_run not in committed:
-                return None  # an uncommitted run's file may be incomplete; it never counts anyway
-            reason = (str(exc).splitlines() or [type(exc).__name__])[0]
-            raise CorruptResultsError(
-                f"part file {path} of committed run {file_run} cannot be decoded ({reason}); re-run that run id "
-                f"(classify --run-id {file_run}) or delete its manifest runs/{file_run}.json to uncommit it"
-            ) from None
-        date = _RUN_DATE_RE.search(path)
-        return _normalise(table, date.group(1) if date else None)
-
-    # Object stores answer one request at a time slowly; a few in flight hide the latency.
+    # Footers only; object stores answer one request at a time slowly, so a few are in flight.
     with ThreadPoolExecutor(max_workers=min(8, max(1, len(wanted)))) as pool:
-        tables = [t for t in pool.map(read, wanted) if t is not None]
-    rows = pa.concat_tables(tables, promote_options="permissive") if tables else _empty_rows()
-    if keep_runs is not None and rows.num_rows:
-        rows = rows.filter(pc.is_in(rows.column("run_id"), value_set=pa.array(sorted(keep_runs), type=pa.string())))
-    return Results(rows=_order_columns(rows), runs=_runs_table(manifests), manifests=manifests)
+        schemas = list(pool.map(lambda p: _part_schema(fs, p, output, p.path in counted), wanted))
+    parts = [p for p, s in zip(wanted, schemas) if s is not None]
+    schema = row_schema(s for s in schemas if s is not None)
+    if parts:
+        dataset = ds.dataset([p.path for p in parts], schema=schema, format="parquet", filesystem=fs,
+                             partitioning=ds.partitioning(pa.schema([("run_date", pa.date32())]), flavor="hive"),
+                             partition_base_dir=f"{root}/{PREDICTIONS_DIR}")
+    else:
+        dataset = ds.dataset(schema.empty_table())
+    return Results(dataset=dataset, runs=_runs_table(manifests), manifests=manifests,
+                   run_ids=frozenset(keep_runs) if keep_runs is not None else None, parts=parts, output=output)
+
+
+def diagnose_scan_error(results: Results, exc: Exception) -> None:
+    """Turn a failed scan of the part files into the error it stands for; return when ``exc`` is not one.
+
+    Footers are checked by :func:`read_results`; a file whose footer is
+    intact but whose pages are damaged fails only when DuckDB scans it, and
+    Arrow's message does not always name the file. The file named, else
+    each file in scope in turn, is read again in full: a read failure is a
+    storage error (exit 3), bytes that do not decode are corrupt results
+    (exit 6), and when every file reads the storage failed during the scan.
+
+    Raises:
+        CorruptResultsError, StorageError: whichever it is.
+    """
+    text = str(exc)
+    named = [p for p in results.parts if p.path in text]
+    if not named and f"'{SCAN_NAME}'" not in text:
+        return
+    fs, _ = storage.arrow_filesystem(results.output)
+    for part in named or results.parts:
+        try:
+            with fs.open_input_file(part.path) as fh:
+                data = fh.read()
+        except OSError as io_exc:
+            raise _fs_error(results.output, io_exc) from None
+        try:
+            pq.read_table(pa.BufferReader(data))
+        except (OSError, pa.ArrowException) as decode_exc:
+            raise _corrupt(part, decode_exc) from None
+        del data
+    raise _fs_error(results.output, exc)
+
+
+def fetch_df(con: Any, results: Results, sql: str, params: list[Any] | None = None) -> pd.DataFrame:
+    """Run ``sql`` on a :func:`connect` connection; a part file that fails the scan is diagnosed.
+
+    Raises:
+        CorruptResultsError, StorageError: a part file failed the scan
+            (:func:`diagnose_scan_error`); other DuckDB errors pass through.
+    """
+    import duckdb
+
+    try:
+        return con.execute(sql, params).fetch_df() if params is not None else con.execute(sql).fetch_df()
+    except duckdb.Error as exc:
+        diagnose_scan_error(results, exc)
+        raise
 
 
 # --- DuckDB -----------------------------------------------------------------
@@ -363,6 +552,7 @@ def _literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+SCAN_NAME = "predictions_raw_data"  # the registered dataset; predictions_raw filters it on run_id
 LATEST_PER_IMAGE_SQL = """
 SELECT * FROM predictions_raw
 QUALIFY row_number() OVER (
@@ -372,12 +562,19 @@ QUALIFY row_number() OVER (
 """
 
 
-def connect(output: str | Results, *, committed_only: bool = True, run_ids: Collection[str] | None = None) -> Any:
+def connect(output: str | Results, *, committed_only: bool = True, run_ids: Collection[str] | None = None,
+            run_dates: Collection[str] | None = None) -> Any:
     """An in-memory DuckDB connection with the result views, unable to touch any file.
+
+    The committed part files are registered as a lazy pyarrow dataset:
+    DuckDB hands each scan its columns and filters, so a query reads only
+    the columns it uses, and a filter on ``run_date`` skips whole nights
+    (their files are never opened). The dataset is registered before file
+    access is switched off; a user's SQL cannot reach any other file.
 
     Args:
         output: OUTPUT location, or :class:`Results` already read.
-        committed_only, run_ids: see :func:`read_results`.
+        committed_only, run_ids, run_dates: see :func:`read_results`.
 
     Returns:
         A ``duckdb.DuckDBPyConnection`` with ``predictions``, ``predictions_raw``
@@ -385,17 +582,19 @@ def connect(output: str | Results, *, committed_only: bool = True, run_ids: Coll
     """
     import duckdb
 
-    results = output if isinstance(output, Results) else read_results(output, committed_only=committed_only, run_ids=run_ids)
+    results = output if isinstance(output, Results) else read_results(
+        output, committed_only=committed_only, run_ids=run_ids, run_dates=run_dates)
     con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
     try:
         con.execute("SET TimeZone = 'UTC'")
-        con.register("_rows_arrow", results.rows)
+        con.register(SCAN_NAME, results.dataset)
         con.register("_runs_arrow", results.runs)
-        con.execute("CREATE TABLE predictions_raw_data AS SELECT * FROM _rows_arrow")
         con.execute("CREATE TABLE runs_data AS SELECT * FROM _runs_arrow")
-        con.unregister("_rows_arrow")
         con.unregister("_runs_arrow")
-        con.execute("CREATE VIEW predictions_raw AS SELECT * FROM predictions_raw_data")
+        where = ""
+        if results.run_ids is not None:  # rows are filtered on their own run_id too, not only by file name
+            where = " WHERE run_id IN (" + ", ".join(map(_literal, sorted(results.run_ids))) + ")" if results.run_ids else " WHERE false"
+        con.execute(f"CREATE VIEW predictions_raw AS SELECT * FROM {SCAN_NAME}{where}")
         con.execute("CREATE VIEW runs AS SELECT * FROM runs_data ORDER BY started_at NULLS FIRST, run_id")
         con.execute(f"CREATE VIEW predictions AS {LATEST_PER_IMAGE_SQL}")
         con.execute("SET enable_external_access = false")
@@ -407,7 +606,8 @@ def connect(output: str | Results, *, committed_only: bool = True, run_ids: Coll
 
 
 def load_results(output: str, *, committed_only: bool = True, latest_only: bool = True,
-                 run_ids: Collection[str] | None = None) -> pd.DataFrame:
+                 run_ids: Collection[str] | None = None, run_dates: Collection[str] | None = None,
+                 columns: Iterable[str] | None = None) -> pd.DataFrame:
     """Prediction rows as a DataFrame.
 
     Args:
@@ -417,11 +617,15 @@ def load_results(output: str, *, committed_only: bool = True, latest_only: bool 
         latest_only: one row per image (the ``predictions`` view); False
             gives every row (``predictions_raw``).
         run_ids: restrict to rows of these runs before picking the latest.
+        run_dates: restrict to these nights (``YYYY-MM-DD``) before picking the latest.
+        columns: only these columns (default: all); only they are read.
     """
-    con = connect(output, committed_only=committed_only, run_ids=run_ids)
+    results = read_results(output, committed_only=committed_only, run_ids=run_ids, run_dates=run_dates)
+    con = connect(results)
     try:
         view = "predictions" if latest_only else "predictions_raw"
-        return con.execute(f"SELECT * FROM {view} ORDER BY sample_id NULLS LAST, image_uri, processed_at").fetch_df()
+        cols = "*" if columns is None else ", ".join(map(_ident, columns))
+        return fetch_df(con, results, f"SELECT {cols} FROM {view} ORDER BY sample_id NULLS LAST, image_uri, processed_at")
     finally:
         con.close()
 
@@ -653,17 +857,16 @@ def differential_from_frame(
     return df
 
 
-def differential(output: str, sample: str | None = None, **options: Any) -> pd.DataFrame:
+def differential(output: str, sample: str | None = None, *, run_dates: Collection[str] | None = None,
+                 **options: Any) -> pd.DataFrame:
     """Per-sample white-cell differential of the committed results, reviewers' verdicts applied.
 
     Counts one row per image (the ``predictions`` view), so re-runs never
     double count. ``options`` are those of :func:`differential_from_frame`;
     each sample is judged by the unreliable-sample rule its runs recorded.
+    ``run_dates`` limits it to the rows of those nights (see :func:`query_frame`).
     """
-    options = {"shift_rules": run_shift_rules(read_manifests(output)), **options}
-    from wbc_batch.review.counts import attach_verdicts
-
-    return differential_from_frame(attach_verdicts(load_results(output), output), sample, **options)
+    return query_frame(output, canned="differential", sample=sample, run_dates=run_dates, **options)
 
 
 # --- canned queries and formatting -------------------------------------------
@@ -706,13 +909,28 @@ ORDER BY day, model_version
 """
 
 
+# What the differential and the agreement read of each row (verdicts join on image_uri + image_sha256).
+DIFFERENTIAL_INPUT = ("image_uri", "image_sha256", "sample_id", "predicted_class", "status", "needs_review",
+                      "out_of_distribution", "run_id")
+AGREEMENT_INPUT = ("image_uri", "image_sha256", "sample_id", "predicted_class", "run_id", "run_date", "model_version")
+
+
 def query_frame(output: str, sql: str | None = None, *, canned: str | None = None, sample: str | None = None,
-                **differential_options: Any) -> pd.DataFrame:
+                run_dates: Collection[str] | None = None, **differential_options: Any) -> pd.DataFrame:
     """Run one read-only statement or a canned query and return its rows.
+
+    Args:
+        output, sql, canned, sample: see :func:`run_query`.
+        run_dates: only rows of these nights (``YYYY-MM-DD``): the part files
+            of other nights are never opened, and ``predictions`` picks the
+            latest row per image among these nights' rows. ``runs`` is not
+            affected.
+        differential_options: see :func:`differential_from_frame`.
 
     Raises:
         QueryError: the SQL is refused or fails.
         ValueError: bad combination of arguments.
+        CorruptResultsError: a committed part file in scope cannot be decoded.
     """
     if (sql is None) == (canned is None):
         raise ValueError("expected either SQL or one canned query "
@@ -725,18 +943,21 @@ def query_frame(output: str, sql: str | None = None, *, canned: str | None = Non
         sql = check_read_only(sql)
     import duckdb
 
-    results = read_results(output)
+    results = read_results(output, run_dates=run_dates)
     con = connect(results)
     try:
         if canned in ("differential", "agreement"):
             from wbc_batch.review.counts import agreement_from_frame, attach_verdicts
 
             if canned == "agreement":  # every committed row: each run against the same verdicts
-                raw = con.execute("SELECT * FROM predictions_raw WHERE status = 'ok'").fetch_df()
+                cols = ", ".join(map(_ident, AGREEMENT_INPUT))
+                raw = fetch_df(con, results, f"SELECT {cols} FROM predictions_raw WHERE status = 'ok'")
                 return agreement_from_frame(attach_verdicts(raw, output), results.class_names)
-            frame = attach_verdicts(con.execute("SELECT * FROM predictions").fetch_df(), output)
-            return differential_from_frame(frame, sample,
-                                           **{"shift_rules": run_shift_rules(results.manifests), **differential_options})
+            cols = ", ".join(map(_ident, DIFFERENTIAL_INPUT))
+            frame = attach_verdicts(fetch_df(con, results, f"SELECT {cols} FROM predictions"), output)
+            options = {"class_names": results.class_names or None, "shift_rules": run_shift_rules(results.manifests),
+                       **differential_options}
+            return differential_from_frame(frame, sample, **options)
         if canned == "review-queue":
             sql = REVIEW_QUEUE_SQL
         elif canned == "runs":
@@ -744,7 +965,7 @@ def query_frame(output: str, sql: str | None = None, *, canned: str | None = Non
         elif canned == "drift":
             sql = drift_sql(results.class_names)
         try:
-            return con.execute(sql).fetch_df()
+            return fetch_df(con, results, sql)
         except duckdb.Error as exc:
             raise QueryError(f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from None
     finally:
@@ -771,7 +992,7 @@ def format_frame(frame: pd.DataFrame, fmt: str = "table") -> str:
 
 
 def run_query(output: str, sql: str | None = None, fmt: str = "table", canned: str | None = None,
-              sample: str | None = None, **differential_options: Any) -> str:
+              sample: str | None = None, run_dates: Collection[str] | None = None, **differential_options: Any) -> str:
     """``wbc-batch query``: one read-only statement or canned query, formatted.
 
     Args:
@@ -781,10 +1002,11 @@ def run_query(output: str, sql: str | None = None, fmt: str = "table", canned: s
         fmt: ``table``, ``csv`` or ``json``.
         canned: ``differential``, ``review-queue``, ``runs``, ``drift`` or ``agreement``.
         sample: with ``differential``, only this sample.
+        run_dates: only these nights' rows (``YYYY-MM-DD``); see :func:`query_frame`.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    frame = query_frame(output, sql, canned=canned, sample=sample, **differential_options)
+    frame = query_frame(output, sql, canned=canned, sample=sample, run_dates=run_dates, **differential_options)
     if canned == "differential" and fmt == "table":  # percent to 0.1 for people; csv/json keep full precision
         frame = frame.copy()
         for col in ("percent", "ci_low", "ci_high"):

@@ -9,7 +9,12 @@ run's own rows. The differential and the review gallery describe the
 samples the run touched, as they stood when the run committed: the latest
 committed row per image from this run and the runs that finished before
 it, so a nightly run that completed a sample shows the whole sample, and
-re-rendering an old run's report gives the same numbers. Reviewers'
+re-rendering an old run's report gives the same numbers. Only the part
+files of this run and of earlier runs whose manifest lists one of its
+samples (``counts.sample_ids``) are read; earlier runs whose manifest
+predates that list are read too, as they may hold one. A run over new
+slides therefore reads its own files and nothing else, however large the
+archive. Reviewers'
 verdicts (``OUTPUT/reviews/``) are applied as they stand when the report is
 written: each cell counts under its verified class, with the model's count
 beside it, and each sample shows how many cells are verified and who signed
@@ -27,8 +32,6 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from wbc_batch import query, storage
 from wbc_batch.review.counts import attach_verdicts
@@ -46,11 +49,11 @@ HIST_BINS = 20
 # --- data -------------------------------------------------------------------
 
 
-def _pick_run(results: query.Results, run_id: str | None) -> dict[str, Any]:
+def _pick_run(manifests: Mapping[str, Mapping[str, Any]], run_id: str | None) -> Mapping[str, Any]:
     """The manifest to report: the given run, or the latest succeeded one."""
-    committed = query.committed_run_ids(results.manifests)
+    committed = query.committed_run_ids(manifests)
     if run_id is not None:
-        manifest = results.manifests.get(run_id)
+        manifest = manifests.get(run_id)
         if manifest is None:
             known = ", ".join(sorted(committed)[-10:]) or "none"
             raise ValueError(f"no run {run_id!r} under this OUTPUT (committed runs: {known})")
@@ -60,22 +63,28 @@ def _pick_run(results: query.Results, run_id: str | None) -> dict[str, Any]:
         return manifest
     if not committed:
         raise ValueError("no committed run to report (no runs/<run_id>.json with status 'succeeded')")
-    return max((results.manifests[r] for r in committed), key=lambda m: (str(m.get("finished_at") or ""), m["run_id"]))
+    return max((manifests[r] for r in committed), key=lambda m: (str(m.get("finished_at") or ""), m["run_id"]))
 
 
-def _runs_as_of(results: query.Results, manifest: Mapping[str, Any]) -> set[str]:
-    """Committed runs that finished no later than this one (ISO strings in UTC sort by time)."""
+def _runs_as_of(manifests: Mapping[str, Mapping[str, Any]], manifest: Mapping[str, Any],
+                samples: set[str]) -> set[str]:
+    """This run and the committed runs that finished no later than it and may hold one of its samples.
+
+    ISO strings in UTC sort by time. A manifest without ``counts.sample_ids``
+    (written before runs recorded them) may hold any sample, so it is kept.
+    """
     cutoff = query.parse_time(manifest.get("finished_at"))
     out = {str(manifest["run_id"])}
     if cutoff is None:
         return out
-    for rid in query.committed_run_ids(results.manifests):
-        finished = query.parse_time(results.manifests[rid].get("finished_at"))
-        if finished is not None and finished <= cutoff:
+    for rid in query.committed_run_ids(manifests):
+        finished = query.parse_time(manifests[rid].get("finished_at"))
+        if finished is None or finished > cutoff:
+            continue
+        listed = (manifests[rid].get("counts") or {}).get("sample_ids")
+        if not isinstance(listed, list) or not samples.isdisjoint(map(str, listed)):
             out.add(rid)
     return out
-
-
 
 
 def effective_review_threshold(manifest: Mapping[str, Any]) -> float | None:
@@ -89,11 +98,6 @@ def effective_review_threshold(manifest: Mapping[str, Any]) -> float | None:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     return None
-
-
-def _filter_runs(results: query.Results, run_ids: set[str]) -> query.Results:
-    mask = pc.is_in(results.rows.column("run_id"), value_set=pa.array(sorted(run_ids), type=pa.string()))
-    return query.Results(rows=results.rows.filter(mask), runs=results.runs, manifests=results.manifests)
 
 
 # --- images -----------------------------------------------------------------
@@ -318,19 +322,27 @@ def render_report(output: str, run_id: str | None = None, *, max_gallery: int = 
     """
     if max_gallery < 0:
         raise ValueError(f"expected max_gallery >= 0, got {max_gallery}")
-    results = query.read_results(output)
-    manifest = _pick_run(results, run_id)
+    manifests = query.read_manifests(output)
+    if not manifests:
+        query.read_results(output, manifests=manifests)  # FileNotFoundError when OUTPUT holds no results at all
+    manifest = _pick_run(manifests, run_id)
     rid = str(manifest["run_id"])
-    scoped = _filter_runs(results, _runs_as_of(results, manifest))
-    con = query.connect(scoped)
+    mine = query.read_results(output, run_ids={rid}, manifests=manifests)  # this run's part files only
+    con = query.connect(mine)
     try:
-        latest = con.execute("SELECT * FROM predictions ORDER BY sample_id, image_uri").fetch_df()
-        own = con.execute("SELECT predicted_class, confidence, status, sample_id FROM predictions_raw WHERE run_id = ?",
-                          [rid]).fetch_df()
+        own = query.fetch_df(con, mine, "SELECT predicted_class, confidence, status, sample_id FROM predictions_raw")
     finally:
         con.close()
     samples = set(own["sample_id"].dropna())
-    latest = attach_verdicts(latest[latest["sample_id"].isin(samples)], output)
+    scope = _runs_as_of(manifests, manifest, samples)
+    scoped = mine if scope == {rid} else query.read_results(output, run_ids=scope, manifests=manifests)
+    con = query.connect(scoped)
+    try:
+        latest = query.fetch_df(con, scoped, "SELECT * FROM predictions WHERE list_contains(?::VARCHAR[], sample_id) "
+                                             "ORDER BY sample_id, image_uri", [sorted(samples)])
+    finally:
+        con.close()
+    latest = attach_verdicts(latest, output)
     # each sample judged by the rule its runs recorded (ood.sample_shifted), as the manifest's domain_shift was
     diff = query.differential_from_frame(latest, class_names=scoped.class_names or None,
                                          **{"shift_rules": query.run_shift_rules(scoped.manifests), **differential_options})

@@ -219,6 +219,8 @@ class RunCounts:
             "per_class": dict(sorted(self.per_class.items())),
             "errors_by_kind": dict(self.errors_by_kind),
             "samples": len(self.per_sample),
+            # which samples the run touched: a report reads the parts of an earlier run only when it shares one
+            "sample_ids": sorted(self.per_sample),
         }
 
 
