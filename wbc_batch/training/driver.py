@@ -301,14 +301,19 @@ def run_training(
     wbc = [c for c in classes if c not in non_wbc]
     test_report: dict[str, Any] = {}
     if len(y_test):
+        test_logits = predict_logits(model, x_test)
         test_report = metrics.classification_report(
-            predict_logits(model, x_test),
+            test_logits,
             y_test,
             classes,
             calibration["temperature"],
             calibration["review_threshold"],
             subsets={"wbc": wbc, "mature5": list(MATURE_CLASSES)},
         )
+        natural = metrics.natural_mix_report(test_logits, y_test, classes, calibration["temperature"],
+                                             calibration["review_threshold"], white_cells=wbc)
+        if natural:
+            test_report["natural_mix"] = natural
     version = config.version or f"{datetime.now(timezone.utc):%Y%m%d.%H%M%S}-{data['fingerprint'][:8]}"
     meta = ModelMetadata(
         version=version,
