@@ -410,8 +410,9 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lab", default=None, help="the lab's name in model.json (default: DATA's folder name)")
     p.add_argument("--version", default=None, help="version of the new artifact (default: BASE+LAB.timestamp)")
     p.add_argument("--workers", type=int, default=1, help="data-parallel training workers (default 1)")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0,
-                   help="CPUs per training worker; also its TensorFlow thread count (default 1)")
+    p.add_argument("--cpus-per-worker", type=float, default=None,
+                   help="CPUs per training worker, also its TensorFlow threads (default: the cluster's CPUs "
+                        "divided among the workers, at most 8)")
     p.add_argument("--use-gpu", action="store_true", help="give each training worker a GPU")
     p.add_argument("--precision", choices=["auto", "float32", "mixed_bfloat16"], default="auto",
                    help="training dtype policy (as for train)")

@@ -62,7 +62,7 @@ class AdaptConfig:
     batch_size: int = 32
     weight_decay: float = 5e-4
     workers: int = 1
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float | None = None  # None: the cluster's CPUs shared by the workers (at most 8 each)
     use_gpu: bool = False
     storage_path: str | None = None
     ray_address: str | None = None
@@ -86,12 +86,18 @@ class AdaptConfig:
         """The lab's name in ``model.json`` (default: DATA's last folder)."""
         return self.lab or str(self.data_uri).rstrip("/").rsplit("/", 1)[-1] or "new-lab"
 
-    def train_config(self, image_size: int) -> TrainConfig:
-        """The :class:`TrainConfig` the shared Ray Train job runs with."""
+    def train_config(self, image_size: int, cluster_cpus: float) -> TrainConfig:
+        """The :class:`TrainConfig` the shared Ray Train job runs with.
+
+        Why the CPU default: adaptation is a short single-worker job, and a
+        worker's CPUs are also its TensorFlow threads, so it takes the whole
+        (small) cluster rather than one core.
+        """
+        cpus = self.cpus_per_worker or float(max(1, min(8, int(cluster_cpus) // max(1, self.workers))))
         return TrainConfig(
             data_uri=self.data_uri, model_out=self.model_out, workers=self.workers, epochs=self.epochs,
             image_size=image_size, batch_size=self.batch_size, learning_rate=self.learning_rate,
-            weight_decay=self.weight_decay, cpus_per_worker=self.cpus_per_worker, use_gpu=self.use_gpu,
+            weight_decay=self.weight_decay, cpus_per_worker=cpus, use_gpu=self.use_gpu,
             storage_path=self.storage_path, max_failures=self.max_failures, ray_address=self.ray_address,
             seed=self.seed, precision=self.precision, command=self.command,
         )
@@ -249,7 +255,7 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
     ).materialize()
     del x
 
-    tc = config.train_config(size)
+    tc = config.train_config(size, ray.cluster_resources().get("CPU", 1.0))
     precision = resolve_precision(config.precision, config.use_gpu)
     fingerprint = hashlib.sha256("".join(sorted(new["sha256"])).encode()).hexdigest()
     settings = f"{config.epochs}-{config.learning_rate}-{config.batch_size}-{config.replay_per_class}-" \

@@ -92,10 +92,10 @@ def _trainer_class() -> type:
 
 
 def _ensure_ray(address: str | None) -> None:
-    import ray
+    """Join the cluster the person meant, as classify does (``wbc_batch.cluster``): never hang on a dead head."""
+    from wbc_batch import cluster
 
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=False)
+    cluster.connect(address)
 
 
 def initial_weights(config: TrainConfig, classes: list[str]) -> tuple[list[np.ndarray] | None, dict[str, Any]]:
