@@ -407,3 +407,19 @@ def test_parts_of_different_ages_and_models_share_one_schema(tmp_path: Path) -> 
     assert rows.p_neutrophil.dtype == "float32" and rows.run_date.astype(str).tolist()[-1] == "2026-11-24"
     d = query.differential(out).set_index(["sample_id", "cell_class"])
     assert d.loc[("B", "neutrophil"), "count"] == 3 and d.loc[("A", "ig"), "count"] == 2
+
+
+def test_review_queue_takes_each_images_latest_ok_row(tmp_path: Path) -> None:
+    """Re-runs: only an image's latest ok row decides; an error row never hides an ok one (as in ``predictions``)."""
+    out = str(tmp_path / "out")
+    a, b, c, d = (f"/in/X/{n}.jpg" for n in "abcd")
+    write_run(out, "r1", make_table([cell(a, "X", "monocyte", 0.5), cell(b, "X", "monocyte", 0.99),
+                                     cell(c, "X", "ig", 0.6), cell(d, "X", "ig", 0.7)], "r1"))
+    write_run(out, "r2", make_table([cell(a, "X", "monocyte", 0.99), cell(b, "X", "lymphocyte", 0.4),
+                                     cell(c, "X", None), cell(d, "X", "ig", 0.8)], "r2",
+                                    processed_at=T0.replace(hour=9)), run_date="2026-11-26")
+    q = query.query_frame(out, canned="review-queue")
+    assert q.image_uri.tolist() == [b, c, d] and q.run_id.tolist() == ["r2", "r1", "r2"]
+    via_view = query.query_frame(out, "SELECT image_uri FROM predictions WHERE status = 'ok' AND needs_review "
+                                      "ORDER BY confidence NULLS FIRST, image_uri")
+    assert via_view.image_uri.tolist() == q.image_uri.tolist()  # c: its ok row beats the later error row

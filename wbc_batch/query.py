@@ -40,6 +40,7 @@ from datetime import datetime, timezone
 from statistics import NormalDist
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -212,10 +213,9 @@ def run_shift_rules(manifests: Mapping[str, Mapping[str, Any]]) -> dict[str, Shi
     return {rid: ShiftRule.from_manifest(manifests[rid]) for rid in committed_run_ids(manifests)}
 
 
-def _sample_rule(ok_rows: pd.DataFrame, shift_rules: Mapping[str, ShiftRule] | None,
-                 ood_share_limit: float | None) -> ShiftRule:
-    """The rule of the runs a sample's rows come from (the strictest when several), ``ood_share_limit`` overriding."""
-    runs = set(ok_rows["run_id"].dropna()) if shift_rules and "run_id" in ok_rows.columns else set()
+def _rule_for_runs(runs: set[str], shift_rules: Mapping[str, ShiftRule] | None,
+                   ood_share_limit: float | None) -> ShiftRule:
+    """The strictest rule of these runs (the default without any), ``ood_share_limit`` overriding."""
     rule = ShiftRule.strictest(shift_rules[r] for r in runs if r in shift_rules) if shift_rules else ShiftRule()
     return rule if ood_share_limit is None else ShiftRule(max_share=ood_share_limit, min_ood=rule.min_ood)
 
@@ -743,12 +743,11 @@ def _counted_class(rows: pd.DataFrame) -> pd.Series:
     return rows["verified_class"].where(rows["verified_class"].notna(), rows["predicted_class"])
 
 
-def _sign_off(rows: pd.DataFrame) -> tuple[Any, Any]:
-    """(by, at) of a sample's sign-off, or (None, None)."""
-    if "signed_off_by" not in rows.columns or not rows["signed_off_by"].notna().any():
-        return None, None
-    first = rows[rows["signed_off_by"].notna()].iloc[0]
-    return first["signed_off_by"], first["signed_off_at"]
+def _pair_counts(samples: np.ndarray, classes: np.ndarray) -> dict[tuple[str, str], int]:
+    """How many cells of each (sample, class)."""
+    if not len(samples):
+        return {}
+    return pd.DataFrame({"s": samples, "c": classes}).groupby(["s", "c"]).size().to_dict()
 
 
 def differential_from_frame(
@@ -809,32 +808,50 @@ def differential_from_frame(
     out: list[dict[str, Any]] = []
     if not len(frame):
         return pd.DataFrame(out, columns=DIFFERENTIAL_COLUMNS)
-    samples = frame["sample_id"].fillna("").astype(str)
-    for sid in sorted(samples.unique()):
-        rows = frame[samples == sid]
-        ok = rows[rows["status"] == "ok"]
-        counted = _counted_class(ok)
-        white = counted[~counted.isin(excluded) & counted.notna()]
-        model_white = ok["predicted_class"][~ok["predicted_class"].isin(excluded) & ok["predicted_class"].notna()]
-        n = len(white)
-        ood = ok["out_of_distribution"].astype("boolean").fillna(False).astype(bool)
-        ood_share = float(ood.mean()) if len(ok) else 0.0
-        rule = _sample_rule(ok, shift_rules, ood_share_limit)
-        reliable = not sample_shifted(len(ok), int(ood.sum()), rule)
-        review = int(ok["needs_review"].astype("boolean").fillna(False).astype(bool).sum())
+    # Every per-sample figure in one grouped pass (a night holds hundreds of samples), then one loop of plain Python.
+    sid_all = frame["sample_id"].fillna("").astype(str).to_numpy()
+    is_ok = (frame["status"] == "ok").to_numpy()
+    ok, sid_ok = frame[is_ok], sid_all[is_ok]
+    counted, predicted = _counted_class(ok), ok["predicted_class"]
+    white = (~counted.isin(excluded) & counted.notna()).to_numpy()
+    model_white = (~predicted.isin(excluded) & predicted.notna()).to_numpy()
+    counts = _pair_counts(sid_ok[white], counted.to_numpy()[white])
+    model_counts = _pair_counts(sid_ok[model_white], predicted.to_numpy()[model_white])
+    by_ok = pd.DataFrame({
+        "ok": 1, "white": white.astype(int),
+        "ood": ok["out_of_distribution"].astype("boolean").fillna(False).astype(bool).to_numpy().astype(int),
+        "review": ok["needs_review"].astype("boolean").fillna(False).astype(bool).to_numpy().astype(int),
+        "verified": (ok["verified_class"].notna().to_numpy() if "verified_class" in ok.columns
+                     else np.zeros(len(ok), dtype=bool)).astype(int),
+    }, index=sid_ok).groupby(level=0).sum()
+    errors = pd.Series((~is_ok).astype(int), index=sid_all).groupby(level=0).sum().to_dict()
+    runs: dict[str, set[str]] = {}
+    if shift_rules and "run_id" in ok.columns:
+        for sid, rid in zip(sid_ok, ok["run_id"]):
+            if rid is not None and rid == rid:
+                runs.setdefault(sid, set()).add(rid)
+    signed: dict[str, tuple[Any, Any]] = {}
+    if "signed_off_by" in frame.columns:
+        has = frame["signed_off_by"].notna().to_numpy()
+        for sid, by, at in zip(sid_all[has], frame["signed_off_by"][has], frame["signed_off_at"][has]):
+            signed.setdefault(sid, (by, at))  # the first row that carries it, as the frame is ordered
+    for sid in sorted(set(sid_all)):
+        n_ok, n, n_ood, review, verified = (int(by_ok.at[sid, c]) if sid in by_ok.index else 0
+                                            for c in ("ok", "white", "ood", "review", "verified"))
+        ood_share = n_ood / n_ok if n_ok else 0.0
+        rule = _rule_for_runs(runs.get(sid, set()), shift_rules, ood_share_limit)
+        reliable = not sample_shifted(n_ok, n_ood, rule)
         warnings: list[str] = []
         if not reliable:
-            warnings.append(f"UNRELIABLE: {ood_share:.0%} of images out of distribution ({int(ood.sum())} of {len(ok)}; "
+            warnings.append(f"UNRELIABLE: {ood_share:.0%} of images out of distribution ({n_ood} of {n_ok}; "
                             f"limit {rule.describe()}); do not report this differential")
         if n == 0:
             warnings.append("no white cells")
         elif n < min_cells:
             warnings.append(f"only {n} white cells (fewer than {min_cells})")
-        counts, model_counts = white.value_counts(), model_white.value_counts()
-        verified = int(ok["verified_class"].notna().sum()) if "verified_class" in ok.columns else 0
-        signed_by, signed_at = _sign_off(rows)
+        signed_by, signed_at = signed.get(sid, (None, None))
         for cls in white_classes:
-            k = int(counts.get(cls, 0))
+            k = int(counts.get((sid, cls), 0))
             rng = ranges.get(cls)
             pct = lo = hi = None
             flag = ""
@@ -845,10 +862,10 @@ def differential_from_frame(
                 flag = _flag(pct, rng)
             out.append({
                 "sample_id": sid, "white_cells": n, "cell_class": cls, "count": k,
-                "model_count": int(model_counts.get(cls, 0)), "percent": pct,
+                "model_count": int(model_counts.get((sid, cls), 0)), "percent": pct,
                 "ci_low": lo, "ci_high": hi, "reference": _reference_text(rng), "flag": flag,
                 "needs_review": review, "verified": verified, "signed_off_by": signed_by, "signed_off_at": signed_at,
-                "errors": int((rows["status"] != "ok").sum()), "ood_share": ood_share,
+                "errors": int(errors.get(sid, 0)), "ood_share": ood_share,
                 "reliable": reliable, "warning": "; ".join(warnings),
             })
     df = pd.DataFrame(out, columns=DIFFERENTIAL_COLUMNS)
@@ -872,13 +889,22 @@ def differential(output: str, sample: str | None = None, *, run_dates: Collectio
 # --- canned queries and formatting -------------------------------------------
 
 
+# The ok rows of ``predictions`` that need review. An error row never beats an ok row, so an image's
+# latest ok row is its ``predictions`` row; only images with several ok rows need the window, and only
+# they and the rows that need review are held in memory (not every image of the archive).
 REVIEW_QUEUE_SQL = """
+WITH repeated AS (
+    SELECT hash(image_uri) AS h FROM predictions_raw WHERE status = 'ok' GROUP BY 1 HAVING count(*) > 1
+)
 SELECT sample_id, image_uri, predicted_class, confidence, out_of_distribution, explanation_suspect,
        heatmap_uri, model_version, run_id
-FROM predictions
-WHERE status = 'ok' AND needs_review
+FROM predictions_raw
+WHERE status = 'ok' AND (needs_review OR hash(image_uri) IN (SELECT h FROM repeated))
+QUALIFY row_number() OVER (PARTITION BY image_uri ORDER BY processed_at DESC NULLS LAST, run_id DESC) = 1
+    AND needs_review
 ORDER BY confidence ASC NULLS FIRST, image_uri
 """
+
 
 RUNS_SQL = """
 SELECT run_id, status, started_at, finished_at, model_version, total, ok, error, needs_review,

@@ -44,6 +44,8 @@ REPORTS_DIR = "reports"
 THUMB_PX = 220
 MAX_GALLERY = 60
 HIST_BINS = 20
+# What the differential and the gallery read of each row of the run's samples.
+REPORT_INPUT = (*query.DIFFERENTIAL_INPUT, "confidence", "heatmap_uri", "explanation_suspect", "processed_at")
 
 
 # --- data -------------------------------------------------------------------
@@ -212,8 +214,12 @@ def _differential_html(diff: pd.DataFrame) -> str:
     if not len(diff):
         return '<p class="muted">No classified cells in the samples of this run.</p>'
     out: list[str] = []
-    for sid, rows in diff.groupby("sample_id", sort=True):
-        first = rows.iloc[0]
+    by_sample: dict[Any, list[dict[str, Any]]] = {}
+    for record in diff.to_dict("records"):  # plain dicts: a night holds hundreds of samples
+        by_sample.setdefault(record["sample_id"], []).append(record)
+    for sid in sorted(by_sample):
+        rows = by_sample[sid]
+        first = rows[0]
         reliable = bool(first["reliable"])
         signed = (f"signed off by {first['signed_off_by']} at {pd.Timestamp(first['signed_off_at']):%Y-%m-%d %H:%M} UTC"
                   if first.get("signed_off_by") else "not signed off")
@@ -222,12 +228,12 @@ def _differential_html(diff: pd.DataFrame) -> str:
                 f"{int(first['errors'])} unreadable · {first['ood_share']:.0%} out of distribution")
         note = f'<div class="alert {"danger" if not reliable else "warn"}">{_e(first["warning"])}</div>' if first["warning"] else ""
         body = []
-        for r in rows.itertuples():
-            ci = "—" if pd.isna(r.ci_low) else f"{r.ci_low:.1f}–{r.ci_high:.1f}"
-            flag = f'<span class="flag-{_e(r.flag)}">{_e(r.flag.upper())}</span>' if r.flag else ""
-            body.append(f"<tr><td>{_e(r.cell_class)}</td><td class=num>{int(r.count)}</td>"
-                        f"<td class=num>{_fmt_pct(r.percent)}</td><td class=num>{ci}</td><td>{_e(r.reference)}</td>"
-                        f"<td>{flag}</td><td class=num>{int(r.model_count)}</td></tr>")
+        for r in rows:
+            ci = "—" if pd.isna(r["ci_low"]) else f"{r['ci_low']:.1f}–{r['ci_high']:.1f}"
+            flag = f'<span class="flag-{_e(r["flag"])}">{_e(r["flag"].upper())}</span>' if r["flag"] else ""
+            body.append(f"<tr><td>{_e(r['cell_class'])}</td><td class=num>{int(r['count'])}</td>"
+                        f"<td class=num>{_fmt_pct(r['percent'])}</td><td class=num>{ci}</td><td>{_e(r['reference'])}</td>"
+                        f"<td>{flag}</td><td class=num>{int(r['model_count'])}</td></tr>")
         table_class = "" if reliable else ' class="unreliable"'
         out.append(f'<section class="sample"><h3>Sample {_e(sid)}{"" if reliable else " — NOT REPORTABLE"}</h3>'
                    f'<div class="muted">{_e(meta)}</div>{note}<table{table_class}><tr><th>Class</th><th>Count</th>'
@@ -338,7 +344,8 @@ def render_report(output: str, run_id: str | None = None, *, max_gallery: int = 
     scoped = mine if scope == {rid} else query.read_results(output, run_ids=scope, manifests=manifests)
     con = query.connect(scoped)
     try:
-        latest = query.fetch_df(con, scoped, "SELECT * FROM predictions WHERE list_contains(?::VARCHAR[], sample_id) "
+        cols = ", ".join(f'"{c}"' for c in REPORT_INPUT)
+        latest = query.fetch_df(con, scoped, f"SELECT {cols} FROM predictions WHERE list_contains(?::VARCHAR[], sample_id) "
                                              "ORDER BY sample_id, image_uri", [sorted(samples)])
     finally:
         con.close()
