@@ -356,6 +356,9 @@ def test_one_night_never_opens_another_nights_files(two_nights: str, tmp_path: P
     assert main(["query", two_nights, "SELECT count(*) AS n FROM predictions_raw", "--run-date", "2026-11-25",
                  "--format", "csv"]) == 0
     assert capsys.readouterr().out == "n\n120\n"
+    if damage == "pages":  # footers intact: a run_date filter in SQL prunes the night without --run-date
+        frame = query.query_frame(two_nights, "SELECT count(*) AS n FROM predictions_raw WHERE run_date = '2026-11-25'")
+        assert frame.n.tolist() == [120]
     # the whole archive reads it and says which file of which run is damaged (exit 6, one line)
     assert main(["query", two_nights, "--review-queue"]) == EXIT_CORRUPT_RESULTS
     err = capsys.readouterr().err
