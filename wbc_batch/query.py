@@ -281,7 +281,8 @@ class _TrackedFile:
     """
 
     def __init__(self, fh: Any) -> None:
-        self.fh, self.io_error = fh, None
+        self.fh = fh
+        self.io_error: OSError | None = None
         self.closed = False
 
     def read(self, n: int = -1) -> bytes:
@@ -990,6 +991,7 @@ def query_frame(output: str, sql: str | None = None, *, canned: str | None = Non
             sql = RUNS_SQL
         elif canned == "drift":
             sql = drift_sql(results.class_names)
+        assert sql is not None  # one of the branches above, or the caller's
         try:
             return fetch_df(con, results, sql)
         except duckdb.Error as exc:
