@@ -313,6 +313,25 @@ def _verified_files(uri: str, allow_untrusted: bool, expected_digest: str | None
     return _VerifiedFiles(files=files, sha256=sha, digest=digest, meta=meta)
 
 
+def verify_artifact(uri: str | os.PathLike[str] | None = None, *, allow_untrusted: bool = False,
+                    expected_digest: str | None = None) -> ModelArtifact:
+    """Every check of :func:`load_artifact` that needs no Keras; the model is not loaded.
+
+    For a driver that needs only the metadata and the digest (classify's:
+    the model actors load the model): no TensorFlow import, no model build.
+
+    Returns:
+        A :class:`ModelArtifact` whose ``model`` is None.
+
+    Raises:
+        ModelArtifactError: as :func:`load_artifact`, except the checks made
+            while Keras deserialises the model (``safe_mode``, output count).
+    """
+    uri = str(uri) if uri is not None else str(shipped_model_dir())
+    checked = _verified_files(uri, allow_untrusted, expected_digest)
+    return ModelArtifact(model=None, meta=checked.meta, uri=uri, digest=checked.digest, files=checked.sha256)
+
+
 def load_artifact(uri: str | os.PathLike[str] | None = None, *, allow_untrusted: bool = False,
                   expected_digest: str | None = None) -> ModelArtifact:
     """Load and verify a model artifact.

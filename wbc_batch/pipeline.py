@@ -29,7 +29,7 @@ import numpy as np
 
 from wbc_batch import cluster, metrics, results, storage
 from wbc_batch.imaging import ImageDecodeError, decode_image, encode_jpeg, resize_for_model
-from wbc_batch.model import load_artifact, pinned_digest
+from wbc_batch.model import load_artifact, pinned_digest, verify_artifact
 
 log = logging.getLogger(__name__)
 
@@ -414,6 +414,10 @@ class FaithfulnessSample:
     as the sample is complete it overlaps the rest of the stream, which
     leaves part of the CPU idle between stages. Errors surface from
     :meth:`result`, as they did when it ran inline.
+
+    ``artifact`` is a loaded :class:`~wbc_batch.model.ModelArtifact` or a
+    future of one (classify loads the model in the background, off the path
+    to the first row); the thread waits for it only when the sample is full.
     """
 
     def __init__(self, artifact: Any, size: int) -> None:
@@ -430,16 +434,55 @@ class FaithfulnessSample:
             return
         self.uris.extend(uris[: self.size - len(self.uris)])
         if self.size and len(self.uris) >= self.size:
-            self.future = self.pool.submit(_faithfulness_on_sample, self.artifact, list(self.uris))
+            self.future = self.pool.submit(self._measure, list(self.uris))
+
+    def _measure(self, uris: list[str]) -> dict[str, Any] | None:
+        artifact = self.artifact.result() if hasattr(self.artifact, "result") else self.artifact
+        return _faithfulness_on_sample(artifact, uris)
 
     def result(self) -> dict[str, Any] | None:
         """The summary (None without ok images or with ``size`` 0), once measured."""
         try:
             if self.future is None:
-                return _faithfulness_on_sample(self.artifact, list(self.uris)) if self.size else None
+                return self._measure(list(self.uris)) if self.size else None
             return self.future.result()
         finally:
             self.pool.shutdown(wait=True)
+
+
+class _ModelLoader:
+    """:func:`~wbc_batch.model.load_artifact` in a background thread; ``future`` resolves to the artifact."""
+
+    def __init__(self, model_uri: str | None, allow_untrusted: bool, digest: str) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.seconds = 0.0
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-load")
+        self.future = pool.submit(self._load, model_uri, allow_untrusted, digest)
+        pool.shutdown(wait=False)
+
+    def _load(self, model_uri: str | None, allow_untrusted: bool, digest: str) -> Any:
+        t = time.perf_counter()
+        try:
+            # the digest the driver verified: the model it loads is the artifact the manifest names
+            return load_artifact(model_uri, allow_untrusted=allow_untrusted, expected_digest=digest)
+        finally:
+            self.seconds = time.perf_counter() - t
+
+    def raise_first(self) -> None:
+        """Wait for the load and raise its error, if any (a model Keras refuses: ``safe_mode``, output count)."""
+        self.future.result()
+
+
+def _write_batch(batch: dict[str, np.ndarray], schema: Any, listing: Any, position: dict[str, int],
+                 counts: results.RunCounts, writer: results.PartWriter, sample: FaithfulnessSample) -> None:
+    """One block from the stream: rows to the part writer and the counts, ok images to the faithfulness sample."""
+    table = results.batch_to_table(batch, schema)
+    if listing is not None:
+        table = results.attach_source(table, listing, position)
+    counts.add(table)
+    writer.add(table)
+    sample.offer([u for u, st in zip(batch["image_uri"], batch["status"]) if st == "ok"])
 
 
 def run_classify(config: ClassifyConfig) -> dict[str, Any]:
@@ -452,39 +495,55 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
         ModelArtifactError: the model is missing, tampered with or untrusted.
     """
     import ray
+    import ray.data  # before the model-load thread imports TensorFlow: no two threads importing shared modules
 
     config.validate()
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
+    phases: dict[str, float] = {}
     run_id = config.run_id or new_run_id()
-    artifact = load_artifact(config.model_uri, allow_untrusted=config.allow_untrusted_model,
-                             expected_digest=config.model_digest)
-    meta, model_digest = artifact.meta, artifact.digest
-    listing = config.listing
-    if config.uris is None:
-        listing = storage.list_entries(config.input_uri)
-        uris = listing.column("image_uri").to_pylist()
-    else:
-        uris = list(config.uris)
-    position = {u: i for i, u in enumerate(listing.column("image_uri").to_pylist())} if listing is not None else {}
-    if not uris and config.uris is None:
-        raise ValueError(f"no images found under {config.input_uri} (looked for .jpg .jpeg .png .tif .tiff .bmp)")
-    storage.check_writable(config.output_uri)
-    warnings: list[str] = []
-    if uris:
-        # before anything is written: a cluster that does not answer fails the run in seconds (cluster.py)
-        cluster.connect(config.ray_address)
-        shared = cluster.local_paths_warning(config.input_uri, config.output_uri, uris)
-        if shared:
-            log.warning("%s", shared)
-            warnings.append(shared)
+    # The driver needs the model's metadata and digest at once, but the Keras model only for the
+    # faithfulness sample: every check that needs no Keras runs here, and TensorFlow's import and the
+    # model load (about 3 s of CPU) run in a thread, overlapping the listing, Ray's start and the
+    # actors' own warm-up instead of delaying them (BENCHMARKS.md, "Per-run fixed costs").
+    checked = verify_artifact(config.model_uri, allow_untrusted=config.allow_untrusted_model,
+                              expected_digest=config.model_digest)
+    meta, model_digest = checked.meta, checked.digest
+    loader = _ModelLoader(config.model_uri, config.allow_untrusted_model, model_digest)
+    phases["verify_model_s"] = time.perf_counter() - t0
+    try:
+        listing = config.listing
+        if config.uris is None:
+            listing = storage.list_entries(config.input_uri)
+            uris = listing.column("image_uri").to_pylist()
+        else:
+            uris = list(config.uris)
+        position = {u: i for i, u in enumerate(listing.column("image_uri").to_pylist())} if listing is not None else {}
+        if not uris and config.uris is None:
+            raise ValueError(f"no images found under {config.input_uri} (looked for .jpg .jpeg .png .tif .tiff .bmp)")
+        storage.check_writable(config.output_uri)
+        phases["listing_s"] = time.perf_counter() - t0 - phases["verify_model_s"]
+        warnings: list[str] = []
+        if uris:
+            # before anything is written: a cluster that does not answer fails the run in seconds (cluster.py)
+            t_connect = time.perf_counter()
+            cluster.connect(config.ray_address)
+            phases["ray_connect_s"] = time.perf_counter() - t_connect
+            shared = cluster.local_paths_warning(config.input_uri, config.output_uri, uris)
+            if shared:
+                log.warning("%s", shared)
+                warnings.append(shared)
+    except Exception:
+        loader.raise_first()  # a model Keras refuses was reported before any input error; it still is
+        raise
     results.discard_previous_attempt(config.output_uri, run_id)
     run_date = started.strftime("%Y-%m-%d")
     schema = results.prediction_schema(meta.class_names)
     writer = results.PartWriter(config.output_uri, run_date, run_id, schema)
     counts = results.RunCounts()
     workers, gpus_per, cpus_per = 0, 0.0, 0.0
-    faithfulness_sample = FaithfulnessSample(artifact, config.faithfulness_sample)
+    faithfulness_sample = FaithfulnessSample(loader.future, config.faithfulness_sample)
+    first_row: float | None = None
     if uris:
         _quiet_ray_data(config.quiet)
         workers, gpus_per, cpus_per = _plan_resources(config)
@@ -501,7 +560,7 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
                 "review_threshold": config.review_threshold,
                 "run_id": run_id,
                 "intra_op_threads": None if gpus_per > 0 else max(1, math.ceil(cpus_per) + 1),
-                "expected_digest": artifact.digest,
+                "expected_digest": model_digest,
             },
             batch_size=config.batch_size,
             compute=ray.data.ActorPoolStrategy(size=workers),
@@ -518,17 +577,24 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
                             batch_size=config.batch_size, num_cpus=0.5)
         # whole blocks as they come (the writer buffers rows into parts), so the first rows, and the
         # faithfulness sample, reach the driver after one batch rather than after 1024 rows
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            table = results.batch_to_table(batch, schema)
-            if listing is not None:
-                table = results.attach_source(table, listing, position)
-            counts.add(table)
-            writer.add(table)
-            faithfulness_sample.offer([u for u, st in zip(batch["image_uri"], batch["status"]) if st == "ok"])
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                if first_row is None:
+                    first_row = time.perf_counter() - t0
+                _write_batch(batch, schema, listing, position, counts, writer, faithfulness_sample)
+        except Exception:
+            loader.raise_first()  # the actors failed on the model: the driver's own error says why, as before
+            raise
     files = writer.close()
     elapsed = time.perf_counter() - t0
     faithfulness = faithfulness_sample.result()
-    del artifact
+    loader.raise_first()  # the model the manifest names loaded in the driver too (safe_mode, output count)
+    phases["driver_model_load_s"] = loader.seconds
+    timings: dict[str, Any] = {"seconds": round(elapsed, 3),
+                               "images_per_second": round(counts.total / elapsed, 3) if elapsed else 0.0}
+    if first_row is not None:
+        timings["first_row_seconds"] = round(first_row, 3)
+    timings["phases"] = {k: round(v, 3) for k, v in phases.items()}
     manifest: dict[str, Any] = {
         "run_id": run_id,
         "status": "succeeded",
@@ -541,7 +607,7 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
         "finished_at": datetime.now(timezone.utc).isoformat(),
         "run_date": run_date,
         "counts": counts.to_dict(),
-        "timings": {"seconds": round(elapsed, 3), "images_per_second": round(counts.total / elapsed, 3) if elapsed else 0.0},
+        "timings": timings,
         "resources": {"workers": workers, "gpus_per_worker": gpus_per, "cpus_per_worker": cpus_per},
         "parquet_files": files,
         "options": {f.name: getattr(config, f.name) for f in fields(config)
