@@ -35,9 +35,15 @@ def test_bench_harness_writes_a_complete_report(tmp_path: Path) -> None:
     assert floor["model_ms_per_image"] > 0 and floor["decode_ms_per_image"] > 0
     expected_floor = 1e3 / (floor["model_ms_per_image"] + floor["decode_ms_per_image"])
     assert floor["images_per_s"] == pytest.approx(expected_floor, rel=0.01)
+    full = report["full_floor"][0]
+    assert full["n"] == 16 and full["images_per_s"] == pytest.approx(16 / full["seconds"], rel=0.01)
+    assert full["cpu_ms_per_image"] > 0
+    assert not (tmp_path / "work" / "full-floor").exists(), "the full floor's heatmaps are cleaned up"
     assert [r["n"] for r in report["pipeline"]] == [16, 24]
     for r in report["pipeline"]:
         assert r["images_per_s"] > 0 and r["seconds"] > 0
+        assert 0 < r["first_row_s"] <= r["seconds"], "the first row arrives within the run"
+        assert {"verify_model_s", "listing_s", "ray_connect_s", "driver_model_load_s"} <= set(r["phases"])
         assert 0 < r["tree_cpu_util"] <= 1.0
         assert r["peak_rss_mb"] > 100, "the sampler must see the Ray tree, not only the driver"
         assert r["processes_peak"] >= 3
@@ -50,6 +56,8 @@ def test_bench_harness_writes_a_complete_report(tmp_path: Path) -> None:
             p["images_per_s"]["median"] / summary["baseline_images_per_s"]["median"], rel=0.02, abs=0.01)
         assert p["vs_floor"] == pytest.approx(
             p["images_per_s"]["median"] / summary["floor_images_per_s"]["median"], rel=0.02, abs=1e-3)
+        assert p["vs_full_floor"] == pytest.approx(
+            p["images_per_s"]["median"] / summary["full_floor_images_per_s"]["median"], rel=0.02, abs=1e-3)
     assert set(summary["scaling"]) >= {"marginal_images_per_s", "marginal_cpu_ms_per_image", "time_ratio", "size_ratio",
                                        "peak_rss_ratio"}
 
@@ -58,6 +66,7 @@ def test_bench_harness_writes_a_complete_report(tmp_path: Path) -> None:
         assert heading in text
     assert "bench/run.py" in text and "shared" in text
     assert "| pipeline n=24 |" in text
+    assert "| full floor (n=16) |" in text and "% of full floor" in text and "first row s" in text
     assert not (tmp_path / "work" / "links").exists(), "64 samples cover 24 images without symlinks"
 
 
