@@ -134,6 +134,19 @@ def alive_nodes() -> int:
     return sum(1 for n in ray.nodes() if n.get("Alive"))
 
 
+def node_resources() -> list[tuple[float, float]]:
+    """(CPUs, GPUs) of each alive node of the connected cluster.
+
+    An actor lives on one node, so what fits is decided per node: an actor
+    sized from the whole cluster's total may fit none, and Ray Data then
+    waits for it forever.
+    """
+    import ray
+
+    return [(float(n["Resources"].get("CPU", 0.0)), float(n["Resources"].get("GPU", 0.0)))
+            for n in ray.nodes() if n.get("Alive")]
+
+
 def local_paths_warning(input_uri: str, output_uri: str, uris: list[str] | None = None) -> str | None:
     """The warning to give when a cluster of several nodes is handed local INPUT/OUTPUT paths, else None.
 

@@ -93,7 +93,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import socket
 import sys
 import threading
@@ -124,7 +123,6 @@ ROWS_SCHEMA = pa.schema([
     ("model_version", pa.string()), ("model_digest", pa.string()), ("run_id", pa.string()),
     ("source_size", pa.int64()), ("source_etag", pa.string()), ("source_mtime", pa.timestamp("us", tz="UTC")),
 ])  # ROW_COLUMNS plus what the listing said (results.SOURCE_FIELDS)
-_PART_RE = re.compile(r"^part-(?P<run_id>.+)-(?P<seq>\d+)\.parquet$")
 _LIST_CAP = 1000  # URIs listed per category in the manifest; counts are always exact
 
 
@@ -454,50 +452,29 @@ def _exit_on_lost_lease(message: str) -> None:
 # --- what OUTPUT already holds ----------------------------------------------
 
 
-def part_files(output_uri: str) -> list[tuple[str, str]]:
-    """(uri, run_id) of every prediction part file, run id taken from the file name."""
-    try:
-        files = storage.list_files(storage.join(output_uri, "predictions"))
-    except FileNotFoundError:
-        return []
-    out = []
-    for uri in files:
-        m = _PART_RE.match(uri.rsplit("/", 1)[-1])
-        if m:
-            out.append((uri, m.group("run_id")))
-    return out
-
-
 def committed_rows(output_uri: str) -> tuple[set[str], pa.Table]:
     """Committed run ids and the columns nightly needs (``ROWS_SCHEMA``) of every committed row.
 
-    The commit rule is the one queries apply (``query.read_manifests``):
-    only part files named for a run whose manifest says ``succeeded`` and, when
-    the manifest lists its ``parquet_files``, only those; rows are filtered on
-    their own ``run_id`` too. One lazy pyarrow dataset reads just these ten
-    columns; Parquet written before the ``source_*`` columns existed reads
-    them as nulls (those images are read and hashed once more, then recorded),
-    and before ``model_digest`` existed a null digest.
+    Which part files count is the one commit rule queries apply,
+    :func:`wbc_batch.query.committed_parts` (a run whose manifest says
+    ``succeeded`` and, when the manifest lists its ``parquet_files``, only
+    those); rows are filtered on their own ``run_id`` too. One lazy pyarrow
+    dataset reads just these ten columns; Parquet written before the
+    ``source_*`` columns existed reads them as nulls (those images are read
+    and hashed once more, then recorded), and before ``model_digest`` existed
+    a null digest.
     """
     import pyarrow.dataset as ds
 
-    from wbc_batch.query import committed_run_ids, read_manifests
+    from wbc_batch.query import committed_parts, committed_run_ids, part_files, read_manifests
 
     manifests = read_manifests(output_uri)
     committed = committed_run_ids(manifests)
-    files = []
-    for uri, rid in part_files(output_uri):
-        if rid not in committed:
-            continue
-        listed = manifests[rid].get("parquet_files")
-        if isinstance(listed, list) and uri.rsplit("/", 1)[-1] not in {str(f).rsplit("/", 1)[-1] for f in listed}:
-            continue  # a stale part of an earlier attempt of this run id
-        files.append(uri)
+    files = [p.path for p in committed_parts(part_files(output_uri), manifests)]
     if not files:
         return committed, ROWS_SCHEMA.empty_table()
     fs, _ = storage.arrow_filesystem(output_uri)
-    dataset = ds.dataset([storage.arrow_filesystem(f)[1] for f in files], schema=ROWS_SCHEMA, format="parquet",
-                         filesystem=fs)
+    dataset = ds.dataset(files, schema=ROWS_SCHEMA, format="parquet", filesystem=fs)
     try:
         table = dataset.to_table(filter=ds.field("run_id").isin(sorted(committed)))
     except OSError as exc:

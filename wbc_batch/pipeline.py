@@ -345,19 +345,25 @@ def _plan_resources(config: ClassifyConfig) -> tuple[int, float, float]:
 
     GPUs: one actor per GPU by default. CPU only: one actor that leaves room
     for the read and render tasks (a pool taking every CPU stalls the stream).
+    An actor runs on one node, so it is sized to fit the largest node, not the
+    cluster's total: Ray Data waits forever for an actor no node can hold
+    (3 nodes of 1 CPU once asked for 2.5 CPUs and hung). Options asking for
+    more than any node has fail here (exit 2).
     """
     import ray
 
     res = ray.cluster_resources()
     gpus = float(res.get("GPU", 0.0))
     cpus = float(res.get("CPU", 1.0))
+    nodes = cluster.node_resources() or [(cpus, gpus)]
+    node_cpus = max(c for c, _ in nodes)
     gpus_per = config.gpus_per_worker if config.gpus_per_worker is not None else (1.0 if gpus >= 1 else 0.0)
     if gpus_per > 0 and gpus < gpus_per:
         raise ValueError(f"--gpus-per-worker {gpus_per} but the Ray cluster has {gpus:g} GPUs")
     if config.workers is not None:
         workers = config.workers
     elif gpus_per > 0:
-        workers = max(1, int(gpus // gpus_per))
+        workers = max(1, sum(int(g // gpus_per) for _, g in nodes))
     else:
         workers = 1
     if config.cpus_per_worker is not None:
@@ -365,7 +371,11 @@ def _plan_resources(config: ClassifyConfig) -> tuple[int, float, float]:
     elif gpus_per > 0:
         cpus_per = 1.0
     else:
-        cpus_per = max(0.5, min(cpus - 0.5, cpus / workers - 0.5))
+        cpus_per = max(0.5, min(cpus - 0.5, cpus / workers - 0.5, node_cpus - 0.5))
+    if not any(c >= cpus_per and g >= gpus_per for c, g in nodes):
+        raise ValueError(f"a model actor needs {cpus_per:g} CPUs and {gpus_per:g} GPUs but no node of the Ray cluster "
+                         f"has that much (nodes: {', '.join(f'{c:g} CPUs/{g:g} GPUs' for c, g in nodes)}); "
+                         "lower --cpus-per-worker or --gpus-per-worker")
     return workers, gpus_per, cpus_per
 
 
