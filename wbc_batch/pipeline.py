@@ -34,6 +34,7 @@ from wbc_batch.model import load_artifact, pinned_digest, verify_artifact
 log = logging.getLogger(__name__)
 
 DEFAULT_SUSPECT_BELOW = 0.5
+OVERLAP_MODEL_LOAD = False  # the driver's model load beside Ray's start: no gain measured on 2 cores (#18)
 
 
 @dataclass
@@ -514,12 +515,15 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
     run_id = config.run_id or new_run_id()
     # The driver needs the model's metadata and digest at once, but the Keras model only for the
     # faithfulness sample: every check that needs no Keras runs here, and TensorFlow's import and the
-    # model load (about 3 s of CPU) run in a thread, overlapping the listing, Ray's start and the
-    # actors' own warm-up instead of delaying them (BENCHMARKS.md, "Per-run fixed costs").
+    # model load (about 3 s of CPU) run in a thread. Overlapping them with the listing, Ray's start and
+    # the actors' warm-up measured no earlier first row and a slower run on 2 loaded cores (BENCHMARKS.md,
+    # "Per-run fixed costs"), so the driver waits for the load here unless OVERLAP_MODEL_LOAD is set.
     checked = verify_artifact(config.model_uri, allow_untrusted=config.allow_untrusted_model,
                               expected_digest=config.model_digest)
     meta, model_digest = checked.meta, checked.digest
     loader = _ModelLoader(config.model_uri, config.allow_untrusted_model, model_digest)
+    if not OVERLAP_MODEL_LOAD:
+        loader.raise_first()
     phases["verify_model_s"] = time.perf_counter() - t0
     try:
         listing = config.listing
