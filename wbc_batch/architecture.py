@@ -21,6 +21,7 @@ EMBEDDING_LAYER = "embedding"
 LOGITS_LAYER = "logits"
 INPUT_NAME = "image"
 STAIN_NORM_LAYER = "stain_norm"
+INPUT_NORMS: tuple[str, ...] = ("rescale", "stain")
 # variance floor in (0..255)^2 units: a flat image (std < 4 grey levels) is not blown up into noise
 STAIN_NORM_EPSILON = 16.0
 
@@ -63,6 +64,7 @@ def build_classifier(
     image_size: int = 128,
     dropout: float = 0.2,
     width: float = 1.0,
+    input_norm: str = "rescale",
 ) -> Any:
     """Build the WBC classifier as a Functional model.
 
@@ -72,24 +74,31 @@ def build_classifier(
         image_size: square input side in pixels.
         dropout: dropout rate before the classifier head.
         width: channel multiplier for all stages.
+        input_norm: the first layer: ``rescale`` (divide by 255, the shipped
+            model's) or ``stain`` (standardise each channel of each image).
 
     Returns:
         A model mapping ``image`` (B, S, S, 3) float32 RGB in [0, 255] to
-        ``logits`` (B, num_classes) float32, pre-softmax. The first layer
-        standardises each channel of each image (``stain_norm``), the last
+        ``logits`` (B, num_classes) float32, pre-softmax; the last layer
         computes in float32 whatever the global dtype policy.
     """
     if num_classes < 2:
         raise ValueError(f"expected at least 2 classes, got {num_classes}")
+    if input_norm not in INPUT_NORMS:
+        raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
     layers = keras.layers
     inputs = keras.Input(shape=(image_size, image_size, 3), name=INPUT_NAME)
-    # Per-image, per-channel standardisation: a lab's stain, illumination and camera
-    # gain shift and scale each channel of the whole image; dividing that out inside the
-    # graph makes training and classify see the same normalised pixels with no code of
-    # their own. float32 so that it stays exact under a mixed-precision policy.
-    x = layers.LayerNormalization(
-        axis=(1, 2), center=False, scale=False, epsilon=STAIN_NORM_EPSILON, dtype="float32", name=STAIN_NORM_LAYER
-    )(inputs)
+    if input_norm == "stain":
+        # Per-image, per-channel standardisation: a lab's stain, illumination and camera
+        # gain shift and scale each channel of the whole image; dividing that out inside the
+        # graph makes training and classify see the same normalised pixels with no code of
+        # their own. float32 so that it stays exact under a mixed-precision policy.
+        x = layers.LayerNormalization(
+            axis=(1, 2), center=False, scale=False, epsilon=STAIN_NORM_EPSILON, dtype="float32",
+            name=STAIN_NORM_LAYER,
+        )(inputs)
+    else:
+        x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
     x = _conv_bn(keras, x, int(32 * width), 2, "stem")
     last_stage = len(STAGES) - 1
     for s, (filters, blocks, stride) in enumerate(STAGES):
@@ -107,3 +116,9 @@ def build_classifier(
     x = layers.Dropout(dropout, name="dropout")(x)
     outputs = layers.Dense(num_classes, dtype="float32", name=LOGITS_LAYER)(x)
     return keras.Model(inputs, outputs, name="wbc_resnet")
+
+
+def input_norm_of(model: Any) -> str:
+    """Which first layer an existing model has (``stain`` or ``rescale``), so a fine-tune rebuilds the same graph."""
+    names = {layer.name for layer in model.layers}
+    return "stain" if STAIN_NORM_LAYER in names else "rescale"

@@ -337,6 +337,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--class-weight", metavar="CLASS=FACTOR", type=_class_weight, action="append", default=None,
                    help="multiply the balanced weight of CLASS by FACTOR (repeatable; e.g. non_wbc=2)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="AdamW weight decay (default 5e-4)")
+    p.add_argument("--input-norm", choices=["rescale", "stain"], default="rescale",
+                   help="first layer: rescale (divide by 255, as the shipped model) or stain (standardise each "
+                        "channel of each image); --init-from keeps its model's")
     p.add_argument("--seed", type=int, default=1234, help="random seed of initialisation and augmentation")
     p.add_argument("--precision", choices=["auto", "float32", "mixed_bfloat16"], default="auto",
                    help="training dtype policy; auto: mixed_bfloat16 on GPUs and on CPUs with bfloat16 "

@@ -86,7 +86,7 @@ class AdaptConfig:
         """The lab's name in ``model.json`` (default: DATA's last folder)."""
         return self.lab or str(self.data_uri).rstrip("/").rsplit("/", 1)[-1] or "new-lab"
 
-    def train_config(self, image_size: int, cluster_cpus: float) -> TrainConfig:
+    def train_config(self, image_size: int, cluster_cpus: float, input_norm: str) -> TrainConfig:
         """The :class:`TrainConfig` the shared Ray Train job runs with.
 
         Why the CPU default: adaptation is a short single-worker job, and a
@@ -99,7 +99,7 @@ class AdaptConfig:
             image_size=image_size, batch_size=self.batch_size, learning_rate=self.learning_rate,
             weight_decay=self.weight_decay, cpus_per_worker=cpus, use_gpu=self.use_gpu,
             storage_path=self.storage_path, max_failures=self.max_failures, ray_address=self.ray_address,
-            seed=self.seed, precision=self.precision, command=self.command,
+            seed=self.seed, precision=self.precision, command=self.command, input_norm=input_norm,
         )
 
 
@@ -190,7 +190,10 @@ def check_same_graph(base_model: Any, num_classes: int, image_size: int) -> None
     def signature(model: Any) -> list[tuple[str, tuple[tuple[int, ...], ...]]]:
         return [(type(layer).__name__, tuple(tuple(w.shape) for w in layer.weights)) for layer in model.layers]
 
-    if signature(base_model) != signature(build_classifier(keras, num_classes, image_size=image_size)):
+    from wbc_batch.architecture import input_norm_of
+
+    rebuilt = build_classifier(keras, num_classes, image_size=image_size, input_norm=input_norm_of(base_model))
+    if signature(base_model) != signature(rebuilt):
         raise TrainingError("the base model was built with another architecture than this version's "
                             "(wbc_batch.architecture); adapt a model trained by this version")
 
@@ -255,7 +258,9 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
     ).materialize()
     del x
 
-    tc = config.train_config(size, ray.cluster_resources().get("CPU", 1.0))
+    from wbc_batch.architecture import input_norm_of
+
+    tc = config.train_config(size, ray.cluster_resources().get("CPU", 1.0), input_norm_of(base.model))
     precision = resolve_precision(config.precision, config.use_gpu)
     fingerprint = hashlib.sha256("".join(sorted(new["sha256"])).encode()).hexdigest()
     settings = f"{config.epochs}-{config.learning_rate}-{config.batch_size}-{config.replay_per_class}-" \
@@ -264,7 +269,7 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
     fit = fit_on_ray(tc, train_ds, len(classes), [1.0] * len(classes),
                      [np.asarray(w) for w in base.model.get_weights()], run_name, precision)
 
-    model = build_classifier(keras, len(classes), image_size=size)
+    model = build_classifier(keras, len(classes), image_size=size, input_norm=tc.input_norm)
     model.set_weights(fit.weights)
     calibration: dict[str, Any] = {"temperature": meta.temperature, "review_threshold": meta.review_threshold,
                                    "source": "base model (no replay validation images)"}

@@ -75,6 +75,7 @@ class TrainConfig:
     on_cell_weight: float = 0.0
     init_from: str | None = None
     precision: str = "auto"
+    input_norm: str = "rescale"
     command: str = ""
     class_weight_factors: dict[str, float] = field(default_factory=dict)
     decode_batch_size: int = 32
@@ -118,6 +119,7 @@ class TrainConfig:
             on_cell_weight=args.on_cell_weight,
             init_from=args.init_from,
             precision=args.precision,
+            input_norm=args.input_norm,
             command=getattr(args, "command_line", ""),
             weight_decay=args.weight_decay,
             seed=args.seed,

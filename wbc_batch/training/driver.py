@@ -114,6 +114,9 @@ def initial_weights(config: TrainConfig, classes: list[str]) -> tuple[list[np.nd
         raise TrainingError(f"--init-from model has classes {meta.class_names}, the data has {classes}")
     if int(meta.image_size) != config.image_size:
         raise TrainingError(f"--init-from model takes {meta.image_size} px images, this run {config.image_size} px")
+    from wbc_batch.architecture import input_norm_of
+
+    config.input_norm = input_norm_of(artifact.model)  # a fine-tune keeps its parent's first layer
     origin = {"uri": str(config.init_from), "version": meta.version, "model_sha256": meta.model_sha256,
               "digest": artifact.digest}
     return [np.asarray(w) for w in artifact.model.get_weights()], origin
@@ -125,7 +128,7 @@ def _run_name(config: TrainConfig, fingerprint: str) -> str:
     settings = "-".join(
         str(v)
         for v in (c.image_size, c.epochs, c.batch_size, c.learning_rate, c.workers, c.seed, c.on_cell_weight,
-                  sorted(c.class_weight_factors.items()), c.init_from, c.weight_decay, c.precision)
+                  sorted(c.class_weight_factors.items()), c.init_from, c.weight_decay, c.precision, c.input_norm)
     )
     return config.run_name or f"wbc-train-{fingerprint[:12]}-{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
 
@@ -225,6 +228,7 @@ def fit_on_ray(
             "on_cell_weight": config.on_cell_weight,
             "initial_weights": init_weights,
             "precision": precision,
+            "input_norm": config.input_norm,
         },
         scaling_config=ScalingConfig(
             num_workers=config.workers, use_gpu=config.use_gpu, resources_per_worker={"CPU": config.cpus_per_worker}
@@ -289,7 +293,7 @@ def run_training(
     fit = fit_on_ray(config, train_ds, len(classes), class_weights, init_weights, run_name, precision, train_loop)
     weights, final_state, train_seconds = fit.weights, fit.final_state, fit.seconds
 
-    model = build_classifier(keras, len(classes), image_size=config.image_size)
+    model = build_classifier(keras, len(classes), image_size=config.image_size, input_norm=config.input_norm)
     model.set_weights(weights)
     x_val, y_val = split_arrays(data["labelled"], "val")
     calibration = calibration_from_val(predict_logits(model, x_val), y_val)

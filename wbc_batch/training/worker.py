@@ -98,7 +98,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         return ds.with_options(options)
 
     with strategy.scope():
-        model = build_classifier(tf_keras, int(cfg["num_classes"]), image_size=int(cfg["image_size"]))
+        model = build_classifier(tf_keras, int(cfg["num_classes"]), image_size=int(cfg["image_size"]),
+                                 input_norm=str(cfg.get("input_norm", "rescale")))
         optimizer = recipe.make_optimizer(
             tf_keras, float(cfg["learning_rate"]), float(cfg["weight_decay"]), epochs, steps
         )
