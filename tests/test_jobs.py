@@ -39,7 +39,9 @@ def test_job_submit_with_token_auth(samples_dir: Path, tmp_path: Path) -> None:
     port, dash = _free_port(), _free_port()
     temp_dir = Path("/tmp") / f"rayjob-{secrets.token_hex(3)}"
     start = [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
-             "--dashboard-host=127.0.0.1", "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
+             "--dashboard-host=127.0.0.1", "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+             # ports of its own: another Ray on the machine (a developer's) holds the defaults 52365 and 10001
+             f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}"]
     # --block in its own process group: the test stops exactly this head, never another cluster on the machine.
     head = subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
