@@ -46,7 +46,10 @@ def main() -> int:
         from wbc_batch.query import differential
 
         print("\nper-slide white-cell differential:")
-        print(differential(str(output_dir)).to_string(index=False))
+        table = differential(str(output_dir))
+        shown = ["sample_id", "white_cells", "cell_class", "count", "percent", "ci_low", "ci_high", "reference",
+                 "flag", "needs_review", "reliable"]
+        print(table[[c for c in shown if c in table.columns]].to_string(index=False, float_format=lambda v: f"{v:.1f}"))
     except ImportError:
         pass
     print(f"\nParquet results: {output_dir / 'predictions'}")
