@@ -341,14 +341,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="first layer: rescale (divide by 255, as the shipped model) or stain (standardise each "
                         "channel of each image); --init-from keeps its model's")
     p.add_argument("--seed", type=int, default=1234, help="random seed of initialisation and augmentation")
-    p.add_argument("--precision", choices=["auto", "float32", "mixed_bfloat16"], default="auto",
-                   help="training dtype policy; auto: mixed_bfloat16 on GPUs and on CPUs with bfloat16 "
-                        "instructions (about 2x faster), else float32 (weights are float32 either way)")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0,
-                   help="CPUs per training worker; also its TensorFlow thread count (default 1)")
-    p.add_argument("--use-gpu", action="store_true", help="give each training worker a GPU")
-    p.add_argument("--storage-path", default=None,
-                   help="local folder or s3:// prefix for checkpoints (default: MODEL_OUT-checkpoints)")
+    _ray_train_options(p, cpus_default=1.0, cpus_help="(default 1)")
     p.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from (default 2)")
     p.add_argument("--version", default=None, help="model version string (default: UTC time plus data fingerprint)")
     p.add_argument("--publish", metavar="LOCATION", default=None,
@@ -390,6 +383,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
 # --- adapt ----------------------------------------------------------------
 
 
+def _ray_train_options(p: argparse.ArgumentParser, cpus_default: float | None, cpus_help: str) -> None:
+    """The Ray Train settings ``train`` and ``adapt`` share (one job runs both)."""
+    p.add_argument("--precision", choices=["auto", "float32", "mixed_bfloat16"], default="auto",
+                   help="training dtype policy; auto: mixed_bfloat16 on GPUs and on CPUs with bfloat16 "
+                        "instructions (about 2x faster), else float32 (weights are float32 either way)")
+    p.add_argument("--cpus-per-worker", type=float, default=cpus_default,
+                   help=f"CPUs per training worker, also its TensorFlow threads {cpus_help}")
+    p.add_argument("--use-gpu", action="store_true", help="give each training worker a GPU")
+    p.add_argument("--storage-path", default=None,
+                   help="local folder or s3:// prefix for checkpoints (default: MODEL_OUT-checkpoints)")
+
+
 def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("adapt", help="fine-tune a model to a new lab from a few labelled cells per class",
                        description="Fine-tune BASE (default: the shipped model) on a new lab's labelled class folders "
@@ -413,14 +418,8 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lab", default=None, help="the lab's name in model.json (default: DATA's folder name)")
     p.add_argument("--version", default=None, help="version of the new artifact (default: BASE+LAB.timestamp)")
     p.add_argument("--workers", type=int, default=1, help="data-parallel training workers (default 1)")
-    p.add_argument("--cpus-per-worker", type=float, default=None,
-                   help="CPUs per training worker, also its TensorFlow threads (default: the cluster's CPUs "
-                        "divided among the workers, at most 8)")
-    p.add_argument("--use-gpu", action="store_true", help="give each training worker a GPU")
-    p.add_argument("--precision", choices=["auto", "float32", "mixed_bfloat16"], default="auto",
-                   help="training dtype policy (as for train)")
-    p.add_argument("--storage-path", default=None,
-                   help="local folder or s3:// prefix for checkpoints (default: MODEL_OUT-checkpoints)")
+    _ray_train_options(p, cpus_default=None, cpus_help="(default: the cluster's CPUs divided among the workers, "
+                                                       "at most 8)")
     _trust_model_option(p)
     _ray_address_option(p)
     p.set_defaults(func=_cmd_adapt)

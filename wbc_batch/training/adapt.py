@@ -28,7 +28,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -36,7 +36,7 @@ import numpy as np
 
 from wbc_batch import metrics, splits, storage
 from wbc_batch.training.config import MATURE_CLASSES, TrainConfig, TrainingError, resolve_precision
-from wbc_batch.training.data import list_labelled_files, read_labelled, read_split_csv_rows
+from wbc_batch.training.data import list_labelled_files, read_labelled, read_split_csv
 from wbc_batch.training.driver import _ensure_ray, fit_on_ray, provenance
 from wbc_batch.training.evaluation import calibration_from_val, predict_embeddings, predict_logits
 from wbc_batch.training.recipe import balanced_within_groups
@@ -238,7 +238,7 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
     replay_train: dict[str, np.ndarray] = dict(empty)
     replay_val: dict[str, np.ndarray] = dict(empty)
     if config.replay_uri:
-        base_split = read_split_csv_rows(base.uri)
+        base_split = read_split_csv(base.uri, key="uri")
         replay_rows = list_labelled_files(config.replay_uri, label_map)
         replay_rows = [r for r in replay_rows if r["label"] in class_index]
         replay_train = read_labelled(
@@ -318,7 +318,7 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
                  "figures": "none here: every labelled cell of this lab was used to adapt; "
                             "measure on other cells with wbc-batch evaluate"}
     new_meta = ModelMetadata.from_dict({
-        **{k: v for k, v in _meta_dict(meta).items() if k not in ("model_sha256", "parent_digest", "parent_version")},
+        **{k: v for k, v in asdict(meta).items() if k not in ("model_sha256", "parent_digest", "parent_version")},
         "version": version,
         "temperature": calibration["temperature"],
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -348,12 +348,6 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
         "final_epoch": fit.final_state,
         "checkpoint": fit.checkpoint_path,
     }
-
-
-def _meta_dict(meta: Any) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(meta)
 
 
 def _split_csv(base_uri: str, new: dict[str, np.ndarray]) -> str:

@@ -152,16 +152,20 @@ def split_csv_text(items: list[splits.LabelledImage], split_of: dict[str, str]) 
     return buf.getvalue()
 
 
-def read_split_csv(artifact_uri: str) -> dict[str, str] | None:
-    """sha256 -> split from an artifact's ``split.csv``; None when it has none."""
+def read_split_csv(artifact_uri: str, key: str = "sha256") -> dict[str, str] | None:
+    """``key`` -> split from an artifact's ``split.csv``; None when it has none.
+
+    ``key`` is ``sha256`` (content hash) or ``uri`` (path relative to DATA:
+    choosing replay images by path reads no image bytes).
+    """
     try:
         raw = storage.read_bytes(storage.join(artifact_uri, SPLIT_FILE))
     except FileNotFoundError:
         return None
     reader = csv.DictReader(io.StringIO(raw.decode("utf-8")))
-    if reader.fieldnames is None or not {"sha256", "split"} <= set(reader.fieldnames):
-        raise ValueError(f"{SPLIT_FILE} of {artifact_uri} lacks sha256/split columns")
-    return {row["sha256"]: row["split"] for row in reader}
+    if reader.fieldnames is None or not {key, "split"} <= set(reader.fieldnames):
+        raise ValueError(f"{SPLIT_FILE} of {artifact_uri} lacks {key}/split columns")
+    return {row[key]: row["split"] for row in reader}
 
 
 def keep_earlier_split(split_of: dict[str, str], earlier: dict[str, str] | None) -> dict[str, str]:
@@ -240,21 +244,6 @@ def dataset_arrays(ds: Any) -> tuple[np.ndarray, np.ndarray]:
 def read_and_hash(uri: str) -> tuple[str, bytes]:
     data = storage.read_bytes(uri)
     return splits.sha256_hex(data), data
-
-
-def read_split_csv_rows(artifact_uri: str) -> dict[str, str] | None:
-    """Path relative to DATA -> split from an artifact's ``split.csv``; None when it has none.
-
-    Why by path: choosing replay images this way reads no image bytes.
-    """
-    try:
-        raw = storage.read_bytes(storage.join(artifact_uri, SPLIT_FILE))
-    except FileNotFoundError:
-        return None
-    reader = csv.DictReader(io.StringIO(raw.decode("utf-8")))
-    if reader.fieldnames is None or not {"uri", "split"} <= set(reader.fieldnames):
-        raise ValueError(f"{SPLIT_FILE} of {artifact_uri} lacks uri/split columns")
-    return {row["uri"]: row["split"] for row in reader}
 
 
 def _decoded_columns(batch: dict[str, np.ndarray], class_index: dict[str, int]) -> dict[str, np.ndarray]:
