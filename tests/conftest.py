@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from tests.processes import free_port
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -36,18 +38,12 @@ def small_input(tmp_path: Path) -> Path:
     return root
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """A real S3 HTTP endpoint (moto server) on loopback; AWS_* variables point at it."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
@@ -69,16 +65,41 @@ def s3_endpoint() -> Iterator[str]:
                 os.environ[k] = v
 
 
+@pytest.fixture(scope="session")
+def s3_client(s3_endpoint: str) -> Any:
+    """A plain boto3 S3 client on the loopback endpoint, to set up and read back buckets apart from the code under test."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=s3_endpoint)
+
+
+@pytest.fixture(scope="session")
+def s3_keys(s3_client: Any) -> Callable[..., list[str]]:
+    """``s3_keys(bucket, prefix="")``: every key under the prefix, sorted (listed with :func:`s3_client`)."""
+
+    def keys(bucket: str, prefix: str = "") -> list[str]:
+        pages = s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+    return keys
+
+
 @pytest.fixture()
-def s3_bucket(s3_endpoint: str) -> str:
+def s3_bucket(s3_client: Any) -> str:
     """A fresh, empty bucket on the loopback endpoint; returns its name."""
     import uuid
 
-    import boto3
-
     name = f"wbc-{uuid.uuid4().hex[:10]}"
-    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    s3_client.create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="module")
+def shipped() -> Any:
+    """The shipped model artifact (wbc_batch.model.load_artifact()), loaded once per test module."""
+    from wbc_batch.model import load_artifact
+
+    return load_artifact()
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
 """Known prediction rows written in the docs/DESIGN.md layout, for query and report tests.
 
 Rows are built with the exact Parquet schema a classify run writes, so the
-tests read the same files production does; nothing is mocked.
+tests read the same files production does; nothing is mocked. ``read_rows``
+reads back what a run wrote (ours or a real classify's) with pyarrow alone.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from wbc_batch import storage
@@ -152,3 +154,9 @@ def write_run(output: str, run_id: str, table: pa.Table, *, status: str | None =
     }
     storage.write_bytes(storage.join(output, "runs", f"{run_id}.json"), json.dumps(manifest).encode())
     return files
+
+
+def read_rows(output: str) -> Any:
+    """All rows under OUTPUT/predictions as a pandas frame (pyarrow, local or S3), run_date from the partition."""
+    fs, path = storage.arrow_filesystem(storage.join(output, "predictions"))
+    return pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive").to_table().to_pandas()

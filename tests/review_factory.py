@@ -1,4 +1,4 @@
-"""Committed results over real bundled JPEGs with Grad-CAM-like overlays, for the review tests.
+"""Committed results over real bundled JPEGs with Grad-CAM-like overlays, for the review and report tests.
 
 Rows come from :mod:`tests.results_factory` (the exact Parquet schema a
 classify run writes), images from ``samples/pbc``: the tests need no model.

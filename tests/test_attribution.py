@@ -19,13 +19,6 @@ EOSI = SAMPLES / "eosinophil" / "EO_23194.jpg"
 
 
 @pytest.fixture(scope="module")
-def shipped():
-    from wbc_batch.model import load_artifact
-
-    return load_artifact()
-
-
-@pytest.fixture(scope="module")
 def explainer(shipped) -> Explainer:
     return Explainer(shipped.model, shipped.meta.gradcam_layer, occlusion_patch=16)  # 64 passes per image, not 256
 
@@ -160,10 +153,8 @@ def test_cli_explain_bad_and_missing_images(tmp_path: Path, capsys) -> None:
 
 
 @pytest.mark.s3
-def test_cli_explain_reads_and_writes_s3(s3_bucket: str, capsys) -> None:
-    import boto3
-
-    s3 = boto3.client("s3")
+def test_cli_explain_reads_and_writes_s3(s3_bucket: str, s3_client, capsys) -> None:
+    s3 = s3_client
     s3.put_object(Bucket=s3_bucket, Key="cells/mono.jpg", Body=MONO.read_bytes())
     out = f"s3://{s3_bucket}/explanations"
     assert main(["explain", f"s3://{s3_bucket}/cells/mono.jpg", "--method", "vanilla_gradients", "--out", out]) == 0

@@ -12,17 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import free_port
 from wbc_batch import cluster
 from wbc_batch.cli import EXIT_CLUSTER
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture()
@@ -38,7 +32,7 @@ def listening() -> str:
 @pytest.mark.parametrize("source", ["RAY_ADDRESS", "--ray-address"])
 def test_a_given_address_that_does_not_answer_fails_fast_and_names_it(monkeypatch: pytest.MonkeyPatch,
                                                                         source: str) -> None:
-    dead = f"127.0.0.1:{_closed_port()}"
+    dead = f"127.0.0.1:{free_port()}"
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     if source == "RAY_ADDRESS":
         monkeypatch.setenv("RAY_ADDRESS", dead)
@@ -59,7 +53,7 @@ def test_order_flag_then_environment_then_recorded_head_then_local(monkeypatch: 
     monkeypatch.setattr(cluster, "_recorded_head", lambda: (listening, "/tmp/ray/ray_current_cluster"))
     assert cluster.choose(None) == cluster.ClusterChoice(listening, "ray start")
     # a head recorded by an earlier `ray start` that has died: one warning naming it, then a local Ray
-    dead = f"127.0.0.1:{_closed_port()}"
+    dead = f"127.0.0.1:{free_port()}"
     monkeypatch.setattr(cluster, "_recorded_head", lambda: (dead, "/tmp/ray/ray_current_cluster"))
     with caplog.at_level(logging.WARNING, logger="wbc_batch.cluster"):
         assert cluster.choose(None, timeout_s=2.0) == cluster.ClusterChoice(None, "local")
@@ -72,7 +66,7 @@ def test_order_flag_then_environment_then_recorded_head_then_local(monkeypatch: 
 
 
 def test_classify_with_a_dead_ray_address_exits_5_in_one_line_and_writes_nothing(tmp_path: Path) -> None:
-    dead = f"127.0.0.1:{_closed_port()}"
+    dead = f"127.0.0.1:{free_port()}"
     env = {**os.environ, "RAY_ADDRESS": dead, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "wbc_batch.cli", "classify", str(REPO / "samples" / "pbc" / "basophil"), str(out),

@@ -39,13 +39,6 @@ def _load(paths: list[Path]) -> tuple[list[np.ndarray], np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def shipped():
-    from wbc_batch.model import load_artifact
-
-    return load_artifact()
-
-
-@pytest.fixture(scope="module")
 def gradcam(shipped) -> GradCam:
     return GradCam(shipped.model, shipped.meta.gradcam_layer, shipped.meta.embedding_layer)
 

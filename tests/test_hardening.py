@@ -17,7 +17,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,12 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
 from tests.corpus import EXPECTED_ERRORS, TRICKY_S3_KEYS, cmyk_jpeg, exif_rotated_jpeg, write_bad_corpus, write_symlinks
-from tests.processes import descendants
+from tests.processes import cmdline, descendants, free_port, sigkill
+from tests.results_factory import read_rows
 from wbc_batch import storage
 from wbc_batch.cli import main as cli_main
 from wbc_batch.imaging import decode_image
@@ -181,13 +180,6 @@ def fault_proxy(s3_endpoint: str) -> Iterator[FaultProxy]:
 # --- running the CLI in its own process with its own Ray --------------------
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 @pytest.fixture()
 def ray_tmp() -> Iterator[Path]:
     """A short private RAY_TMPDIR (unix socket paths must stay under 108 bytes); removed afterwards."""
@@ -228,22 +220,14 @@ class Cli:
 
     @staticmethod
     def kill(proc: subprocess.Popen) -> None:
-        for pid in [*descendants(proc.pid), proc.pid]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        sigkill([*descendants(proc.pid), proc.pid])
 
     def close(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:
                 self.kill(proc)
                 proc.communicate()
-            for pid in self._stragglers(proc.pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            sigkill(self._stragglers(proc.pid))
 
     def _stragglers(self, pgid: int) -> list[int]:
         """Processes left in the run's session that carry this runner's RAY_TMPDIR (reparented Ray helpers)."""
@@ -293,22 +277,6 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
     return ours[0]
 
 
-def moto_client() -> Any:
-    import boto3
-
-    return boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
-
-
-def keys(bucket: str, prefix: str = "") -> list[str]:
-    pages = moto_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
-
-
-def rows_of(output: str):
-    fs, path = storage.arrow_filesystem(storage.join(output, "predictions"))
-    return pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive").to_table().to_pandas()
-
-
 def sample_images(samples_dir: Path, n: int) -> list[Path]:
     """n bundled images, round-robin over the class folders."""
     folders = [sorted(d.iterdir()) for d in sorted(samples_dir.iterdir()) if d.is_dir()]
@@ -328,14 +296,13 @@ def sample_images(samples_dir: Path, n: int) -> list[Path]:
 @pytest.mark.slow
 @pytest.mark.s3
 def test_slowdown_and_500_are_retried_and_unreadable_images_become_transient_rows(
-        cli: Any, fault_proxy: FaultProxy, s3_bucket: str, samples_dir: Path) -> None:
-    client = moto_client()
+        cli: Any, fault_proxy: FaultProxy, s3_bucket: str, s3_client: Any, samples_dir: Path) -> None:
     images = sample_images(samples_dir, 8)
     expected: dict[str, str] = {}
     for i, p in enumerate(images):
         name = f"always-fail-{i}.jpg" if i < 2 else p.name
         key = f"in/slide-{i % 2}/{name}"
-        client.put_object(Bucket=s3_bucket, Key=key, Body=p.read_bytes())
+        s3_client.put_object(Bucket=s3_bucket, Key=key, Body=p.read_bytes())
         expected[f"s3://{s3_bucket}/{key}"] = "error" if i < 2 else "ok"
     output = f"s3://{s3_bucket}/out"
     run = cli(AWS_ENDPOINT_URL=fault_proxy.url, WBC_S3_MAX_ATTEMPTS="4")
@@ -347,7 +314,7 @@ def test_slowdown_and_500_are_retried_and_unreadable_images_become_transient_row
     assert {m for m, _ in fault_proxy.faults} >= {"GET", "PUT"}, fault_proxy.faults
     assert {s for _, s in fault_proxy.faults} == {500, 503}
     assert len(fault_proxy.failed_paths) == 2
-    rows = rows_of(output)
+    rows = read_rows(output)
     assert sorted(rows.image_uri) == sorted(expected) and rows.image_uri.is_unique
     for r in rows.to_dict("records"):
         assert r["status"] == expected[r["image_uri"]], r
@@ -372,10 +339,8 @@ def test_slowdown_and_500_are_retried_and_unreadable_images_become_transient_row
 @pytest.mark.slow
 @pytest.mark.s3
 def test_endpoint_down_at_start_fails_fast_with_one_line_and_writes_nothing(
-        cli: Any, s3_bucket: str, small_input: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens once the socket closes
+        cli: Any, s3_bucket: str, s3_keys: Any, small_input: Path) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens on it
     run = cli(AWS_ENDPOINT_URL=dead, WBC_S3_MAX_ATTEMPTS="2")
     t0 = time.monotonic()
     proc = run.run("classify", f"s3://{s3_bucket}/in", f"s3://{s3_bucket}/out", "--run-id", "down-1", timeout=120)
@@ -390,7 +355,7 @@ def test_endpoint_down_at_start_fails_fast_with_one_line_and_writes_nothing(
     assert line == (f"wbc-batch classify: storage error: OUTPUT s3://{s3_bucket}/out is not writable: "
                     "EndpointConnectionError (is the S3 endpoint reachable?)")
     assert time.monotonic() - t0 < 100  # two attempts, no minutes of backoff
-    assert keys(s3_bucket) == []  # nothing half committed (the real endpoint holds nothing)
+    assert s3_keys(s3_bucket) == []  # nothing half committed (the real endpoint holds nothing)
 
 
 @pytest.mark.slow
@@ -409,14 +374,14 @@ def test_actor_killed_mid_run_still_gives_exactly_one_row_per_image(
     restarted: set[int] = set()
     deadline = time.monotonic() + 240
     while proc.poll() is None and time.monotonic() < deadline:
-        actors = [pid for pid in descendants(proc.pid) if "MapBatches(BatchClassifier)" in _cmdline(pid)]
+        actors = [pid for pid in descendants(proc.pid) if "MapBatches(BatchClassifier)" in cmdline(pid)]
         if killed is None and actors:
             first_seen = first_seen or time.monotonic()
             # kill while it runs a batch (its title ends in .submit), or 20 s after it appeared
-            busy = [pid for pid in actors if "submit" in _cmdline(pid)]
+            busy = [pid for pid in actors if "submit" in cmdline(pid)]
             if busy or time.monotonic() - first_seen > 20:
                 killed = (busy or actors)[0]
-                killed_title = _cmdline(killed)
+                killed_title = cmdline(killed)
                 os.kill(killed, signal.SIGKILL)
                 print(f"killed {killed} ({killed_title.strip()}), {time.monotonic() - first_seen:.1f}s after it began")
         else:
@@ -426,7 +391,7 @@ def test_actor_killed_mid_run_still_gives_exactly_one_row_per_image(
     assert killed is not None, "no BatchClassifier actor process was seen"
     assert result.returncode == 0, result.stderr[-3000:]
     assert restarted, "the pool did not start a new actor after the kill"
-    rows = rows_of(str(out))
+    rows = read_rows(str(out))
     assert len(rows) == 40 and rows.image_uri.is_unique
     assert sorted(rows.image_uri) == sorted(str(p) for p in src.rglob("*.jpg"))
     assert (rows.status == "ok").all()
@@ -563,16 +528,15 @@ def test_empty_s3_prefix_is_a_clear_error(s3_bucket: str, tmp_path: Path, capsys
 @pytest.mark.slow
 @pytest.mark.s3
 def test_credentials_never_reach_outputs_or_logs_and_names_never_come_from_keys(
-        cli: Any, s3_bucket: str, samples_dir: Path, ray_tmp: Path) -> None:
+        cli: Any, s3_bucket: str, s3_client: Any, s3_keys: Any, samples_dir: Path, ray_tmp: Path) -> None:
     canary = {
         "AWS_ACCESS_KEY_ID": "AKIACANARY7KEYID0001",
         "AWS_SECRET_ACCESS_KEY": "SECRET-CANARY-" + os.urandom(8).hex(),
         "AWS_SESSION_TOKEN": "TOKEN-CANARY-" + os.urandom(8).hex(),
     }
-    client = moto_client()
     input_keys = [f"in/{k}" for k in TRICKY_S3_KEYS] + ["in/slide-1/plain.jpg"]
     for key, p in zip(input_keys, sample_images(samples_dir, len(input_keys))):
-        client.put_object(Bucket=s3_bucket, Key=key, Body=p.read_bytes())
+        s3_client.put_object(Bucket=s3_bucket, Key=key, Body=p.read_bytes())
     output = f"s3://{s3_bucket}/out"
     run = cli(**canary)
     procs = [
@@ -589,7 +553,7 @@ def test_credentials_never_reach_outputs_or_logs_and_names_never_come_from_keys(
     rows = json.loads(procs[1].stdout)
     assert sorted(r["image_uri"] for r in rows) == sorted(f"s3://{s3_bucket}/{k}" for k in input_keys)
     assert all(r["status"] == "ok" for r in rows)
-    written = [k for k in keys(s3_bucket) if k not in input_keys]
+    written = [k for k in s3_keys(s3_bucket) if k not in input_keys]
     assert written and all(k.startswith("out/") for k in written), written
     heatmaps = [k[len("out/"):] for k in written if k.startswith("out/heatmaps/")]
     assert len(heatmaps) == len(input_keys) and all(HEATMAP_KEY_RE.match(k) for k in heatmaps), heatmaps
@@ -598,8 +562,8 @@ def test_credentials_never_reach_outputs_or_logs_and_names_never_come_from_keys(
     assert kinds == {"predictions", "heatmaps", "runs", "reports"}, kinds
     # credentials: in no object, no captured output, no Ray log of the run
     needles = [v.encode() for v in canary.values()]
-    blobs: dict[str, bytes] = {f"s3://{s3_bucket}/{k}": client.get_object(Bucket=s3_bucket, Key=k)["Body"].read()
-                               for k in written}
+    blobs: dict[str, bytes] = {
+        f"s3://{s3_bucket}/{k}": s3_client.get_object(Bucket=s3_bucket, Key=k)["Body"].read() for k in written}
     for name in [n for n in blobs if n.endswith(".parquet")]:  # zstd pages hide text from a byte search
         decoded = pq.read_table(io.BytesIO(blobs[name])).to_pylist()
         blobs[name + " (decoded)"] = json.dumps(decoded, default=str).encode()
@@ -622,14 +586,14 @@ def test_credentials_never_reach_outputs_or_logs_and_names_never_come_from_keys(
 
 
 @pytest.mark.s3
-def test_remote_model_needs_an_explicit_trust(s3_bucket: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_remote_model_needs_an_explicit_trust(s3_bucket: str, s3_client: Any, monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     storage._local.__dict__.pop("s3", None)
     monkeypatch.delenv("WBC_TRUSTED_MODEL_PREFIXES", raising=False)
-    client = moto_client()
     for name in ("model.keras", "model.json"):
         for prefix in ("models/v1", "models-evil/v1"):
-            client.put_object(Bucket=s3_bucket, Key=f"{prefix}/{name}", Body=(shipped_model_dir() / name).read_bytes())
+            s3_client.put_object(Bucket=s3_bucket, Key=f"{prefix}/{name}",
+                                 Body=(shipped_model_dir() / name).read_bytes())
     uri = f"s3://{s3_bucket}/models/v1"
     with pytest.raises(ModelArtifactError, match="untrusted location"):
         load_artifact(uri)
@@ -645,9 +609,9 @@ def test_remote_model_needs_an_explicit_trust(s3_bucket: str, monkeypatch: pytes
     # trusted but tampered: the sha256 check still refuses it
     blob = bytearray((shipped_model_dir() / "model.keras").read_bytes())
     blob[2000:2008] = b"tampered"
-    client.put_object(Bucket=s3_bucket, Key="models/v2/model.keras", Body=bytes(blob))
+    s3_client.put_object(Bucket=s3_bucket, Key="models/v2/model.keras", Body=bytes(blob))
     meta = (shipped_model_dir() / "model.json").read_bytes()
-    client.put_object(Bucket=s3_bucket, Key="models/v2/model.json", Body=meta)
+    s3_client.put_object(Bucket=s3_bucket, Key="models/v2/model.json", Body=meta)
     with pytest.raises(ModelArtifactError, match="does not match model.json"):
         load_artifact(f"s3://{s3_bucket}/models/v2")
 

@@ -6,7 +6,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -14,14 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 EXCLUDES = [".git", ".venv", ".gpu", ".whl", "demo-output", "tools", "bench", "tests", "docs", "infra"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.slow
@@ -36,12 +31,12 @@ def test_job_submit_with_token_auth(samples_dir: Path, tmp_path: Path) -> None:
     token = secrets.token_hex(16)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "RAY_ADDRESS": ""}
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     temp_dir = Path("/tmp") / f"rayjob-{secrets.token_hex(3)}"
     start = [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
              "--dashboard-host=127.0.0.1", "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp_dir}",
              # ports of its own: another Ray on the machine (a developer's) holds the defaults 52365 and 10001
-             f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}"]
+             f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}"]
     # --block in its own process group: the test stops exactly this head, never another cluster on the machine.
     head = subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -66,6 +61,9 @@ def test_job_submit_with_token_auth(samples_dir: Path, tmp_path: Path) -> None:
                                 capture_output=True, text=True, env=env, timeout=120)
         assert f"{submission_id}' succeeded" in (status.stdout + status.stderr).lower(), logs[-3000:]
         assert "run job-1: 4 images, 4 ok" in logs
+        # the console carries our lines (wbc_batch/console.py): no TensorFlow absl/cuInit lines, no Ray start notice
+        noise = [ln for ln in logs.splitlines() if any(s in ln for s in ("absl", "cuInit", "Started a local Ray instance"))]
+        assert not noise, noise
         manifest = json.loads((out / "runs" / "job-1.json").read_text())
         assert manifest["status"] == "succeeded" and manifest["counts"]["ok"] == 4
     finally:

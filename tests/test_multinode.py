@@ -22,8 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import _free_port
-from tests.processes import descendants
+from tests.processes import cmdline, descendants, free_port, sigkill
 from wbc_batch import cluster
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,17 +30,10 @@ RAY = str(Path(sys.executable).parent / "ray")
 ACTOR = "MapBatches(BatchClassifier)"
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 def _node(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     """One raylet: a blocking ``ray start`` of 1 CPU with ports of its own, in its own process group."""
-    ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-             f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
+    ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+             f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
     return subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", "--num-cpus=1",
                              "--object-store-memory=100000000", *ports, *args], env=env, cwd=REPO,
                             stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -54,11 +46,7 @@ def _end(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    for pid in below:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    sigkill(below)
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
@@ -68,7 +56,7 @@ def _end(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
 def _actor_node(nodes: list[subprocess.Popen]) -> tuple[int | None, bool]:  # type: ignore[type-arg]
     """Index of the node whose processes include the model actor, and whether it is running a batch."""
     for i, node in enumerate(nodes):
-        titles = [_cmdline(pid) for pid in descendants(node.pid)]
+        titles = [cmdline(pid) for pid in descendants(node.pid)]
         actors = [t for t in titles if ACTOR in t]
         if actors:
             return i, any("submit" in t for t in actors)
@@ -79,7 +67,7 @@ def _actor_node(nodes: list[subprocess.Popen]) -> tuple[int | None, bool]:  # ty
 def test_worker_node_killed_mid_run_still_one_row_per_image(tmp_path: Path, samples_dir: Path) -> None:
     import pyarrow.parquet as pq
 
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     temp = tempfile.mkdtemp(prefix="rmn", dir="/tmp")  # short: Ray's socket paths are length-limited
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TMPDIR")}
@@ -94,7 +82,7 @@ def test_worker_node_killed_mid_run_still_one_row_per_image(tmp_path: Path, samp
     t0 = time.monotonic()
     try:
         procs.append(_node(["--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp}",
-                            f"--ray-client-server-port={_free_port()}"], env, tmp_path / "head.log"))
+                            f"--ray-client-server-port={free_port()}"], env, tmp_path / "head.log"))
         deadline = time.monotonic() + 120
         while not cluster.answers(address, 1.0):
             assert time.monotonic() < deadline and procs[0].poll() is None, (tmp_path / "head.log").read_text()

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -218,37 +218,25 @@ def _finish(proc: subprocess.Popen[str], timeout: float = 240) -> tuple[int, str
     return proc.returncode, out, err
 
 
-def _s3() -> Any:
-    import boto3
+def _committed(s3: Any, keys: Callable[..., list[str]], bucket: str,
+               prefix: str) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """What a query sees, read independently: manifests with status succeeded, and their runs' rows.
 
-    return boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
-
-
-def _keys(bucket: str, prefix: str) -> list[str]:
-    pages = _s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    return sorted(o["Key"] for p in pages for o in p.get("Contents", []))
-
-
-def _committed(bucket: str, prefix: str) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
-    """What a query sees, read independently: manifests with status succeeded, and their runs' rows."""
+    ``s3`` and ``keys`` are the ``s3_client`` and ``s3_keys`` fixtures (boto3, not the code under test).
+    """
     import pyarrow.parquet as pq
 
-    s3 = _s3()
     manifests = {}
-    for key in _keys(bucket, f"{prefix}/runs/"):
+    for key in keys(bucket, f"{prefix}/runs/"):
         m = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
         if m.get("status") == "succeeded":
             manifests[m["run_id"]] = m
     rows = []
-    for key in _keys(bucket, f"{prefix}/predictions/"):
+    for key in keys(bucket, f"{prefix}/predictions/"):
         table = pq.read_table(io.BytesIO(s3.get_object(Bucket=bucket, Key=key)["Body"].read()))
         rows += [r for r in table.select(["image_uri", "image_sha256", "status", "error_kind", "run_id"]).to_pylist()
                  if r["run_id"] in manifests]
     return manifests, rows
-
-
-def _upload(bucket: str, key: str, data: bytes) -> None:
-    _s3().put_object(Bucket=bucket, Key=key, Body=data)
 
 
 @pytest.fixture()
@@ -272,30 +260,31 @@ def reaper() -> Iterator[list[int]]:
 
 @pytest.mark.slow
 @pytest.mark.s3
-def test_killed_run_then_rerun_then_next_nights(s3_bucket: str, images: list[tuple[str, bytes]],
-                                                reaper: list[int]) -> None:
+def test_killed_run_then_rerun_then_next_nights(s3_bucket: str, s3_client: Any, s3_keys: Callable[..., list[str]],
+                                                images: list[tuple[str, bytes]], reaper: list[int]) -> None:
     """SIGKILL mid-run, re-run: exactly once. Next night: only new and changed images; a corrupt one stays skipped."""
     inp, out = f"s3://{s3_bucket}/incoming", f"s3://{s3_bucket}/results"
     first, later = images[:6], images[6:9]
     for name, data in first:
-        _upload(s3_bucket, f"incoming/slide-1/{name}", data)
-    _upload(s3_bucket, "incoming/slide-1/corrupt.jpg", b"\xff\xd8\xff\xe0 not really a jpeg")
+        s3_client.put_object(Bucket=s3_bucket, Key=f"incoming/slide-1/{name}", Body=data)
+    s3_client.put_object(Bucket=s3_bucket, Key="incoming/slide-1/corrupt.jpg",
+                         Body=b"\xff\xd8\xff\xe0 not really a jpeg")
     expected_ok = {f"{inp}/slide-1/{n}" for n, _ in first}
 
     # 1. night 1 is killed with SIGKILL once it is under way (its first heatmap is written)
     proc = _start(inp, out, "--run-id", "nightly-1", "--lease-seconds", "10")
     reaper.append(proc.pid)
     deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None and not _keys(s3_bucket, "results/heatmaps/"):
+    while time.time() < deadline and proc.poll() is None and not s3_keys(s3_bucket, "results/heatmaps/"):
         time.sleep(0.2)
     assert proc.poll() is None, f"run ended before it could be killed: {proc.communicate()}"
     below = descendants(proc.pid)
     reaper.extend(below)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
-    manifests, rows = _committed(s3_bucket, "results")
+    manifests, rows = _committed(s3_client, s3_keys, s3_bucket, "results")
     assert manifests == {} and rows == [], "a killed run must leave nothing that counts"
-    assert not _keys(s3_bucket, "results/runs/")
+    assert not s3_keys(s3_bucket, "results/runs/")
 
     # 2. re-run at once: the killed run's lease has not expired, so it is refused with a clear message
     code, _, err = _finish(_start(inp, out, "--run-id", "nightly-1", "--lease-seconds", "10"))
@@ -304,11 +293,11 @@ def test_killed_run_then_rerun_then_next_nights(s3_bucket: str, images: list[tup
     assert "Traceback" not in err
 
     # 3. after the expiry the re-run takes the lease over and commits exactly one row per image
-    lease = json.loads(_s3().get_object(Bucket=s3_bucket, Key="results/state/lease.json")["Body"].read())
+    lease = json.loads(s3_client.get_object(Bucket=s3_bucket, Key="results/state/lease.json")["Body"].read())
     time.sleep(max(0.0, lease["expires_at_epoch"] - time.time()) + 0.5)
     code, stdout, err = _finish(_start(inp, out, "--run-id", "nightly-1", "--lease-seconds", "10"))
     assert code == 0, err
-    manifests, rows = _committed(s3_bucket, "results")
+    manifests, rows = _committed(s3_client, s3_keys, s3_bucket, "results")
     assert set(manifests) == {"nightly-1"}
     ok = Counter(r["image_uri"] for r in rows if r["status"] == "ok")
     assert ok == Counter({u: 1 for u in expected_ok}), "exactly one successful row per image"
@@ -324,12 +313,12 @@ def test_killed_run_then_rerun_then_next_nights(s3_bucket: str, images: list[tup
 
     # 4. next night: two new images, one image replaced by other bytes under the same key
     for name, data in later[:2]:
-        _upload(s3_bucket, f"incoming/slide-2/{name}", data)
+        s3_client.put_object(Bucket=s3_bucket, Key=f"incoming/slide-2/{name}", Body=data)
     changed_name = first[0][0]
-    _upload(s3_bucket, f"incoming/slide-1/{changed_name}", later[2][1])
+    s3_client.put_object(Bucket=s3_bucket, Key=f"incoming/slide-1/{changed_name}", Body=later[2][1])
     code, _, err = _finish(_start(inp, out, "--run-id", "nightly-2", "--lease-seconds", "10"))
     assert code == 0, err
-    manifests, rows = _committed(s3_bucket, "results")
+    manifests, rows = _committed(s3_client, s3_keys, s3_bucket, "results")
     night2 = manifests["nightly-2"]
     assert night2["nightly"]["counts"] == {"new": 2, "changed": 1, "retried": 0, "skipped_done": 5,
                                            "skipped_permanent": 1, "vanished": 0, "to_process": 3}
@@ -343,11 +332,11 @@ def test_killed_run_then_rerun_then_next_nights(s3_bucket: str, images: list[tup
 
 @pytest.mark.slow
 @pytest.mark.s3
-def test_two_concurrent_runs_only_one_commits(s3_bucket: str, images: list[tuple[str, bytes]],
-                                              reaper: list[int]) -> None:
+def test_two_concurrent_runs_only_one_commits(s3_bucket: str, s3_client: Any, s3_keys: Callable[..., list[str]],
+                                              images: list[tuple[str, bytes]], reaper: list[int]) -> None:
     inp, out = f"s3://{s3_bucket}/incoming", f"s3://{s3_bucket}/results"
     for name, data in images[:4]:
-        _upload(s3_bucket, f"incoming/slide-1/{name}", data)
+        s3_client.put_object(Bucket=s3_bucket, Key=f"incoming/slide-1/{name}", Body=data)
     procs = {rid: _start(inp, out, "--run-id", rid, "--no-heatmaps") for rid in ("nightly-a", "nightly-b")}
     reaper.extend(p.pid for p in procs.values())
     results = {rid: _finish(p) for rid, p in procs.items()}
@@ -358,10 +347,10 @@ def test_two_concurrent_runs_only_one_commits(s3_bucket: str, images: list[tuple
     err_lines = [ln for ln in loser[2].splitlines() if ln.startswith("wbc-batch nightly:")]
     assert len(err_lines) == 1 and "another nightly run holds the lease" in err_lines[0]
     assert f"run {winner}" in err_lines[0]
-    manifests, rows = _committed(s3_bucket, "results")
+    manifests, rows = _committed(s3_client, s3_keys, s3_bucket, "results")
     assert set(manifests) == {winner}
     assert Counter(r["image_uri"] for r in rows) == Counter({f"{inp}/slide-1/{n}": 1 for n, _ in images[:4]})
-    assert all(f"part-{winner}-" in k for k in _keys(s3_bucket, "results/predictions/")), "the loser wrote nothing"
+    assert all(f"part-{winner}-" in k for k in s3_keys(s3_bucket, "results/predictions/")), "the loser wrote nothing"
 
 
 def test_cli_reports_a_held_lease_in_one_line(tmp_path: Path, small_input: Path,
@@ -508,9 +497,9 @@ def test_next_run_id_gives_a_second_run_on_the_same_date_its_own_id() -> None:
 
 
 @pytest.mark.s3
-def test_s3_listing_records_size_etag_and_time(s3_bucket: str) -> None:
-    _upload(s3_bucket, "in/a/x.jpg", b"12345")
-    _upload(s3_bucket, "in/a/notes.txt", b"no image")
+def test_s3_listing_records_size_etag_and_time(s3_bucket: str, s3_client: Any) -> None:
+    s3_client.put_object(Bucket=s3_bucket, Key="in/a/x.jpg", Body=b"12345")
+    s3_client.put_object(Bucket=s3_bucket, Key="in/a/notes.txt", Body=b"no image")
     [entry] = storage.list_entries(f"s3://{s3_bucket}/in").to_pylist()
     assert entry["image_uri"] == f"s3://{s3_bucket}/in/a/x.jpg" and entry["source_size"] == 5
     assert entry["source_etag"] == '"827ccb0eea8a706c4c34a16891f84e7b"' and entry["source_mtime"] is not None

@@ -46,11 +46,9 @@ def originals() -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def shipped():
-    from wbc_batch.model import load_artifact
-
-    art = load_artifact()
-    return art, GradCam(art.model, art.meta.gradcam_layer, art.meta.embedding_layer)
+def shipped(shipped):
+    """The shipped artifact (conftest's ``shipped``) with its Grad-CAM, which gives the embeddings."""
+    return shipped, GradCam(shipped.model, shipped.meta.gradcam_layer, shipped.meta.embedding_layer)
 
 
 @pytest.fixture(scope="module")

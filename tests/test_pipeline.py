@@ -11,22 +11,16 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pyarrow.dataset as pads
 import pytest
 
 from tests.corpus import write_bad_corpus
+from tests.results_factory import read_rows
 from wbc_batch import storage
 from wbc_batch.cli import main as cli_main
 from wbc_batch.model import artifact_digest, load_artifact, shipped_model_dir
 from wbc_batch.pipeline import BatchClassifier, FaithfulnessSample, load_images, render_explanations, sample_id_for
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def read_rows(output: str):
-    """All rows under OUTPUT/predictions as a pandas frame (pyarrow, local or S3)."""
-    fs, path = storage.arrow_filesystem(storage.join(output, "predictions"))
-    return pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive").to_table().to_pandas()
 
 
 def test_predictor_runs_on_a_tiny_batch_without_ray(samples_dir: Path, tmp_path: Path) -> None:

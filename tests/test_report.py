@@ -14,10 +14,10 @@ import subprocess
 from pathlib import Path
 
 import cv2
-import numpy as np
 import pytest
 
 from tests.results_factory import T0, cell, cells, make_table, write_run
+from tests.review_factory import heatmap_overlay
 from wbc_batch import storage
 from wbc_batch.cli import main
 from wbc_batch.errors import EXIT_CORRUPT_RESULTS
@@ -27,16 +27,6 @@ SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "pbc"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--hide-scrollbars", "--mute-audio"]
-
-
-def _heatmap(rgb: np.ndarray) -> bytes:
-    """A Grad-CAM-like overlay: a JET blob centred on the image."""
-    h, w = rgb.shape[:2]
-    yy, xx = np.mgrid[0:h, 0:w]
-    cam = np.exp(-(((yy - h / 2) / (h / 4)) ** 2 + ((xx - w / 2) / (w / 4)) ** 2))
-    colour = cv2.applyColorMap((cam * 255).astype(np.uint8), cv2.COLORMAP_JET)
-    blended = cv2.addWeighted(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), 0.55, colour, 0.45, 0)
-    return cv2.imencode(".jpg", blended)[1].tobytes()
 
 
 def _write_images(base: str, output: str, sample: str, folder: str, n: int, ext: str = ".jpg") -> list[dict]:
@@ -49,7 +39,7 @@ def _write_images(base: str, output: str, sample: str, folder: str, n: int, ext:
         storage.write_bytes(uri, data)
         sha = hashlib.sha256(data).hexdigest()
         heat = storage.join(output, "heatmaps", sha[:2], f"{sha}-1.0.0.jpg")
-        storage.write_bytes(heat, _heatmap(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)))
+        storage.write_bytes(heat, heatmap_overlay(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)))
         rows.append(cell(uri, sample, folder, image_sha256=sha, heatmap_uri=heat))
     return rows
 
@@ -183,6 +173,7 @@ def test_confidence_histogram_marks_the_effective_review_threshold(
     import json
 
     from wbc_batch.report import effective_review_threshold, render_report
+    from wbc_batch.results import RunManifest
 
     out = str(tmp_path / "out")
     write_run(out, "r", make_table(cells("S", {"neutrophil": 3}), "r"))
@@ -192,7 +183,7 @@ def test_confidence_histogram_marks_the_effective_review_threshold(
     if model is not None:
         manifest["model"]["review_threshold"] = model
     path.write_text(json.dumps(manifest))
-    assert effective_review_threshold(manifest) == (option if option is not None else model)
+    assert effective_review_threshold(RunManifest.from_json(manifest)) == (option if option is not None else model)
     html = render_report(out)[1]
     if marker is None:
         assert "review &lt;" not in html

@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tests.processes import free_port
 from tests.review_factory import build
 from wbc_batch import storage
 from wbc_batch.cli import main
@@ -47,12 +47,6 @@ from wbc_batch.review.records import (
 TOKEN = "review-test-token-0123456789abcdef"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(check: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
@@ -92,7 +86,7 @@ def http(port: int, path: str, method: str = "GET", body: Any = None, headers: d
 @contextmanager
 def review_server(output: str) -> Iterator[int]:
     """``wbc-batch review OUTPUT`` in a subprocess; yields its port once it answers."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "WBC_REVIEW_TOKEN": TOKEN}
     proc = subprocess.Popen([sys.executable, "-m", "wbc_batch.cli", "review", output, "--port", str(port)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
