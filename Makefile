@@ -37,7 +37,7 @@ test: $(STAMP) system-deps
 lint: $(STAMP)
 	$(BIN)/ruff check wbc_batch tests tools bench jobs
 
-# mypy with the settings in pyproject.toml; not yet clean, so not part of CI (CHANGELOG.md says how far).
+# mypy with the settings in pyproject.toml; clean, and .ci/run runs it after lint so it stays clean.
 typecheck: $(STAMP)
 	$(BIN)/mypy wbc_batch
 

@@ -60,7 +60,7 @@ def build(n: int, work: Path) -> tuple[Path, str]:
     pq.write_table(results.pa.Table.from_pylist(rows, schema=schema), buf, compression="zstd")
     part = results.part_file_uri(str(out), now.strftime("%Y-%m-%d"), "nightly-bench", 0)
     storage.write_bytes(part, buf.getvalue())
-    results.write_manifest(str(out), {"run_id": "nightly-bench", "status": "succeeded", "parquet_files": [part]})
+    results.write_manifest(str(out), results.RunManifest(run_id="nightly-bench", parquet_files=[part]))
     return inp, str(out)
 
 

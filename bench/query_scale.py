@@ -141,13 +141,13 @@ def build(rows: int, work: Path) -> str:
         counts.add(table.select(["sample_id", "status", "error_kind", "predicted_class", "needs_review",
                                  "explanation_suspect", "out_of_distribution"]))
         finished = start + timedelta(seconds=table.num_rows / 100)
-        results.write_manifest(out, {
+        results.write_manifest(out, results.RunManifest.from_json({
             "run_id": run_id, "status": "succeeded", "input": f"{work}/input/{day:%Y-%m-%d}", "output": out,
             "model": {"uri": "builtin", "version": "1.1.0", "sha256": "ab" * 32, "digest": "cd" * 32,
                       "class_names": CLASSES, "non_wbc_classes": ["non_wbc"], "review_threshold": REVIEW_THRESHOLD},
             "started_at": start.isoformat(), "finished_at": finished.isoformat(), "counts": counts.to_dict(),
             "timings": {"seconds": table.num_rows / 100, "images_per_second": 100.0}, "parquet_files": files,
-            "options": {}, "domain_shift": {"detected": False}})
+            "options": {}, "domain_shift": {"detected": False}}))
     return out
 
 

@@ -12,8 +12,12 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from wbc_batch.errors import EXIT_CLUSTER, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, WbcError  # noqa: F401 (EXIT_CLUSTER: tests)
+
+if TYPE_CHECKING:
+    from wbc_batch.results import RunManifest
 
 
 class CliError(WbcError):
@@ -72,24 +76,25 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 def _cmd_classify(args: argparse.Namespace) -> int:
     from wbc_batch.pipeline import ClassifyConfig, run_classify
+    from wbc_batch.results import RunManifest
 
     config = ClassifyConfig.from_args(args)
-    manifest = run_classify(config)
+    manifest = RunManifest.from_json(run_classify(config))
     _print_summary(manifest)
     return 0
 
 
-def _print_summary(manifest: dict) -> None:
-    counts = manifest["counts"]
+def _print_summary(manifest: RunManifest) -> None:
+    counts = manifest.counts
     print(
-        f"run {manifest['run_id']}: {counts['total']} images, {counts['ok']} ok, {counts['error']} errors, "
-        f"{counts['needs_review']} need review; {manifest['timings']['images_per_second']:.1f} images/s"
+        f"run {manifest.run_id}: {counts.total} images, {counts.ok} ok, {counts.error} errors, "
+        f"{counts.needs_review} need review; {manifest.timings.images_per_second:.1f} images/s"
     )
-    per_class = ", ".join(f"{k} {v}" for k, v in sorted(counts.get("per_class", {}).items()))
+    per_class = ", ".join(f"{k} {v}" for k, v in sorted(counts.per_class.items()))
     if per_class:
         print(f"classes: {per_class}")
-    print(f"results: {manifest['output']}/predictions  heatmaps: {manifest['output']}/heatmaps  "
-          f"manifest: {manifest['output']}/runs/{manifest['run_id']}.json")
+    print(f"results: {manifest.output}/predictions  heatmaps: {manifest.output}/heatmaps  "
+          f"manifest: {manifest.output}/runs/{manifest.run_id}.json")
 
 
 # --- nightly --------------------------------------------------------------
@@ -143,8 +148,11 @@ def _cmd_nightly(args: argparse.Namespace) -> int:
         return 0
     print(f"nightly {result['run_id']}: {n['new']} new, {n['changed']} changed, {n['retried']} retried, "
           f"{n['skipped_done']} already done, {n['skipped_permanent']} permanent errors skipped")
-    if result["counts"]["total"]:
-        _print_summary(result)
+    from wbc_batch.results import RunManifest
+
+    manifest = RunManifest.from_json(result)
+    if manifest.counts.total:
+        _print_summary(manifest)
     return 0
 
 

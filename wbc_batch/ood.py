@@ -36,12 +36,15 @@ import base64
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 
 from wbc_batch.localisation import model_input_mask
+
+if TYPE_CHECKING:
+    from wbc_batch.results import RunManifest
 
 log = logging.getLogger(__name__)
 
@@ -443,10 +446,9 @@ class ShiftRule:
                    min_ood=int(stats.get("min_ood", DEFAULT_MIN_OOD)))
 
     @classmethod
-    def from_manifest(cls, manifest: Mapping[str, Any]) -> ShiftRule:
+    def from_manifest(cls, manifest: RunManifest) -> ShiftRule:
         """The rule a committed run applied, from its manifest's ``domain_shift`` (defaults for older manifests)."""
-        shift = manifest.get("domain_shift")
-        return cls.from_ood_stats(shift if isinstance(shift, Mapping) else None)
+        return cls.from_ood_stats(manifest.domain_shift)
 
     @classmethod
     def strictest(cls, rules: Iterable[ShiftRule]) -> ShiftRule:

@@ -22,6 +22,7 @@ import time
 import uuid
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -564,7 +565,7 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
         items = [{"image_uri": u, "sample_id": sample_id_for(u, config.sample_id_regex)} for u in uris]
         blocks = max(1, min(len(items) // config.batch_size + 1, 512))
         ds: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=blocks)
-        ds = ds.map_batches(load_images, fn_kwargs={"image_size": meta.image_size, "with_quality": bool(meta.ood)},
+        ds = ds.map_batches(partial(load_images, image_size=meta.image_size, with_quality=bool(meta.ood)),
                             batch_size=config.batch_size, num_cpus=0.5)
         ds = ds.map_batches(
             BatchClassifier,
@@ -585,9 +586,8 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
             # Passing them here would go through the deprecated ray_remote_args (Ray 2.60).
         )
         suspect_below = float(meta.metrics.get("explanation_suspect_below", DEFAULT_SUSPECT_BELOW))
-        ds = ds.map_batches(render_explanations,
-                            fn_kwargs={"output_uri": config.output_uri, "write_heatmaps": config.write_heatmaps,
-                                       "suspect_below": suspect_below},
+        ds = ds.map_batches(partial(render_explanations, output_uri=config.output_uri,
+                                    write_heatmaps=config.write_heatmaps, suspect_below=suspect_below),
                             batch_size=config.batch_size, num_cpus=0.5)
         # whole blocks as they come (the writer buffers rows into parts), so the first rows, and the
         # faithfulness sample, reach the driver after one batch rather than after 1024 rows
@@ -604,38 +604,24 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
     faithfulness = faithfulness_sample.result()
     loader.raise_first()  # the model the manifest names loaded in the driver too (safe_mode, output count)
     phases["driver_model_load_s"] = loader.seconds
-    timings: dict[str, Any] = {"seconds": round(elapsed, 3),
-                               "images_per_second": round(counts.total / elapsed, 3) if elapsed else 0.0}
-    if first_row is not None:
-        timings["first_row_seconds"] = round(first_row, 3)
-    timings["phases"] = {k: round(v, 3) for k, v in phases.items()}
-    manifest: dict[str, Any] = {
-        "run_id": run_id,
-        "status": "succeeded",
-        "input": config.input_uri,
-        "output": config.output_uri,
-        "model": {"uri": config.model_uri or "shipped", "name": meta.name, "version": meta.version,
-                  "sha256": meta.model_sha256, "digest": model_digest, "class_names": meta.class_names,
-                  "non_wbc_classes": meta.non_wbc_classes, "review_threshold": meta.review_threshold},
-        "started_at": started.isoformat(),
-        "finished_at": datetime.now(timezone.utc).isoformat(),
-        "run_date": run_date,
-        "counts": counts.to_dict(),
-        "timings": timings,
-        "resources": {"workers": workers, "gpus_per_worker": gpus_per, "cpus_per_worker": cpus_per},
-        "parquet_files": files,
-        "options": {f.name: getattr(config, f.name) for f in fields(config)
-                    if f.name not in ("uris", "listing", "manifest_extra", "before_commit", "quiet")},
-    }
-    manifest["options"]["n_uris"] = len(uris)
-    manifest["domain_shift"] = _domain_shift(meta, counts)
-    if faithfulness is not None:
-        manifest["faithfulness"] = faithfulness
-    if warnings:
-        manifest["warnings"] = warnings
-    if config.manifest_extra:
-        manifest.update(config.manifest_extra)
+    timings = results.RunTimings(seconds=round(elapsed, 3),
+                                 images_per_second=round(counts.total / elapsed, 3) if elapsed else 0.0,
+                                 first_row_seconds=None if first_row is None else round(first_row, 3),
+                                 phases={k: round(v, 3) for k, v in phases.items()})
+    options: dict[str, Any] = {f.name: getattr(config, f.name) for f in fields(config)
+                               if f.name not in ("uris", "listing", "manifest_extra", "before_commit", "quiet")}
+    options["n_uris"] = len(uris)
+    model = results.ModelRef(uri=config.model_uri or "shipped", name=meta.name, version=meta.version,
+                             sha256=meta.model_sha256, digest=model_digest, class_names=list(meta.class_names),
+                             non_wbc_classes=list(meta.non_wbc_classes), review_threshold=meta.review_threshold)
+    manifest = results.RunManifest(
+        run_id=run_id, status=results.STATUS_SUCCEEDED, input=config.input_uri, output=config.output_uri,
+        model=model, started_at=started.isoformat(), finished_at=datetime.now(timezone.utc).isoformat(),
+        run_date=run_date, counts=counts.summary(), timings=timings,
+        resources={"workers": workers, "gpus_per_worker": gpus_per, "cpus_per_worker": cpus_per},
+        parquet_files=files, options=options, domain_shift=_domain_shift(meta, counts), faithfulness=faithfulness,
+        warnings=warnings, extra=dict(config.manifest_extra or {}))  # extra keys win, as they always did
     if config.before_commit is not None:
         config.before_commit(manifest)
     results.write_manifest(config.output_uri, manifest)
-    return manifest
+    return manifest.to_json()

@@ -48,6 +48,7 @@ import pyarrow.parquet as pq
 from wbc_batch import storage
 from wbc_batch.errors import CorruptResultsError, InvalidInputError
 from wbc_batch.ood import DEFAULT_MAX_SHARE, ShiftRule, sample_shifted
+from wbc_batch.results import RunManifest
 
 __all__ = [
     "BASE_COLUMNS", "CANNED", "DEFAULT_REFERENCE_RANGES", "Part", "QueryError", "Results", "check_read_only",
@@ -138,7 +139,7 @@ class Results:
             names, then ``run_ids`` and ``run_dates``), one schema for all
             (:func:`row_schema`), ``run_date`` from the Hive partition.
         runs: one row per manifest (any status), see :func:`_runs_table`.
-        manifests: every manifest, keyed by run id.
+        manifests: every manifest (:class:`wbc_batch.results.RunManifest`), keyed by run id.
         run_ids: rows count only when their own ``run_id`` is one of these
             (None: every row of the files, ``committed_only=False``).
         parts: the part files in ``dataset``.
@@ -147,7 +148,7 @@ class Results:
 
     dataset: Any
     runs: pa.Table
-    manifests: dict[str, dict[str, Any]] = field(default_factory=dict)
+    manifests: dict[str, RunManifest] = field(default_factory=dict)
     run_ids: frozenset[str] | None = None
     parts: list[Part] = field(default_factory=list)
     output: str = ""
@@ -178,37 +179,35 @@ def _list(fs: Any, path: str, output: str) -> list[str]:
     return sorted(i.path for i in infos if i.type == pafs.FileType.File)
 
 
-def read_manifests(output: str) -> dict[str, dict[str, Any]]:
+def read_manifests(output: str) -> dict[str, RunManifest]:
     """Every run manifest under ``OUTPUT/runs``, keyed by run id.
 
-    A manifest that is not valid JSON is skipped: the manifest is the commit
-    marker and is written atomically, so an unreadable one is not a commit.
+    A manifest that is not a JSON object is skipped: the manifest is the
+    commit marker and is written atomically, so an unreadable one is not a
+    commit (:meth:`RunManifest.parse`).
     """
     fs, root = storage.arrow_filesystem(output)
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, RunManifest] = {}
     for path in _list(fs, f"{root}/{RUNS_DIR}", output):
         if not path.endswith(".json"):
             continue
         try:
             with fs.open_input_stream(path) as fh:
-                manifest = json.loads(fh.read())
+                text = fh.read()
         except OSError as exc:
             raise _fs_error(output, exc) from None
-        except ValueError:
-            continue
-        if isinstance(manifest, dict):
-            run_id = str(manifest.get("run_id") or path.rsplit("/", 1)[-1][: -len(".json")])
-            manifest["_manifest_path"] = path
-            out[run_id] = manifest
+        manifest = RunManifest.parse(text, run_id=path.rsplit("/", 1)[-1][: -len(".json")], path=path)
+        if manifest is not None:
+            out[manifest.run_id] = manifest
     return out
 
 
-def committed_run_ids(manifests: Mapping[str, Mapping[str, Any]]) -> set[str]:
+def committed_run_ids(manifests: Mapping[str, RunManifest]) -> set[str]:
     """Run ids whose manifest says ``status: succeeded`` (the commit rule)."""
-    return {rid for rid, m in manifests.items() if m.get("status") == "succeeded"}
+    return {rid for rid, m in manifests.items() if m.committed}
 
 
-def run_shift_rules(manifests: Mapping[str, Mapping[str, Any]]) -> dict[str, ShiftRule]:
+def run_shift_rules(manifests: Mapping[str, RunManifest]) -> dict[str, ShiftRule]:
     """The unreliable-sample rule (:class:`wbc_batch.ood.ShiftRule`) each committed run applied, by run id."""
     return {rid: ShiftRule.from_manifest(manifests[rid]) for rid in committed_run_ids(manifests)}
 
@@ -220,12 +219,11 @@ def _rule_for_runs(runs: set[str], shift_rules: Mapping[str, ShiftRule] | None,
     return rule if ood_share_limit is None else ShiftRule(max_share=ood_share_limit, min_ood=rule.min_ood)
 
 
-def _committed_files(manifest: Mapping[str, Any]) -> set[str] | None:
+def _committed_files(manifest: RunManifest) -> set[str] | None:
     """Part-file names a committed manifest lists, or None when it lists none."""
-    files = manifest.get("parquet_files")
-    if not isinstance(files, list):
+    if manifest.parquet_files is None:
         return None
-    return {str(f).rstrip("/").rsplit("/", 1)[-1] for f in files}
+    return {f.rstrip("/").rsplit("/", 1)[-1] for f in manifest.parquet_files}
 
 
 def part_files(output: str) -> list[Part]:
@@ -241,7 +239,7 @@ def part_files(output: str) -> list[Part]:
     return out
 
 
-def committed_parts(parts: Iterable[Part], manifests: Mapping[str, Mapping[str, Any]]) -> list[Part]:
+def committed_parts(parts: Iterable[Part], manifests: Mapping[str, RunManifest]) -> list[Part]:
     """The part files whose rows count: the commit rule applied to file names.
 
     A file counts when its run's manifest says succeeded and, when the
@@ -382,32 +380,28 @@ def parse_time(value: Any) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
-def _runs_table(manifests: Mapping[str, Mapping[str, Any]]) -> pa.Table:
+def _runs_table(manifests: Mapping[str, RunManifest]) -> pa.Table:
     """One row per manifest with the fields people filter and sort on."""
     rows: list[dict[str, Any]] = []
     for rid, m in manifests.items():
-        model = m.get("model") if isinstance(m.get("model"), dict) else {}
-        counts = m.get("counts") if isinstance(m.get("counts"), dict) else {}
-        timings = m.get("timings") if isinstance(m.get("timings"), dict) else {}
-        shift = domain_shift_detected(m)
         rows.append({
             "run_id": rid,
-            "status": m.get("status"),
-            "started_at": parse_time(m.get("started_at")),
-            "finished_at": parse_time(m.get("finished_at")),
-            "model_version": model.get("version"),
-            "model_sha256": model.get("sha256"),
-            "input": m.get("input"),
-            "output": m.get("output"),
-            "total": counts.get("total"),
-            "ok": counts.get("ok"),
-            "error": counts.get("error"),
-            "needs_review": counts.get("needs_review"),
-            "out_of_distribution": counts.get("out_of_distribution"),
-            "seconds": timings.get("seconds"),
-            "images_per_second": timings.get("images_per_second"),
-            "domain_shift": shift,
-            "manifest": json.dumps({k: v for k, v in m.items() if not k.startswith("_")}, default=str),
+            "status": m.status,
+            "started_at": parse_time(m.started_at),
+            "finished_at": parse_time(m.finished_at),
+            "model_version": m.model.version,
+            "model_sha256": m.model.sha256,
+            "input": m.input,
+            "output": m.output,
+            "total": m.counts.total,
+            "ok": m.counts.ok,
+            "error": m.counts.error,
+            "needs_review": m.counts.needs_review,
+            "out_of_distribution": m.counts.out_of_distribution,
+            "seconds": m.timings.seconds,
+            "images_per_second": m.timings.images_per_second,
+            "domain_shift": m.shift_detected,
+            "manifest": json.dumps(m.to_json(), default=str),
         })
     schema = pa.schema([
         ("run_id", pa.string()), ("status", pa.string()),
@@ -417,25 +411,17 @@ def _runs_table(manifests: Mapping[str, Mapping[str, Any]]) -> pa.Table:
         ("out_of_distribution", pa.int64()), ("seconds", pa.float64()), ("images_per_second", pa.float64()),
         ("domain_shift", pa.bool_()), ("manifest", pa.string()),
     ])
-    for r in rows:
-        for k in ("total", "ok", "error", "needs_review", "out_of_distribution"):
-            r[k] = int(r[k]) if isinstance(r[k], (int, float)) and not isinstance(r[k], bool) else None
-        for k in ("seconds", "images_per_second"):
-            r[k] = float(r[k]) if isinstance(r[k], (int, float)) and not isinstance(r[k], bool) else None
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def domain_shift_detected(manifest: Mapping[str, Any]) -> bool:
-    """True when a manifest reports a domain shift (``true`` or ``{"detected": true}``)."""
-    shift = manifest.get("domain_shift")
-    if isinstance(shift, Mapping):
-        return bool(shift.get("detected"))
-    return bool(shift)
+def domain_shift_detected(manifest: RunManifest) -> bool:
+    """True when a manifest reports a domain shift (older ``true`` reads as ``{"detected": true}``)."""
+    return manifest.shift_detected
 
 
 def read_results(output: str, *, committed_only: bool = True, run_ids: Collection[str] | None = None,
                  run_dates: Collection[str] | None = None,
-                 manifests: dict[str, dict[str, Any]] | None = None) -> Results:
+                 manifests: dict[str, RunManifest] | None = None) -> Results:
     """The committed rows under ``OUTPUT/predictions`` as a lazy dataset, and the manifests under ``OUTPUT/runs``.
 
     Only the listing, the manifests and the footers of the part files in

@@ -34,6 +34,7 @@ from typing import Any
 import pandas as pd
 
 from wbc_batch import query, storage
+from wbc_batch.results import RunManifest
 from wbc_batch.review.counts import attach_verdicts
 
 __all__ = ["bar_chart_svg", "histogram_svg", "render_report", "write_report"]
@@ -51,7 +52,7 @@ REPORT_INPUT = (*query.DIFFERENTIAL_INPUT, "confidence", "heatmap_uri", "explana
 # --- data -------------------------------------------------------------------
 
 
-def _pick_run(manifests: Mapping[str, Mapping[str, Any]], run_id: str | None) -> Mapping[str, Any]:
+def _pick_run(manifests: Mapping[str, RunManifest], run_id: str | None) -> RunManifest:
     """The manifest to report: the given run, or the latest succeeded one."""
     committed = query.committed_run_ids(manifests)
     if run_id is not None:
@@ -60,43 +61,41 @@ def _pick_run(manifests: Mapping[str, Mapping[str, Any]], run_id: str | None) ->
             known = ", ".join(sorted(committed)[-10:]) or "none"
             raise ValueError(f"no run {run_id!r} under this OUTPUT (committed runs: {known})")
         if run_id not in committed:
-            raise ValueError(f"run {run_id!r} is not committed (manifest status {manifest.get('status')!r}, "
+            raise ValueError(f"run {run_id!r} is not committed (manifest status {manifest.status!r}, "
                              "expected 'succeeded'); its rows do not count")
         return manifest
     if not committed:
         raise ValueError("no committed run to report (no runs/<run_id>.json with status 'succeeded')")
-    return max((manifests[r] for r in committed), key=lambda m: (str(m.get("finished_at") or ""), m["run_id"]))
+    return max((manifests[r] for r in committed), key=lambda m: (m.finished_at or "", m.run_id))
 
 
-def _runs_as_of(manifests: Mapping[str, Mapping[str, Any]], manifest: Mapping[str, Any],
-                samples: set[str]) -> set[str]:
+def _runs_as_of(manifests: Mapping[str, RunManifest], manifest: RunManifest, samples: set[str]) -> set[str]:
     """This run and the committed runs that finished no later than it and may hold one of its samples.
 
     ISO strings in UTC sort by time. A manifest without ``counts.sample_ids``
     (written before runs recorded them) may hold any sample, so it is kept.
     """
-    cutoff = query.parse_time(manifest.get("finished_at"))
-    out = {str(manifest["run_id"])}
+    cutoff = query.parse_time(manifest.finished_at)
+    out = {manifest.run_id}
     if cutoff is None:
         return out
     for rid in query.committed_run_ids(manifests):
-        finished = query.parse_time(manifests[rid].get("finished_at"))
+        finished = query.parse_time(manifests[rid].finished_at)
         if finished is None or finished > cutoff:
             continue
-        listed = (manifests[rid].get("counts") or {}).get("sample_ids")
-        if not isinstance(listed, list) or not samples.isdisjoint(map(str, listed)):
+        listed = manifests[rid].counts.sample_ids
+        if listed is None or not samples.isdisjoint(listed):
             out.add(rid)
     return out
 
 
-def effective_review_threshold(manifest: Mapping[str, Any]) -> float | None:
+def effective_review_threshold(manifest: RunManifest) -> float | None:
     """The review threshold a run applied: ``--review-threshold`` when given, else the model's default.
 
     The model's default is ``model.review_threshold`` of the manifest; runs
     committed before it was recorded there give None unless the option was set.
     """
-    for value in ((manifest.get("options") or {}).get("review_threshold"),
-                  (manifest.get("model") or {}).get("review_threshold")):
+    for value in (manifest.options.get("review_threshold"), manifest.model.review_threshold):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     return None
@@ -162,36 +161,31 @@ th{background:#f4f6f8}td.num{text-align:right;font-variant-numeric:tabular-nums}
 """
 
 
-def _summary_table(manifest: Mapping[str, Any]) -> str:
-    counts = manifest.get("counts") or {}
-    timings = manifest.get("timings") or {}
-    model = manifest.get("model") or {}
+def _summary_table(manifest: RunManifest) -> str:
+    counts, timings, model = manifest.counts, manifest.timings, manifest.model
     rows = [
-        ("Run", manifest.get("run_id")),
-        ("Status", manifest.get("status")),
-        ("Input", manifest.get("input")),
-        ("Output", manifest.get("output")),
-        ("Model", f"{model.get('version', '?')} (sha256 {str(model.get('sha256', ''))[:12]})"),
-        ("Started / finished", f"{manifest.get('started_at', '?')} / {manifest.get('finished_at', '?')}"),
-        ("Images", counts.get("total")),
-        ("Classified / errors", f"{counts.get('ok', '?')} / {counts.get('error', '?')}"),
-        ("Need review", counts.get("needs_review")),
-        ("Out of distribution", counts.get("out_of_distribution")),
-        ("Throughput", f"{timings.get('images_per_second', 0) or 0:.1f} images/s in {timings.get('seconds', 0) or 0:.1f} s"),
+        ("Run", manifest.run_id),
+        ("Status", manifest.status),
+        ("Input", manifest.input),
+        ("Output", manifest.output),
+        ("Model", f"{model.version or '?'} (sha256 {(model.sha256 or '')[:12]})"),
+        ("Started / finished", f"{manifest.started_at or '?'} / {manifest.finished_at or '?'}"),
+        ("Images", counts.total),
+        ("Classified / errors", f"{counts.ok} / {counts.error}"),
+        ("Need review", counts.needs_review),
+        ("Out of distribution", counts.out_of_distribution),
+        ("Throughput", f"{timings.images_per_second:.1f} images/s in {timings.seconds:.1f} s"),
     ]
     body = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in rows)
     return f'<table class="summary">{body}</table>'
 
 
-def _alerts(manifest: Mapping[str, Any], diff: pd.DataFrame) -> str:
+def _alerts(manifest: RunManifest, diff: pd.DataFrame) -> str:
     parts: list[str] = []
-    if query.domain_shift_detected(manifest):
-        shift = manifest.get("domain_shift")
-        evidence = ""
-        if isinstance(shift, Mapping):
-            details = {k: v for k, v in shift.items() if k != "detected"}
-            evidence = "; ".join(f"{k.replace('_', ' ')}: {', '.join(map(str, v)) if isinstance(v, list) else v}"
-                                 for k, v in details.items())
+    if manifest.shift_detected:
+        details = {k: v for k, v in manifest.domain_shift.items() if k != "detected"}
+        evidence = "; ".join(f"{k.replace('_', ' ')}: {', '.join(map(str, v)) if isinstance(v, list) else v}"
+                             for k, v in details.items())
         parts.append('<div class="alert danger" id="domain-shift"><strong>Domain shift detected.</strong> '
                      "Many images in this run do not look like the images the model was trained on; its "
                      "classifications may be confidently wrong. Do not report these differentials without "
@@ -332,7 +326,7 @@ def render_report(output: str, run_id: str | None = None, *, max_gallery: int = 
     if not manifests:
         query.read_results(output, manifests=manifests)  # FileNotFoundError when OUTPUT holds no results at all
     manifest = _pick_run(manifests, run_id)
-    rid = str(manifest["run_id"])
+    rid = manifest.run_id
     mine = query.read_results(output, run_ids={rid}, manifests=manifests)  # this run's part files only
     con = query.connect(mine)
     try:

@@ -5,6 +5,11 @@ Commit protocol (see docs/DESIGN.md): part files are named
 same names; the run manifest ``runs/<run_id>.json`` with ``status:
 succeeded`` is written last and is the only thing that makes a run's rows
 count. A run killed at any point therefore leaves nothing that queries see.
+
+The manifest has one typed form, :class:`RunManifest`: the pipeline builds it
+and writes it with :func:`write_manifest`; the CLI, queries, reports,
+nightly and the review app read it with :func:`read_manifest` /
+:func:`RunManifest.from_json`, so its keys are spelled in one place.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import io
 import json
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -208,20 +214,16 @@ class RunCounts:
                 entry[1] += 1
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON form for the manifest."""
-        return {
-            "total": self.total,
-            "ok": self.ok,
-            "error": self.error,
-            "needs_review": self.needs_review,
-            "out_of_distribution": self.out_of_distribution,
-            "explanation_suspect": self.explanation_suspect,
-            "per_class": dict(sorted(self.per_class.items())),
-            "errors_by_kind": dict(self.errors_by_kind),
-            "samples": len(self.per_sample),
-            # which samples the run touched: a report reads the parts of an earlier run only when it shares one
-            "sample_ids": sorted(self.per_sample),
-        }
+        """JSON form for the manifest (``counts``)."""
+        return self.summary().to_json()
+
+    def summary(self) -> ManifestCounts:
+        """The totals as the manifest records them."""
+        return ManifestCounts(
+            total=self.total, ok=self.ok, error=self.error, needs_review=self.needs_review,
+            out_of_distribution=self.out_of_distribution, explanation_suspect=self.explanation_suspect,
+            per_class=dict(sorted(self.per_class.items())), errors_by_kind=dict(self.errors_by_kind),
+            samples=len(self.per_sample), sample_ids=sorted(self.per_sample))
 
 
 class PartWriter:
@@ -259,8 +261,263 @@ class PartWriter:
         return self.files
 
 
-def write_manifest(output: str, manifest: dict[str, Any]) -> str:
+
+
+# --- the run manifest ---------------------------------------------------------
+#
+# A manifest is data from storage, possibly written by an older version or by
+# hand, so reading it never fails on a missing key or a value of the wrong
+# kind; each field falls back to the default documented on it. Writing keeps
+# the keys and their order as classify has always written them (docs/DESIGN.md).
+
+STATUS_SUCCEEDED = "succeeded"
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return dict(value) if isinstance(value, Mapping) else {}
+
+
+def _str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _strs(value: Any) -> list[str] | None:
+    return [str(v) for v in value] if isinstance(value, list) else None
+
+
+def _number(value: Any) -> float | None:
+    """A JSON number (not a bool: ``true`` is no count), else None."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _int(value: Any) -> int:
+    number = _number(value)
+    return int(number) if number is not None else 0
+
+
+def _float(value: Any) -> float:
+    number = _number(value)
+    return float(number) if number is not None else 0.0
+
+
+@dataclass
+class ModelRef:
+    """The artifact a run used (``model``); absent keys of older manifests read None or empty."""
+
+    uri: str | None = None
+    name: str | None = None
+    version: str | None = None
+    sha256: str | None = None
+    digest: str | None = None  # whole-artifact digest (model.artifact_digest); None before runs recorded it
+    class_names: list[str] = field(default_factory=list)
+    non_wbc_classes: list[str] = field(default_factory=list)
+    review_threshold: float | None = None  # the model's default; None before runs recorded it
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``model`` object of the manifest."""
+        return {"uri": self.uri, "name": self.name, "version": self.version, "sha256": self.sha256,
+                "digest": self.digest, "class_names": list(self.class_names),
+                "non_wbc_classes": list(self.non_wbc_classes), "review_threshold": self.review_threshold}
+
+    @classmethod
+    def from_json(cls, data: Any) -> ModelRef:
+        """Read ``model``; anything but an object reads as an unknown model."""
+        d = _dict(data)
+        return cls(uri=_str(d.get("uri")), name=_str(d.get("name")), version=_str(d.get("version")),
+                   sha256=_str(d.get("sha256")), digest=_str(d.get("digest")),
+                   class_names=_strs(d.get("class_names")) or [],
+                   non_wbc_classes=_strs(d.get("non_wbc_classes")) or [],
+                   review_threshold=_number(d.get("review_threshold")))
+
+
+@dataclass
+class ManifestCounts:
+    """What a run counted (``counts``); a count an older manifest lacks reads 0."""
+
+    total: int = 0
+    ok: int = 0
+    error: int = 0
+    needs_review: int = 0
+    out_of_distribution: int = 0
+    explanation_suspect: int = 0
+    per_class: dict[str, int] = field(default_factory=dict)
+    errors_by_kind: dict[str, int] = field(default_factory=dict)
+    samples: int = 0
+    # The samples the run touched: a report reads an earlier run's parts only when it shares one.
+    # None for manifests written before runs recorded them: such a run may hold any sample.
+    sample_ids: list[str] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``counts`` object of the manifest (``sample_ids`` left out when unknown)."""
+        out: dict[str, Any] = {
+            "total": self.total, "ok": self.ok, "error": self.error, "needs_review": self.needs_review,
+            "out_of_distribution": self.out_of_distribution, "explanation_suspect": self.explanation_suspect,
+            "per_class": dict(self.per_class), "errors_by_kind": dict(self.errors_by_kind), "samples": self.samples,
+        }
+        if self.sample_ids is not None:
+            out["sample_ids"] = list(self.sample_ids)
+        return out
+
+    @classmethod
+    def from_json(cls, data: Any) -> ManifestCounts:
+        """Read ``counts``; values that are not numbers read 0."""
+        d = _dict(data)
+        return cls(total=_int(d.get("total")), ok=_int(d.get("ok")), error=_int(d.get("error")),
+                   needs_review=_int(d.get("needs_review")), out_of_distribution=_int(d.get("out_of_distribution")),
+                   explanation_suspect=_int(d.get("explanation_suspect")),
+                   per_class={str(k): _int(v) for k, v in _dict(d.get("per_class")).items()},
+                   errors_by_kind={str(k): _int(v) for k, v in _dict(d.get("errors_by_kind")).items()},
+                   samples=_int(d.get("samples")), sample_ids=_strs(d.get("sample_ids")))
+
+
+@dataclass
+class RunTimings:
+    """How long a run took (``timings``); absent values read 0, ``first_row_seconds`` None."""
+
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+    first_row_seconds: float | None = None  # None when the run had no row (and before runs recorded it)
+    phases: dict[str, float] = field(default_factory=dict)  # fixed costs by phase (verify_model_s, listing_s ...)
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``timings`` object of the manifest."""
+        out: dict[str, Any] = {"seconds": self.seconds, "images_per_second": self.images_per_second}
+        if self.first_row_seconds is not None:
+            out["first_row_seconds"] = self.first_row_seconds
+        out["phases"] = dict(self.phases)
+        return out
+
+    @classmethod
+    def from_json(cls, data: Any) -> RunTimings:
+        """Read ``timings``."""
+        d = _dict(data)
+        return cls(seconds=_float(d.get("seconds")), images_per_second=_float(d.get("images_per_second")),
+                   first_row_seconds=_number(d.get("first_row_seconds")),
+                   phases={str(k): _float(v) for k, v in _dict(d.get("phases")).items()})
+
+
+@dataclass
+class RunManifest:
+    """The run manifest ``runs/<run_id>.json``: the commit marker of a run and what it did.
+
+    Nested objects that every reader uses are typed (``model``, ``counts``,
+    ``timings``); the rest stay JSON objects because only people and the
+    ``runs`` view read them. Keys this version does not know (``nightly``
+    and other ``manifest_extra``) are kept in ``extra`` and written back at
+    the top level, so reading and writing a manifest loses nothing.
+    """
+
+    run_id: str
+    status: str | None = STATUS_SUCCEEDED  # only "succeeded" commits; None when a manifest states none
+    input: str | None = None
+    output: str | None = None
+    model: ModelRef = field(default_factory=ModelRef)
+    started_at: str | None = None  # ISO 8601 strings, as written; query.parse_time reads them
+    finished_at: str | None = None
+    run_date: str | None = None  # the night (YYYY-MM-DD) of the run's part files
+    counts: ManifestCounts = field(default_factory=ManifestCounts)
+    timings: RunTimings = field(default_factory=RunTimings)
+    resources: dict[str, Any] = field(default_factory=dict)  # workers, gpus_per_worker, cpus_per_worker
+    # The part files the commit covers. None for manifests that list none: then every part of the run id counts.
+    parquet_files: list[str] | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # the ClassifyConfig settings of the run, n_uris
+    # {"detected": bool, "evaluated": bool, the rule (max_share, min_ood), per-sample shares ...};
+    # older manifests that wrote a bare true/false read as {"detected": that}.
+    domain_shift: dict[str, Any] = field(default_factory=dict)
+    faithfulness: dict[str, Any] | None = None  # written only when the run measured it
+    warnings: list[str] = field(default_factory=list)  # written only when there are some
+    extra: dict[str, Any] = field(default_factory=dict)
+    path: str | None = field(default=None, compare=False)  # where it was read from; never written
+
+    @property
+    def committed(self) -> bool:
+        """The commit rule: only a manifest that says succeeded makes its run's rows count."""
+        return self.status == STATUS_SUCCEEDED
+
+    @property
+    def shift_detected(self) -> bool:
+        """True when the run raised the domain-shift alarm."""
+        return bool(self.domain_shift.get("detected"))
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object written to ``runs/<run_id>.json``, keys in the order classify writes them."""
+        out: dict[str, Any] = {
+            "run_id": self.run_id, "status": self.status, "input": self.input, "output": self.output,
+            "model": self.model.to_json(), "started_at": self.started_at, "finished_at": self.finished_at,
+            "run_date": self.run_date, "counts": self.counts.to_json(), "timings": self.timings.to_json(),
+            "resources": dict(self.resources),
+        }
+        if self.parquet_files is not None:
+            out["parquet_files"] = list(self.parquet_files)
+        out["options"] = dict(self.options)
+        out["domain_shift"] = dict(self.domain_shift)
+        if self.faithfulness is not None:
+            out["faithfulness"] = self.faithfulness
+        if self.warnings:
+            out["warnings"] = list(self.warnings)
+        out.update(self.extra)
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], run_id: str | None = None) -> RunManifest:
+        """Read a manifest of any age; ``run_id`` names it when it does not name itself (the file name)."""
+        shift = data.get("domain_shift")
+        faithfulness = data.get("faithfulness")
+        return cls(
+            run_id=str(data.get("run_id") or run_id or ""),
+            status=_str(data.get("status")),
+            input=_str(data.get("input")),
+            output=_str(data.get("output")),
+            model=ModelRef.from_json(data.get("model")),
+            started_at=_str(data.get("started_at")),
+            finished_at=_str(data.get("finished_at")),
+            run_date=_str(data.get("run_date")),
+            counts=ManifestCounts.from_json(data.get("counts")),
+            timings=RunTimings.from_json(data.get("timings")),
+            resources=_dict(data.get("resources")),
+            parquet_files=_strs(data.get("parquet_files")),
+            options=_dict(data.get("options")),
+            domain_shift=_dict(shift) if isinstance(shift, Mapping) else ({"detected": shift} if isinstance(shift, bool) else {}),
+            faithfulness=_dict(faithfulness) if isinstance(faithfulness, Mapping) else None,
+            warnings=_strs(data.get("warnings")) or [],
+            extra={k: v for k, v in data.items() if k not in _MANIFEST_KEYS and not str(k).startswith("_")},
+        )
+
+    @classmethod
+    def parse(cls, text: str | bytes, run_id: str | None = None, path: str | None = None) -> RunManifest | None:
+        """A manifest file's content; None when it is not a JSON object.
+
+        The manifest is written in one piece, so one that does not parse was
+        never committed: readers skip it rather than fail.
+        """
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return None
+        if not isinstance(data, dict):
+            return None
+        manifest = cls.from_json(data, run_id)
+        manifest.path = path
+        return manifest
+
+
+_MANIFEST_KEYS = frozenset({"run_id", "status", "input", "output", "model", "started_at", "finished_at", "run_date",
+                            "counts", "timings", "resources", "parquet_files", "options", "domain_shift",
+                            "faithfulness", "warnings"})
+
+
+def write_manifest(output: str, manifest: RunManifest) -> str:
     """Write the run manifest: the commit marker, so always the last write of a run."""
-    uri = manifest_uri(output, manifest["run_id"])
-    storage.write_bytes(uri, json.dumps(manifest, indent=2, default=str).encode())
+    uri = manifest_uri(output, validate_run_id(manifest.run_id))
+    storage.write_bytes(uri, json.dumps(manifest.to_json(), indent=2, default=str).encode())
     return uri
+
+
+def read_manifest(output: str, run_id: str) -> RunManifest | None:
+    """One run's manifest; None when it has none or it does not parse (the run is not committed)."""
+    uri = manifest_uri(output, validate_run_id(run_id))
+    try:
+        text = storage.read_bytes(uri)
+    except FileNotFoundError:
+        return None
+    return RunManifest.parse(text, run_id, path=uri)

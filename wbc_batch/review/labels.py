@@ -68,7 +68,9 @@ def _match_rows(table: pd.DataFrame, rows: pd.DataFrame) -> list[tuple[Mapping[s
     for r in ok.to_dict("records"):
         by_key.setdefault(str(r[key]), []).append(r)
     classes = {c[2:] for c in rows.columns if c.startswith("p_")}
-    unknown, bad_class, out = [], [], []
+    unknown: list[str] = []
+    bad_class: list[str] = []
+    out: list[tuple[Mapping[str, Any], str, str | None]] = []
     for entry in table.to_dict("records"):
         ident, cls = str(entry.get(key) or "").strip(), str(entry.get("verified_class") or "").strip()
         if ident not in by_key:
