@@ -270,6 +270,17 @@ def test_evaluate_uses_the_models_test_split(trained: dict[str, Any], data_with_
     assert everything["n_images"] == 64 and any(".DS_" in s["uri"] for s in everything["skipped"])
 
 
+def test_test_time_augmentation_does_not_depend_on_which_way_up_the_cell_lies(shipped: Any) -> None:
+    from wbc_batch.training.evaluation import dihedral_mean_logits, predict_logits
+
+    rng = np.random.default_rng(3)
+    batch = rng.integers(0, 256, (3, 128, 128, 3)).astype(np.uint8)
+    turned = np.ascontiguousarray(np.rot90(batch, 1, axes=(1, 2))[:, ::-1])
+    mean = dihedral_mean_logits(shipped.model, batch)
+    np.testing.assert_allclose(mean, dihedral_mean_logits(shipped.model, turned), atol=1e-3)
+    assert not np.allclose(mean, predict_logits(shipped.model, batch), atol=1e-3)
+
+
 @pytest.mark.slow
 def test_cli_evaluate_prints_and_refuses_a_tampered_model(
     trained: dict[str, Any], data_with_junk: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]

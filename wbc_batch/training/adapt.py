@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from wbc_batch import metrics, splits, storage
+from wbc_batch.training.augment import dihedral_views
 from wbc_batch.training.config import MATURE_CLASSES, TrainConfig, TrainingError, resolve_precision
 from wbc_batch.training.data import list_labelled_files, read_labelled, read_split_csv
 from wbc_batch.training.driver import _ensure_ray, fit_on_ray, provenance
@@ -140,13 +141,6 @@ def _repeats(n_new: int, n_replay: int, share: float) -> int:
     if n_replay == 0 or n_new == 0:
         return 1
     return max(1, round(share / (1.0 - share) * n_replay / n_new))
-
-
-def dihedral_views(images: np.ndarray) -> np.ndarray:
-    """The 8 rotations and flips of each (N, S, S, 3) image, as (8N, S, S, 3)."""
-    views = [np.rot90(images, k, axes=(1, 2)) for k in range(4)]
-    views += [v[:, :, ::-1] for v in views]
-    return np.ascontiguousarray(np.concatenate(views))
 
 
 def augmented_views(images: np.ndarray, n: int, seed: int) -> np.ndarray:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class AugmentSpec:
@@ -139,3 +141,14 @@ def augment(tf: Any, image: Any, seed: Any = None, mask: Any = None, spec: Augme
     x = tf.cond(_chance(tf, spec.jpeg_probability), jpeg, lambda: x)
     x = tf.ensure_shape(x, [side, side, 3])
     return x if mask is None else (x, mask)
+
+
+def dihedral_views(images: np.ndarray) -> np.ndarray:
+    """The 8 rotations and flips of each (N, S, S, 3) image, as (8N, S, S, 3), view-major.
+
+    Why these 8: a smear has no up, so every one of them is the same cell;
+    test-time augmentation and the OOD refit of ``adapt`` both use them.
+    """
+    views = [np.rot90(images, k, axes=(1, 2)) for k in range(4)]
+    views += [v[:, :, ::-1] for v in views]
+    return np.ascontiguousarray(np.concatenate(views))

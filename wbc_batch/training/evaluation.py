@@ -11,6 +11,7 @@ import numpy as np
 
 from wbc_batch import imaging, metrics, splits, storage
 from wbc_batch.model import SPLIT_FILE
+from wbc_batch.training.augment import dihedral_views
 from wbc_batch.training.config import MATURE_CLASSES, TrainingError
 from wbc_batch.training.data import list_labelled_files, read_and_hash, read_split_csv
 
@@ -23,6 +24,17 @@ def predict_logits(model: Any, images: np.ndarray, batch_size: int = 64) -> np.n
     for i in range(0, len(images), batch_size):
         out.append(np.asarray(model.predict_on_batch(images[i : i + batch_size].astype(np.float32))))
     return np.concatenate(out) if out else np.zeros((0, int(model.output_shape[-1])), np.float32)
+
+
+def dihedral_mean_logits(model: Any, batch: np.ndarray) -> np.ndarray:
+    """Logits averaged over the 8 rotations and flips of each image of an (N, S, S, 3) batch.
+
+    Why logits and not probabilities: the mean of logits keeps the
+    temperature calibration meaningful (one temperature scales the mean).
+    """
+    views = dihedral_views(batch)
+    out = np.asarray(model.predict_on_batch(views.astype(np.float32)), np.float32)
+    return out.reshape(8, len(batch), -1).mean(axis=0)
 
 
 def predict_embeddings(model: Any, embedding_layer: str, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
@@ -88,6 +100,7 @@ def collect_logits(
     split: str | None = "test",
     split_of: dict[str, str] | None = None,
     batch_size: int = 64,
+    tta: bool = False,
 ) -> dict[str, Any]:
     """Run a loaded artifact over the labelled images of one split.
 
@@ -96,6 +109,8 @@ def collect_logits(
         data_uri: class-folder layout, local or ``s3://``.
         split: which split to keep; None for every image.
         split_of: sha256 -> split; None to use every image.
+        tta: average the logits over the 8 rotations and flips of each image
+            (a cell has no up); the OOD flag still reads the image as given.
 
     Returns:
         ``{"logits" (N, C), "labels" (N,), "uris", "skipped" [{uri, reason}],
@@ -150,6 +165,8 @@ def collect_logits(
                 continue
             batch = imaging.prepare_batch(images, size)
             out, emb = both.predict_on_batch(batch)
+            if tta:
+                out = dihedral_mean_logits(artifact.model, batch)
             logits.append(np.asarray(out))
             if scorer is not None:
                 flagged.append(scorer.score(np.asarray(emb, np.float32), batch)[1])
@@ -172,6 +189,7 @@ def evaluate(
     split: str = "test",
     split_source: str | None = None,
     allow_untrusted: bool = False,
+    tta: bool = False,
 ) -> dict[str, Any]:
     """Evaluate an artifact on labelled images; the figures of ``wbc-batch evaluate``.
 
@@ -187,6 +205,7 @@ def evaluate(
         out_json: where to write the JSON (local path or ``s3://``), optional.
         split: ``train``, ``val``, ``test`` or ``all``.
         split_source: artifact whose split.csv decides the split.
+        tta: average logits over the 8 dihedral views (see :func:`collect_logits`).
 
     Returns:
         ``{"model", "data", "split", "n_images", "skipped", "metrics"}`` with
@@ -202,7 +221,7 @@ def evaluate(
     used_split = split if split_of is not None else "all"
     if split != "all" and split_of is None:
         log.warning("model %s has no %s: evaluating on every image", artifact.uri, SPLIT_FILE)
-    got = collect_logits(artifact, data_uri, used_split if split_of is not None else None, split_of)
+    got = collect_logits(artifact, data_uri, used_split if split_of is not None else None, split_of, tta=tta)
     if len(got["labels"]) == 0:
         raise ValueError(f"no labelled images of split {used_split!r} under {data_uri} for this model")
     meta = artifact.meta
@@ -224,6 +243,7 @@ def evaluate(
         "data": str(data_uri),
         "split": used_split,
         "n_images": int(len(got["labels"])),
+        "tta": tta,
         "skipped": got["skipped"],
         "metrics": report,
     }
