@@ -437,3 +437,23 @@ def test_publish_compares_digests_and_never_overwrites_a_published_version(
             training.publish(other, str(loc), str(data_with_junk))
         assert artifact_digest(str(loc / "current")) == current_before
     assert artifact_digest(str(loc / "versions" / "always-basophil")) == artifact_digest(worse)
+
+
+def test_freezing_batch_norm_keeps_its_statistics_while_the_rest_learns() -> None:
+    import tf_keras
+
+    from wbc_batch.architecture import build_classifier
+    from wbc_batch.training.worker import freeze_batch_norm
+
+    model = build_classifier(tf_keras, 3, image_size=32)
+    freeze_batch_norm(tf_keras, model)
+    model.compile(optimizer=tf_keras.optimizers.Adam(1e-2),
+                  loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    norms = [layer for layer in model.layers if isinstance(layer, tf_keras.layers.BatchNormalization)]
+    stats_before = [w.copy() for layer in norms for w in layer.get_weights()]
+    kernel_before = model.get_layer("stem_conv").get_weights()[0].copy()
+    rng = np.random.default_rng(0)
+    model.fit(rng.uniform(0, 255, (16, 32, 32, 3)).astype("float32"), rng.integers(0, 3, 16), epochs=2, verbose=0)
+    for before, after in zip(stats_before, [w for layer in norms for w in layer.get_weights()]):
+        np.testing.assert_array_equal(before, after)
+    assert not np.allclose(kernel_before, model.get_layer("stem_conv").get_weights()[0])

@@ -62,6 +62,7 @@ class AdaptConfig:
     learning_rate: float = 5e-4
     batch_size: int = 32
     weight_decay: float = 5e-4
+    freeze_norm: bool = False
     workers: int = 1
     cpus_per_worker: float | None = None  # None: the cluster's CPUs shared by the workers (at most 8 each)
     use_gpu: bool = False
@@ -101,6 +102,7 @@ class AdaptConfig:
             weight_decay=self.weight_decay, cpus_per_worker=cpus, use_gpu=self.use_gpu,
             storage_path=self.storage_path, max_failures=self.max_failures, ray_address=self.ray_address,
             seed=self.seed, precision=self.precision, command=self.command, input_norm=input_norm,
+            freeze_norm=self.freeze_norm,
         )
 
 
@@ -258,7 +260,7 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
     precision = resolve_precision(config.precision, config.use_gpu)
     fingerprint = hashlib.sha256("".join(sorted(new["sha256"])).encode()).hexdigest()
     settings = f"{config.epochs}-{config.learning_rate}-{config.batch_size}-{config.replay_per_class}-" \
-               f"{config.new_lab_share}-{config.seed}-{meta.model_sha256}"
+               f"{config.new_lab_share}-{config.seed}-{config.freeze_norm}-{meta.model_sha256}"
     run_name = f"wbc-adapt-{fingerprint[:12]}-{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
     fit = fit_on_ray(tc, train_ds, len(classes), [1.0] * len(classes),
                      [np.asarray(w) for w in base.model.get_weights()], run_name, precision)
@@ -301,6 +303,7 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
         "new_lab_share": config.new_lab_share,
         "epochs": config.epochs,
         "optimizer": f"AdamW lr {config.learning_rate}, weight decay {config.weight_decay}, batch {config.batch_size}",
+        "batch_norm": "frozen (inference mode)" if config.freeze_norm else "trained",
         "precision": precision,
         "train_seconds": round(fit.seconds, 1),
         "final_epoch": fit.final_state,

@@ -76,6 +76,7 @@ class TrainConfig:
     init_from: str | None = None
     precision: str = "auto"
     input_norm: str = "rescale"
+    freeze_norm: bool = False  # BatchNormalization in inference mode: fine-tuning keeps the base's statistics
     command: str = ""
     class_weight_factors: dict[str, float] = field(default_factory=dict)
     decode_batch_size: int = 32

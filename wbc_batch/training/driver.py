@@ -229,6 +229,7 @@ def fit_on_ray(
             "initial_weights": init_weights,
             "precision": precision,
             "input_norm": config.input_norm,
+            "freeze_norm": config.freeze_norm,
         },
         scaling_config=ScalingConfig(
             num_workers=config.workers, use_gpu=config.use_gpu, resources_per_worker={"CPU": config.cpus_per_worker}

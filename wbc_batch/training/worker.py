@@ -44,6 +44,20 @@ def _load_shard(shard: Any) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
+def freeze_batch_norm(keras: Any, model: Any) -> None:
+    """Run every BatchNormalization layer in inference mode, with its statistics fixed.
+
+    Why: fine-tuning on a few cells of a new lab mixed with replayed cells
+    would otherwise move the moving means and variances towards the mixture,
+    and the first lab's cells would then be normalised with statistics that
+    are no longer theirs (a documented cause of cross-lab failure). Keras
+    runs a non-trainable BatchNormalization layer in inference mode.
+    """
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+
+
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     """Body of each Ray Train worker: tf-keras under ``MultiWorkerMirroredStrategy``.
 
@@ -100,6 +114,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     with strategy.scope():
         model = build_classifier(tf_keras, int(cfg["num_classes"]), image_size=int(cfg["image_size"]),
                                  input_norm=str(cfg.get("input_norm", "rescale")))
+        if cfg.get("freeze_norm"):
+            freeze_batch_norm(tf_keras, model)
         optimizer = recipe.make_optimizer(
             tf_keras, float(cfg["learning_rate"]), float(cfg["weight_decay"]), epochs, steps
         )
