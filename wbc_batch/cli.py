@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from wbc_batch import console
 from wbc_batch.errors import EXIT_CLUSTER, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, WbcError  # noqa: F401 (EXIT_CLUSTER: tests)
 
 if TYPE_CHECKING:
@@ -88,7 +88,8 @@ def _print_summary(manifest: RunManifest) -> None:
     counts = manifest.counts
     print(
         f"run {manifest.run_id}: {counts.total} images, {counts.ok} ok, {counts.error} errors, "
-        f"{counts.needs_review} need review; {manifest.timings.images_per_second:.1f} images/s"
+        f"{counts.needs_review} need review ({console.percent(counts.needs_review, counts.total)}); "
+        f"{manifest.timings.images_per_second:.1f} images/s, {console.human_duration(manifest.timings.seconds)}"
     )
     per_class = ", ".join(f"{k} {v}" for k, v in sorted(counts.per_class.items()))
     if per_class:
@@ -512,7 +513,9 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every sub-command."""
     parser = argparse.ArgumentParser(prog="wbc-batch", description="Batch white-blood-cell classification with Grad-CAM on Ray.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log at INFO and let TensorFlow, Ray and Ray Data print as they would (progress bars "
+                             "included); default: their warnings and errors only, and our own progress line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for add in COMMANDS:
@@ -545,21 +548,11 @@ def _error_message(exc: BaseException) -> tuple[str, int]:
     return f"failed: {type(exc).__name__}: {first}", EXIT_FAILED
 
 
-def _quiet_libraries() -> None:
-    """Keep Ray's and TensorFlow's progress chatter out of a normal run's output."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``wbc-batch`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:
-        _quiet_libraries()
+    console.configure(args.verbose)  # our lines, not the libraries' chatter, unless -v (wbc_batch/console.py)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

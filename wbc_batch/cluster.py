@@ -120,7 +120,10 @@ def connect(explicit: str | None, timeout_s: float = CONNECT_TIMEOUT_S) -> Clust
     if ray.is_initialized():
         return None
     choice = choose(explicit, timeout_s)
-    kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
+    from wbc_batch import console
+
+    # quiet unless --verbose; worker output never forwarded
+    kwargs: dict[str, Any] = console.ray_init_kwargs(existing_cluster=choice.address is not None)
     # "local" rather than None: ray.init(None) would read RAY_ADDRESS and the recorded head itself.
     ray.init(address=choice.address or _LOCAL, **kwargs)
     log.info("Ray: %s (%s)", choice.address or "new local cluster", choice.source)

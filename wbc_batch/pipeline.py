@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from wbc_batch import cluster, metrics, results, storage
+from wbc_batch import cluster, console, metrics, results, storage
 from wbc_batch.imaging import ImageDecodeError, decode_image, encode_jpeg, resize_for_model
 from wbc_batch.model import load_artifact, pinned_digest, verify_artifact
 
@@ -331,15 +331,8 @@ def render_explanations(batch: dict[str, np.ndarray], output_uri: str, write_hea
 
 def _quiet_ray_data(quiet: bool) -> None:
     """In a quiet run (the CLI without -v), keep Ray Data's per-dataset INFO lines and progress bars off the console."""
-    if not quiet:
-        return
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    for name in ("ray.data", "ray.data._internal.execution.streaming_executor"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    if quiet:
+        console.quiet_ray_data()
 
 
 def _plan_resources(config: ClassifyConfig) -> tuple[int, float, float]:
@@ -522,6 +515,8 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
     checked = verify_artifact(config.model_uri, allow_untrusted=config.allow_untrusted_model,
                               expected_digest=config.model_digest)
     meta, model_digest = checked.meta, checked.digest
+    if config.quiet:
+        console.import_tensorflow_quietly()  # TF's absl lines at import ignore TF_CPP_MIN_LOG_LEVEL (console.py)
     loader = _ModelLoader(config.model_uri, config.allow_untrusted_model, model_digest)
     if not OVERLAP_MODEL_LOAD:
         loader.raise_first()
@@ -591,14 +586,20 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
                             batch_size=config.batch_size, num_cpus=0.5)
         # whole blocks as they come (the writer buffers rows into parts), so the first rows, and the
         # faithfulness sample, reach the driver after one batch rather than after 1024 rows
+        progress = console.Progress(len(uris)) if config.quiet else None  # -v: Ray Data's own bars instead
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 if first_row is None:
                     first_row = time.perf_counter() - t0
                 _write_batch(batch, schema, listing, position, counts, writer, faithfulness_sample)
+                if progress is not None:
+                    progress.update(len(batch["image_uri"]))
         except Exception:
             loader.raise_first()  # the actors failed on the model: the driver's own error says why, as before
             raise
+        finally:
+            if progress is not None:
+                progress.close()
     files = writer.close()
     elapsed = time.perf_counter() - t0
     faithfulness = faithfulness_sample.result()
