@@ -424,6 +424,8 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=12, help="epochs (default 12, chosen on a held-out lab)")
     p.add_argument("--learning-rate", type=float, default=5e-4, help="peak learning rate (default 5e-4)")
     p.add_argument("--batch-size", type=int, default=32, help="global batch size (default 32)")
+    p.add_argument("--freeze-norm", action="store_true",
+                   help="keep the base's BatchNormalization statistics (layers in inference mode)")
     p.add_argument("--lab", default=None, help="the lab's name in model.json (default: DATA's folder name)")
     p.add_argument("--version", default=None, help="version of the new artifact (default: BASE+LAB.timestamp)")
     p.add_argument("--workers", type=int, default=1, help="data-parallel training workers (default 1)")
@@ -441,7 +443,8 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
     summary = run_adaptation(AdaptConfig(
         data_uri=args.data, model_out=args.model_out, base=args.base, replay_uri=args.replay,
         replay_per_class=args.replay_per_class, new_lab_share=args.new_lab_share, epochs=args.epochs,
-        learning_rate=args.learning_rate, batch_size=args.batch_size, workers=args.workers,
+        learning_rate=args.learning_rate, batch_size=args.batch_size, freeze_norm=args.freeze_norm,
+        workers=args.workers,
         cpus_per_worker=args.cpus_per_worker, use_gpu=args.use_gpu, storage_path=args.storage_path,
         ray_address=args.ray_address, version=args.version, lab=args.lab, precision=args.precision,
         allow_untrusted=args.trust_model, command=_command_line(),
@@ -481,6 +484,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                         "never saw, since none of it is in the split.csv)")
     p.add_argument("--out", default=None,
                    help="write the full JSON here (local path or s3:// URI; a list with one entry per DATA)")
+    p.add_argument("--tta", action="store_true",
+                   help="average the logits over the 8 rotations and flips of each image (8x the network's cost)")
     _trust_model_option(p)
     p.set_defaults(func=_cmd_evaluate)
 
@@ -493,7 +498,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     model = None if args.model == "shipped" else args.model
     results = []
     for i, data in enumerate(args.data):
-        result = evaluate(model, data, split=args.split, allow_untrusted=args.trust_model)
+        result = evaluate(model, data, split=args.split, allow_untrusted=args.trust_model, tta=args.tta)
         results.append(result)
         print(("\n" if i else "") + format_summary(result))
     if args.out:
