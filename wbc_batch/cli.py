@@ -553,11 +553,17 @@ def _error_message(exc: BaseException) -> tuple[str, int]:
     return f"failed: {type(exc).__name__}: {first}", EXIT_FAILED
 
 
+# commands that run the network, so import TensorFlow (and its absl lines) anyway
+NETWORK_COMMANDS = frozenset({"adapt", "classify", "evaluate", "explain", "nightly", "train"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``wbc-batch`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
     console.configure(args.verbose)  # our lines, not the libraries' chatter, unless -v (wbc_batch/console.py)
+    if args.command in NETWORK_COMMANDS and console.quiet():
+        console.import_tensorflow_quietly()  # before any thread writes to stderr
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
