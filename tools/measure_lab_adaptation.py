@@ -107,9 +107,10 @@ def main() -> int:
     parser.add_argument("--base", default="shipped")
     parser.add_argument("--folds", default="0,1")
     parser.add_argument("--skip-zero-shot", action="store_true")
-    parser.add_argument("adapt_options", nargs=argparse.REMAINDER)
-    args = parser.parse_args()
-    extra = [a for a in args.adapt_options if a != "--"]
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)  # everything after `--` goes to `wbc-batch adapt`
+    args = parser.parse_args(argv[:cut])
+    extra = argv[cut + 1 :]
     args.out.mkdir(parents=True, exist_ok=True)
     cells = list_lab(args.lab)
     fold_of = deal_slides(cells)
