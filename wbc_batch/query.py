@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 from wbc_batch import storage
 from wbc_batch.errors import CorruptResultsError, InvalidInputError
 from wbc_batch.ood import DEFAULT_MAX_SHARE, ShiftRule, sample_shifted
-from wbc_batch.results import RunManifest
+from wbc_batch.results import PREDICTIONS_DIR, RUNS_DIR, RunManifest, part_run_id, prediction_schema
 
 __all__ = [
     "BASE_COLUMNS", "CANNED", "DEFAULT_REFERENCE_RANGES", "Part", "QueryError", "Results", "check_read_only",
@@ -57,8 +57,6 @@ __all__ = [
     "read_manifests", "read_results", "row_schema", "run_query", "wilson_interval",
 ]
 
-PREDICTIONS_DIR = "predictions"
-RUNS_DIR = "runs"
 DEFAULT_NON_WBC: tuple[str, ...] = ("non_wbc",)
 # Adult reference ranges in percent of white cells: (low, high); None = no bound.
 DEFAULT_REFERENCE_RANGES: dict[str, tuple[float | None, float | None]] = {
@@ -75,37 +73,12 @@ FORMATS = ("table", "csv", "json")
 CANNED = ("differential", "review-queue", "runs", "drift", "agreement")
 READ_ONLY_TYPES = ("SELECT", "EXPLAIN")
 
-_PART_RE = re.compile(r"^part-(?P<run_id>.+)-(?P<seq>\d+)\.parquet$")
 _RUN_DATE_RE = re.compile(r"(?:^|/)run_date=(\d{4}-\d{2}-\d{2})(?:/|$)")
 
-# Columns every row has (docs/DESIGN.md), besides the per-class p_<class> columns.
+# Columns every row has (docs/DESIGN.md), besides the per-class p_<class> columns: the schema classify
+# writes (wbc_batch.results.prediction_schema, the one definition) plus the run_date partition.
 BASE_COLUMNS: dict[str, pa.DataType] = {
-    "image_uri": pa.string(),
-    "image_sha256": pa.string(),
-    "sample_id": pa.string(),
-    "predicted_class": pa.string(),
-    "confidence": pa.float32(),
-    "needs_review": pa.bool_(),
-    "status": pa.string(),
-    "error": pa.string(),
-    "error_kind": pa.string(),
-    "heatmap_uri": pa.string(),
-    "model_version": pa.string(),
-    "model_sha256": pa.string(),
-    "model_digest": pa.string(),  # null in Parquet written before the artifact digest
-    "run_id": pa.string(),
-    "processed_at": pa.timestamp("us", tz="UTC"),
-    "image_width": pa.int32(),
-    "image_height": pa.int32(),
-    "cam_in_cell": pa.float32(),
-    "cam_peak_in_cell": pa.bool_(),
-    "cell_area_share": pa.float32(),
-    "explanation_suspect": pa.bool_(),
-    "ood_score": pa.float32(),
-    "out_of_distribution": pa.bool_(),
-    "source_size": pa.int64(),
-    "source_etag": pa.string(),
-    "source_mtime": pa.timestamp("us", tz="UTC"),
+    **{f.name: f.type for f in prediction_schema([])},
     "run_date": pa.date32(),
 }
 
@@ -233,9 +206,8 @@ def part_files(output: str) -> list[Part]:
     for path in _list(fs, f"{root}/{PREDICTIONS_DIR}", output):
         if not path.endswith(".parquet"):
             continue
-        match = _PART_RE.match(path.rsplit("/", 1)[-1])
         date = _RUN_DATE_RE.search(path)
-        out.append(Part(path, match.group("run_id") if match else None, date.group(1) if date else None))
+        out.append(Part(path, part_run_id(path.rsplit("/", 1)[-1]), date.group(1) if date else None))
     return out
 
 

@@ -152,7 +152,7 @@ def manifest_uri(output: str, run_id: str) -> str:
     return storage.join(output, RUNS_DIR, f"{run_id}.json")
 
 
-_PART_RE = re.compile(r"^part-(?P<run_id>.+)-(?P<seq>\d{5})\.parquet$")
+_PART_RE = re.compile(r"^part-(?P<run_id>.+)-(?P<seq>\d{5,})\.parquet$")  # seq as part_file_uri writes it
 
 
 def part_run_id(file_name: str) -> str | None:
