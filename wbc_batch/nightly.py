@@ -456,7 +456,7 @@ def committed_rows(output_uri: str) -> tuple[set[str], pa.Table]:
     """Committed run ids and the columns nightly needs (``ROWS_SCHEMA``) of every committed row.
 
     Which part files count is the one commit rule queries apply,
-    :func:`wbc_batch.query.committed_parts` (a run whose manifest says
+    :func:`wbc_batch.results.committed_parts` (a run whose manifest says
     ``succeeded`` and, when the manifest lists its ``parquet_files``, only
     those); rows are filtered on their own ``run_id`` too. One lazy pyarrow
     dataset reads just these ten columns; Parquet written before the
@@ -466,7 +466,7 @@ def committed_rows(output_uri: str) -> tuple[set[str], pa.Table]:
     """
     import pyarrow.dataset as ds
 
-    from wbc_batch.query import committed_parts, committed_run_ids, part_files, read_manifests
+    from wbc_batch.results import committed_parts, committed_run_ids, part_files, read_manifests
 
     manifests = read_manifests(output_uri)
     committed = committed_run_ids(manifests)

@@ -48,7 +48,17 @@ import pyarrow.parquet as pq
 from wbc_batch import storage
 from wbc_batch.errors import CorruptResultsError, InvalidInputError
 from wbc_batch.ood import DEFAULT_MAX_SHARE, ShiftRule, sample_shifted
-from wbc_batch.results import PREDICTIONS_DIR, RUNS_DIR, RunManifest, part_run_id, prediction_schema
+from wbc_batch.results import (  # the commit rule lives with the writer; re-exported here for readers
+    PREDICTIONS_DIR,
+    Part,
+    RunManifest,
+    _fs_error,
+    committed_parts,
+    committed_run_ids,
+    part_files,
+    prediction_schema,
+    read_manifests,
+)
 
 __all__ = [
     "BASE_COLUMNS", "CANNED", "DEFAULT_REFERENCE_RANGES", "Part", "QueryError", "Results", "check_read_only",
@@ -73,7 +83,6 @@ FORMATS = ("table", "csv", "json")
 CANNED = ("differential", "review-queue", "runs", "drift", "agreement")
 READ_ONLY_TYPES = ("SELECT", "EXPLAIN")
 
-_RUN_DATE_RE = re.compile(r"(?:^|/)run_date=(\d{4}-\d{2}-\d{2})(?:/|$)")
 
 # Columns every row has (docs/DESIGN.md), besides the per-class p_<class> columns: the schema classify
 # writes (wbc_batch.results.prediction_schema, the one definition) plus the run_date partition.
@@ -88,15 +97,6 @@ class QueryError(InvalidInputError):
 
 
 # --- loading ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Part:
-    """One part file: where it is in the pyarrow filesystem, its run (from the name) and night (from the folder)."""
-
-    path: str
-    run_id: str | None
-    run_date: str | None
 
 
 @dataclass
@@ -137,49 +137,6 @@ class Results:
         return self.dataset.to_table(filter=_run_filter(self.run_ids))
 
 
-def _fs_error(output: str, exc: Exception) -> storage.StorageError:
-    return storage.StorageError(f"cannot read results under {output}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
-
-
-def _list(fs: Any, path: str, output: str) -> list[str]:
-    """Files under ``path`` (recursive, sorted); empty when the folder is absent."""
-    import pyarrow.fs as pafs
-
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    except OSError as exc:
-        raise _fs_error(output, exc) from None
-    return sorted(i.path for i in infos if i.type == pafs.FileType.File)
-
-
-def read_manifests(output: str) -> dict[str, RunManifest]:
-    """Every run manifest under ``OUTPUT/runs``, keyed by run id.
-
-    A manifest that is not a JSON object is skipped: the manifest is the
-    commit marker and is written atomically, so an unreadable one is not a
-    commit (:meth:`RunManifest.parse`).
-    """
-    fs, root = storage.arrow_filesystem(output)
-    out: dict[str, RunManifest] = {}
-    for path in _list(fs, f"{root}/{RUNS_DIR}", output):
-        if not path.endswith(".json"):
-            continue
-        try:
-            with fs.open_input_stream(path) as fh:
-                text = fh.read()
-        except OSError as exc:
-            raise _fs_error(output, exc) from None
-        manifest = RunManifest.parse(text, run_id=path.rsplit("/", 1)[-1][: -len(".json")], path=path)
-        if manifest is not None:
-            out[manifest.run_id] = manifest
-    return out
-
-
-def committed_run_ids(manifests: Mapping[str, RunManifest]) -> set[str]:
-    """Run ids whose manifest says ``status: succeeded`` (the commit rule)."""
-    return {rid for rid, m in manifests.items() if m.committed}
-
-
 def run_shift_rules(manifests: Mapping[str, RunManifest]) -> dict[str, ShiftRule]:
     """The unreliable-sample rule (:class:`wbc_batch.ood.ShiftRule`) each committed run applied, by run id."""
     return {rid: ShiftRule.from_manifest(manifests[rid]) for rid in committed_run_ids(manifests)}
@@ -190,46 +147,6 @@ def _rule_for_runs(runs: set[str], shift_rules: Mapping[str, ShiftRule] | None,
     """The strictest rule of these runs (the default without any), ``ood_share_limit`` overriding."""
     rule = ShiftRule.strictest(shift_rules[r] for r in runs if r in shift_rules) if shift_rules else ShiftRule()
     return rule if ood_share_limit is None else ShiftRule(max_share=ood_share_limit, min_ood=rule.min_ood)
-
-
-def _committed_files(manifest: RunManifest) -> set[str] | None:
-    """Part-file names a committed manifest lists, or None when it lists none."""
-    if manifest.parquet_files is None:
-        return None
-    return {f.rstrip("/").rsplit("/", 1)[-1] for f in manifest.parquet_files}
-
-
-def part_files(output: str) -> list[Part]:
-    """Every ``*.parquet`` under ``OUTPUT/predictions`` (sorted), with its run id and night; no file is opened."""
-    fs, root = storage.arrow_filesystem(output)
-    out = []
-    for path in _list(fs, f"{root}/{PREDICTIONS_DIR}", output):
-        if not path.endswith(".parquet"):
-            continue
-        date = _RUN_DATE_RE.search(path)
-        out.append(Part(path, part_run_id(path.rsplit("/", 1)[-1]), date.group(1) if date else None))
-    return out
-
-
-def committed_parts(parts: Iterable[Part], manifests: Mapping[str, RunManifest]) -> list[Part]:
-    """The part files whose rows count: the commit rule applied to file names.
-
-    A file counts when its run's manifest says succeeded and, when the
-    manifest lists its ``parquet_files``, it is one of them (not a stale part
-    of an earlier attempt of the run id). Skipping the others up front also
-    skips half-written files. Rows are filtered on their own ``run_id`` as
-    well (:attr:`Results.run_ids`).
-    """
-    committed = committed_run_ids(manifests)
-    out = []
-    for part in parts:
-        if part.run_id is None or part.run_id not in committed:
-            continue
-        listed = _committed_files(manifests[part.run_id])
-        if listed is not None and part.path.rsplit("/", 1)[-1] not in listed:
-            continue
-        out.append(part)
-    return out
 
 
 def _check_run_dates(run_dates: Collection[str]) -> set[str]:
