@@ -52,11 +52,11 @@ from wbc_batch.results import (  # the commit rule lives with the writer; re-exp
     PREDICTIONS_DIR,
     Part,
     RunManifest,
-    _fs_error,
     committed_parts,
     committed_run_ids,
     part_files,
     prediction_schema,
+    read_error,
     read_manifests,
 )
 
@@ -215,7 +215,7 @@ def _part_schema(fs: Any, part: Part, output: str, must_count: bool) -> pa.Schem
     except OSError as exc:
         if not must_count:
             return None
-        raise _fs_error(output, exc) from None
+        raise read_error(output, exc) from None
     tracked = _TrackedFile(fh)
     try:
         return pq.read_schema(tracked)
@@ -223,7 +223,7 @@ def _part_schema(fs: Any, part: Part, output: str, must_count: bool) -> pa.Schem
         if not must_count:
             return None  # an uncommitted run's file may be incomplete; it never counts anyway
         if tracked.io_error is not None:
-            raise _fs_error(output, tracked.io_error) from None
+            raise read_error(output, tracked.io_error) from None
         raise _corrupt(part, exc) from None
     finally:
         fh.close()
@@ -392,13 +392,13 @@ def diagnose_scan_error(results: Results, exc: Exception) -> None:
             with fs.open_input_file(part.path) as fh:
                 data = fh.read()
         except OSError as io_exc:
-            raise _fs_error(results.output, io_exc) from None
+            raise read_error(results.output, io_exc) from None
         try:
             pq.read_table(pa.BufferReader(data))
         except (OSError, pa.ArrowException) as decode_exc:
             raise _corrupt(part, decode_exc) from None
         del data
-    raise _fs_error(results.output, exc)
+    raise read_error(results.output, exc)
 
 
 def fetch_df(con: Any, results: Results, sql: str, params: list[Any] | None = None) -> pd.DataFrame:

@@ -537,7 +537,8 @@ class Part:
     run_date: str | None
 
 
-def _fs_error(output: str, exc: Exception) -> storage.StorageError:
+def read_error(output: str, exc: Exception) -> storage.StorageError:
+    """The one-line error for results that cannot be read (listing, footer or scan), naming OUTPUT."""
     return storage.StorageError(f"cannot read results under {output}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
 
 
@@ -548,7 +549,7 @@ def _list(fs: Any, path: str, output: str) -> list[str]:
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
     except OSError as exc:
-        raise _fs_error(output, exc) from None
+        raise read_error(output, exc) from None
     return sorted(i.path for i in infos if i.type == pafs.FileType.File)
 
 
@@ -568,7 +569,7 @@ def read_manifests(output: str) -> dict[str, RunManifest]:
             with fs.open_input_stream(path) as fh:
                 text = fh.read()
         except OSError as exc:
-            raise _fs_error(output, exc) from None
+            raise read_error(output, exc) from None
         manifest = RunManifest.parse(text, run_id=path.rsplit("/", 1)[-1][: -len(".json")], path=path)
         if manifest is not None:
             out[manifest.run_id] = manifest
