@@ -156,6 +156,33 @@ def test_augment_keeps_shape_range_and_changes_colour() -> None:
     assert means.std(axis=0).max() > 2.0  # the stain terms really vary the colour
 
 
+def test_light_preset_keeps_the_stain_and_the_cli_offers_every_preset() -> None:
+    """``light`` changes geometry and tint only: hue, saturation and sharpness of a cell stay as they are."""
+    import tensorflow as tf
+
+    from wbc_batch.cli import build_parser
+
+    rng = np.random.default_rng(3)
+    image = rng.uniform(60, 200, (32, 32, 3)).astype(np.float32)
+    tf.random.set_seed(3)
+    light = [training.augment(tf, tf.constant(image), spec=training.preset("light")).numpy() for _ in range(8)]
+    strong = [training.augment(tf, tf.constant(image), spec=training.preset("strong")).numpy() for _ in range(8)]
+
+    def channel_ratio_spread(views: list[np.ndarray]) -> float:
+        """How far the red/blue balance of the views varies: light only scales each channel by 0.95-1.05."""
+        ratios = [v[..., 0].mean() / v[..., 2].mean() for v in views]
+        return float(np.std(ratios))
+
+    assert channel_ratio_spread(light) < 0.05 < channel_ratio_spread(strong)
+    train = next(a for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions
+                 if a.dest == "augment")
+    assert sorted(train.choices) == sorted(training.AUGMENT_PRESETS)
+    with pytest.raises(ValueError, match="augmentation must be one of"):
+        training.preset("none")
+    with pytest.raises(ValueError, match="augmentation must be one of"):
+        training.TrainConfig(data_uri="d", model_out="m", augment="none")
+
+
 @pytest.mark.slow
 def test_non_images_are_skipped_with_a_warning(trained: dict[str, Any]) -> None:
     joined = "\n".join(trained["warnings"])

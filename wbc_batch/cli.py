@@ -349,6 +349,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input-norm", choices=["rescale", "stain"], default="rescale",
                    help="first layer: rescale (divide by 255, as the shipped model) or stain (standardise each "
                         "channel of each image); --init-from keeps its model's")
+    p.add_argument("--augment", choices=["light", "strong"], default="strong",
+                   help="augmentation preset: strong (stain, blur, noise, JPEG, zoom 0.65-1.35; the default) or "
+                        "light (1.0.0's rotations, flips, small zoom and tint); see MODEL_CARD.md")
     p.add_argument("--seed", type=int, default=1234, help="random seed of initialisation and augmentation")
     _ray_train_options(p, cpus_default=1.0, cpus_help="(default 1)")
     p.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from (default 2)")

@@ -16,7 +16,7 @@ One module per concern:
 
 from __future__ import annotations
 
-from wbc_batch.training.augment import AUGMENT, AugmentSpec, augment
+from wbc_batch.training.augment import AUGMENT, AUGMENT_PRESETS, LIGHT, AugmentSpec, augment, preset
 from wbc_batch.training.config import (
     MATURE_CLASSES,
     OPTIMIZER_FILE,
@@ -51,10 +51,11 @@ from wbc_batch.training.recipe import balanced_class_weights, scaled_class_weigh
 from wbc_batch.training.worker import train_loop_per_worker, weights_sha256
 
 __all__ = [
-    "AUGMENT", "MATURE_CLASSES", "OPTIMIZER_FILE", "STATE_FILE", "WEIGHTS_FILE", "AugmentSpec", "TrainConfig",
-    "TrainingError", "augment", "balanced_class_weights", "calibrate", "calibration_from_val", "cell_grid",
-    "collect_logits", "data_fingerprint", "evaluate", "fit_ood_statistics", "format_summary", "initial_weights",
-    "keep_earlier_split", "list_labelled_files", "on_cell_model", "outside_share", "predict_embeddings",
-    "predict_logits", "publish", "read_split_csv", "resolve_precision", "run_training", "scaled_class_weights",
-    "split_csv_text", "train_loop_per_worker", "weights_sha256",
+    "AUGMENT", "AUGMENT_PRESETS", "AugmentSpec", "LIGHT", "MATURE_CLASSES", "OPTIMIZER_FILE", "STATE_FILE",
+    "TrainConfig", "TrainingError", "WEIGHTS_FILE", "augment", "balanced_class_weights", "calibrate",
+    "calibration_from_val", "cell_grid", "collect_logits", "data_fingerprint", "evaluate", "fit_ood_statistics",
+    "format_summary", "initial_weights", "keep_earlier_split", "list_labelled_files", "on_cell_model",
+    "outside_share", "predict_embeddings", "predict_logits", "preset", "publish", "read_split_csv",
+    "resolve_precision", "run_training", "scaled_class_weights", "split_csv_text", "train_loop_per_worker",
+    "weights_sha256",
 ]

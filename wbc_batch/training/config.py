@@ -8,6 +8,7 @@ from typing import Any
 
 from wbc_batch import imaging, splits
 from wbc_batch.errors import InvalidInputError
+from wbc_batch.training.augment import AUGMENT_PRESETS
 
 MATURE_CLASSES: tuple[str, ...] = ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil")
 
@@ -76,6 +77,7 @@ class TrainConfig:
     init_from: str | None = None
     precision: str = "auto"
     input_norm: str = "rescale"
+    augment: str = "strong"
     freeze_norm: bool = False  # BatchNormalization in inference mode: fine-tuning keeps the base's statistics
     command: str = ""
     class_weight_factors: dict[str, float] = field(default_factory=dict)
@@ -93,6 +95,8 @@ class TrainConfig:
             raise ValueError(f"batch size ({self.batch_size}) must be at least the number of workers ({self.workers})")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.augment not in AUGMENT_PRESETS:
+            raise ValueError(f"augmentation must be one of {sorted(AUGMENT_PRESETS)}, got {self.augment!r}")
         if self.on_cell_weight < 0:
             raise ValueError(f"on-cell weight must be >= 0, got {self.on_cell_weight}")
         for name, factor in self.class_weight_factors.items():
@@ -121,6 +125,7 @@ class TrainConfig:
             init_from=args.init_from,
             precision=args.precision,
             input_norm=args.input_norm,
+            augment=args.augment,
             command=getattr(args, "command_line", ""),
             weight_decay=args.weight_decay,
             seed=args.seed,

@@ -33,7 +33,7 @@ from wbc_batch import metrics, splits, storage
 from wbc_batch.errors import WbcError
 from wbc_batch.model import ModelMetadata
 from wbc_batch.training import recipe
-from wbc_batch.training.augment import AUGMENT
+from wbc_batch.training.augment import preset
 from wbc_batch.training.config import (
     LEGACY_KERAS_ENV,
     MATURE_CLASSES,
@@ -128,7 +128,7 @@ def _run_name(config: TrainConfig, fingerprint: str) -> str:
     settings = "-".join(
         str(v)
         for v in (c.image_size, c.epochs, c.batch_size, c.learning_rate, c.workers, c.seed, c.on_cell_weight,
-                  sorted(c.class_weight_factors.items()), c.init_from, c.weight_decay, c.precision, c.input_norm)
+                  sorted(c.class_weight_factors.items()), c.init_from, c.weight_decay, c.precision, c.input_norm, c.augment)
     )
     return config.run_name or f"wbc-train-{fingerprint[:12]}-{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
 
@@ -229,6 +229,7 @@ def fit_on_ray(
             "initial_weights": init_weights,
             "precision": precision,
             "input_norm": config.input_norm,
+            "augment": config.augment,
             "freeze_norm": config.freeze_norm,
         },
         scaling_config=ScalingConfig(
@@ -347,7 +348,7 @@ def run_training(
             "epochs": config.epochs,
             "train_seconds": round(train_seconds, 1),
             "optimizer": recipe.describe(config.learning_rate, config.weight_decay, config.batch_size),
-            "augmentation": AUGMENT.describe(),
+            "augmentation": {"preset": config.augment, **preset(config.augment).describe()},
             "precision": precision,
             "provenance": provenance(config, t_start),
             "class_weights": {c: round(w, 4) for c, w in zip(classes, class_weights)},

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from wbc_batch.training import recipe
-from wbc_batch.training.augment import augment
+from wbc_batch.training.augment import augment, preset
 from wbc_batch.training.config import LEGACY_KERAS_ENV, OPTIMIZER_FILE, STATE_FILE, WEIGHTS_FILE, TrainingError
 from wbc_batch.training.loss import on_cell_model
 
@@ -93,14 +93,15 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         w = np.asarray(cfg["class_weights"], dtype=np.float32)[y]
     w = np.asarray(w, dtype=np.float32)
     steps, epochs, global_batch = int(cfg["steps_per_epoch"]), int(cfg["epochs"]), int(cfg["batch_size"])
+    spec = preset(str(cfg.get("augment", "strong")))
 
     def dataset_fn(input_context: Any) -> Any:
         per_replica = input_context.get_per_replica_batch_size(global_batch)
 
         def view(im: Any, lab: Any, wt: Any, *cell: Any) -> Any:
             if not cell:
-                return augment(tf, tf.cast(im, tf.float32)), lab, wt
-            im, grid = augment(tf, tf.cast(im, tf.float32), mask=cell[0])
+                return augment(tf, tf.cast(im, tf.float32), spec=spec), lab, wt
+            im, grid = augment(tf, tf.cast(im, tf.float32), mask=cell[0], spec=spec)
             return im, (lab, grid), wt  # the on-cell wrapper reads (label, cell grid)
 
         ds = tf.data.Dataset.from_tensor_slices((x, y, w, cells) if on_cell > 0 else (x, y, w))
