@@ -326,6 +326,13 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 # --- train ----------------------------------------------------------------
 
 
+def _augment_option(p: argparse.ArgumentParser, default: str) -> None:
+    """``--augment``: the named presets of ``wbc_batch.training.augment`` (a test keeps the lists equal)."""
+    p.add_argument("--augment", choices=["light", "strong"], default=default,
+                   help=f"augmentation preset: strong (stain, blur, noise, JPEG, zoom 0.65-1.35) or light (1.0.0's "
+                        f"rotations, flips, small zoom and tint); default {default}; see MODEL_CARD.md")
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a classifier on Ray Train and write a model artifact",
                        description="Train on a class-folder layout (DATA/<class>/<image>), calibrate on the validation "
@@ -349,9 +356,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input-norm", choices=["rescale", "stain"], default="rescale",
                    help="first layer: rescale (divide by 255, as the shipped model) or stain (standardise each "
                         "channel of each image); --init-from keeps its model's")
-    p.add_argument("--augment", choices=["light", "strong"], default="strong",
-                   help="augmentation preset: strong (stain, blur, noise, JPEG, zoom 0.65-1.35; the default) or "
-                        "light (1.0.0's rotations, flips, small zoom and tint); see MODEL_CARD.md")
+    _augment_option(p, "strong")
     p.add_argument("--seed", type=int, default=1234, help="random seed of initialisation and augmentation")
     _ray_train_options(p, cpus_default=1.0, cpus_help="(default 1)")
     p.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from (default 2)")
@@ -429,6 +434,7 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="global batch size (default 32)")
     p.add_argument("--freeze-norm", action="store_true",
                    help="keep the base's BatchNormalization statistics (layers in inference mode)")
+    _augment_option(p, "strong")
     p.add_argument("--lab", default=None, help="the lab's name in model.json (default: DATA's folder name)")
     p.add_argument("--version", default=None, help="version of the new artifact (default: BASE+LAB.timestamp)")
     p.add_argument("--workers", type=int, default=1, help="data-parallel training workers (default 1)")
@@ -447,7 +453,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
         data_uri=args.data, model_out=args.model_out, base=args.base, replay_uri=args.replay,
         replay_per_class=args.replay_per_class, new_lab_share=args.new_lab_share, epochs=args.epochs,
         learning_rate=args.learning_rate, batch_size=args.batch_size, freeze_norm=args.freeze_norm,
-        workers=args.workers,
+        augment=args.augment, workers=args.workers,
         cpus_per_worker=args.cpus_per_worker, use_gpu=args.use_gpu, storage_path=args.storage_path,
         ray_address=args.ray_address, version=args.version, lab=args.lab, precision=args.precision,
         allow_untrusted=args.trust_model, command=_command_line(),

@@ -63,6 +63,7 @@ class AdaptConfig:
     batch_size: int = 32
     weight_decay: float = 5e-4
     freeze_norm: bool = False
+    augment: str = "strong"
     workers: int = 1
     cpus_per_worker: float | None = None  # None: the cluster's CPUs shared by the workers (at most 8 each)
     use_gpu: bool = False
@@ -102,7 +103,7 @@ class AdaptConfig:
             weight_decay=self.weight_decay, cpus_per_worker=cpus, use_gpu=self.use_gpu,
             storage_path=self.storage_path, max_failures=self.max_failures, ray_address=self.ray_address,
             seed=self.seed, precision=self.precision, command=self.command, input_norm=input_norm,
-            freeze_norm=self.freeze_norm,
+            freeze_norm=self.freeze_norm, augment=self.augment,
         )
 
 
@@ -145,27 +146,30 @@ def _repeats(n_new: int, n_replay: int, share: float) -> int:
     return max(1, round(share / (1.0 - share) * n_replay / n_new))
 
 
-def augmented_views(images: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """``n`` random views of each image under the training augmentation (uint8)."""
+def augmented_views(images: np.ndarray, n: int, seed: int, augment_preset: str = "strong") -> np.ndarray:
+    """``n`` random views of each image under the training augmentation preset (uint8)."""
     import tensorflow as tf
 
-    from wbc_batch.training.augment import augment
+    from wbc_batch.training.augment import augment, preset
 
+    spec = preset(augment_preset)
     tf.random.set_seed(seed)
-    out = [augment(tf, tf.constant(im, tf.float32)).numpy() for _ in range(n) for im in images]
+    out = [augment(tf, tf.constant(im, tf.float32), spec=spec).numpy() for _ in range(n) for im in images]
     if not out:
         return np.zeros((0, *images.shape[1:]), np.uint8)
     return np.clip(np.rint(np.stack(out)), 0, 255).astype(np.uint8)
 
 
 def refit_ood(model: Any, embedding_layer: str, num_classes: int, new: dict[str, np.ndarray],
-              replay_train: dict[str, np.ndarray], replay_val: dict[str, np.ndarray], seed: int) -> dict[str, Any]:
+              replay_train: dict[str, np.ndarray], replay_val: dict[str, np.ndarray], seed: int,
+              augment_preset: str = "strong") -> dict[str, Any]:
     """OOD statistics in which the new lab is in distribution (see the module docstring)."""
     from wbc_batch.ood import fit_ood
 
     fit_x = np.concatenate([replay_train["image"], dihedral_views(new["image"])])
     fit_y = np.concatenate([replay_train["label_index"], np.tile(new["label_index"], 8)])
-    val_x = np.concatenate([replay_val["image"], augmented_views(new["image"], AUGMENTED_VIEWS_FOR_THRESHOLD, seed)])
+    val_x = np.concatenate([replay_val["image"], augmented_views(new["image"], AUGMENTED_VIEWS_FOR_THRESHOLD, seed,
+                                                                  augment_preset)])
     if len(val_x) < 2:
         log.warning("OOD statistics not refitted: %d threshold images", len(val_x))
         return {}
@@ -260,7 +264,7 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
     precision = resolve_precision(config.precision, config.use_gpu)
     fingerprint = hashlib.sha256("".join(sorted(new["sha256"])).encode()).hexdigest()
     settings = f"{config.epochs}-{config.learning_rate}-{config.batch_size}-{config.replay_per_class}-" \
-               f"{config.new_lab_share}-{config.seed}-{config.freeze_norm}-{meta.model_sha256}"
+               f"{config.new_lab_share}-{config.seed}-{config.freeze_norm}-{config.augment}-{meta.model_sha256}"
     run_name = f"wbc-adapt-{fingerprint[:12]}-{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
     fit = fit_on_ray(tc, train_ds, len(classes), [1.0] * len(classes),
                      [np.asarray(w) for w in base.model.get_weights()], run_name, precision)
@@ -285,7 +289,8 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
                 val_logits, replay_val["label_index"], classes, calibration["temperature"],
                 meta.review_threshold, subsets=subsets),
         }
-    ood = refit_ood(model, meta.embedding_layer, len(classes), new, replay_train, replay_val, config.seed)
+    ood = refit_ood(model, meta.embedding_layer, len(classes), new, replay_train, replay_val, config.seed,
+                    config.augment)
 
     lab = config.lab_name()
     version = config.version or f"{meta.version}+{lab}.{datetime.now(timezone.utc):%Y%m%d%H%M%S}"
@@ -304,6 +309,7 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
         "epochs": config.epochs,
         "optimizer": f"AdamW lr {config.learning_rate}, weight decay {config.weight_decay}, batch {config.batch_size}",
         "batch_norm": "frozen (inference mode)" if config.freeze_norm else "trained",
+        "augmentation": config.augment,
         "precision": precision,
         "train_seconds": round(fit.seconds, 1),
         "final_epoch": fit.final_state,
