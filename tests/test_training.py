@@ -156,6 +156,15 @@ def test_augment_keeps_shape_range_and_changes_colour() -> None:
     assert means.std(axis=0).max() > 2.0  # the stain terms really vary the colour
 
 
+def test_auto_precision_is_bfloat16_only_where_it_is_faster() -> None:
+    assert training.resolve_precision("auto", use_gpu=True) == "mixed_bfloat16"
+    amx = "flags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n"
+    no_amx = "flags\t\t: fpu avx512f avx512_bf16 avx512_vnni\n"
+    assert training.resolve_precision("auto", use_gpu=False, cpu_flags=amx) == "mixed_bfloat16"
+    assert training.resolve_precision("auto", use_gpu=False, cpu_flags=no_amx) == "float32"
+    assert training.resolve_precision("float32", use_gpu=True) == "float32"
+
+
 def test_light_preset_keeps_the_stain_and_the_cli_offers_every_preset() -> None:
     """``light`` changes geometry and tint only: hue, saturation and sharpness of a cell stay as they are."""
     import tensorflow as tf

@@ -403,8 +403,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _ray_train_options(p: argparse.ArgumentParser, cpus_default: float | None, cpus_help: str) -> None:
     """The Ray Train settings ``train`` and ``adapt`` share (one job runs both)."""
     p.add_argument("--precision", choices=["auto", "float32", "mixed_bfloat16"], default="auto",
-                   help="training dtype policy; auto: mixed_bfloat16 on GPUs and on CPUs with bfloat16 "
-                        "instructions (about 2x faster), else float32 (weights are float32 either way)")
+                   help="training dtype policy; auto: mixed_bfloat16 on GPUs and on CPUs with AMX (about 2x "
+                        "faster there), else float32 (weights are float32 either way)")
     p.add_argument("--cpus-per-worker", type=float, default=cpus_default,
                    help=f"CPUs per training worker, also its TensorFlow threads {cpus_help}")
     p.add_argument("--use-gpu", action="store_true", help="give each training worker a GPU")

@@ -28,24 +28,30 @@ STATE_FILE = "state.json"
 PRECISIONS: tuple[str, ...] = ("auto", "float32", "mixed_bfloat16")
 
 
-def resolve_precision(requested: str, use_gpu: bool) -> str:
+def resolve_precision(requested: str, use_gpu: bool, cpu_flags: str | None = None) -> str:
     """The Keras dtype policy a run trains under.
 
-    Why ``auto`` picks bfloat16 where the hardware has it: on CPUs with AMX or
-    AVX512-BF16 (and on GPUs) mixed bfloat16 trains this network twice as fast
-    as float32 (145 against 72 images/s measured on 2 cores); weights stay
-    float32, so the artifact and classify are unchanged. Elsewhere bfloat16 is
-    emulated and slower, so ``auto`` keeps float32.
+    Why ``auto`` picks bfloat16 only on GPUs and on CPUs with AMX: there mixed
+    bfloat16 trains this network about twice as fast as float32 (145 against
+    72 images/s measured on 2 AMX cores); weights stay float32, so the artifact
+    and classify are unchanged. On CPUs with AVX512-BF16 but no AMX, oneDNN's
+    bfloat16 convolutions are slower than float32 (a training step of this
+    network at 128 px on 2 such cores: 36 against 56 images/s, 2026-12-02), and
+    elsewhere bfloat16 is emulated, so ``auto`` keeps float32.
+
+    Args:
+        cpu_flags: the text of ``/proc/cpuinfo`` (read when omitted).
     """
     if requested != "auto":
         return requested
     if use_gpu:
         return "mixed_bfloat16"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "float32"
-    return "mixed_bfloat16" if ("amx_bf16" in flags or "avx512_bf16" in flags) else "float32"
+    if cpu_flags is None:
+        try:
+            cpu_flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return "float32"
+    return "mixed_bfloat16" if "amx_bf16" in cpu_flags.split() else "float32"
 
 
 class TrainingError(InvalidInputError):
