@@ -146,13 +146,20 @@ def _repeats(n_new: int, n_replay: int, share: float) -> int:
     return max(1, round(share / (1.0 - share) * n_replay / n_new))
 
 
-def augmented_views(images: np.ndarray, n: int, seed: int, augment_preset: str = "strong") -> np.ndarray:
-    """``n`` random views of each image under the training augmentation preset (uint8)."""
+def augmented_views(images: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """``n`` random views of each image under the strong augmentation (uint8).
+
+    Why strong whatever preset trained the network: these views stand for
+    the new lab's cells on slides nobody labelled (other focus, stain batch,
+    illumination). With the light preset's views the threshold sat so close
+    to the ten labelled cells that 31% of the lab's other slides were flagged
+    (Chula, 2026-12-02); with the strong ones about 1%.
+    """
     import tensorflow as tf
 
-    from wbc_batch.training.augment import augment, preset
+    from wbc_batch.training.augment import AUGMENT, augment
 
-    spec = preset(augment_preset)
+    spec = AUGMENT
     tf.random.set_seed(seed)
     out = [augment(tf, tf.constant(im, tf.float32), spec=spec).numpy() for _ in range(n) for im in images]
     if not out:
@@ -161,15 +168,13 @@ def augmented_views(images: np.ndarray, n: int, seed: int, augment_preset: str =
 
 
 def refit_ood(model: Any, embedding_layer: str, num_classes: int, new: dict[str, np.ndarray],
-              replay_train: dict[str, np.ndarray], replay_val: dict[str, np.ndarray], seed: int,
-              augment_preset: str = "strong") -> dict[str, Any]:
+              replay_train: dict[str, np.ndarray], replay_val: dict[str, np.ndarray], seed: int) -> dict[str, Any]:
     """OOD statistics in which the new lab is in distribution (see the module docstring)."""
     from wbc_batch.ood import fit_ood
 
     fit_x = np.concatenate([replay_train["image"], dihedral_views(new["image"])])
     fit_y = np.concatenate([replay_train["label_index"], np.tile(new["label_index"], 8)])
-    val_x = np.concatenate([replay_val["image"], augmented_views(new["image"], AUGMENTED_VIEWS_FOR_THRESHOLD, seed,
-                                                                  augment_preset)])
+    val_x = np.concatenate([replay_val["image"], augmented_views(new["image"], AUGMENTED_VIEWS_FOR_THRESHOLD, seed)])
     if len(val_x) < 2:
         log.warning("OOD statistics not refitted: %d threshold images", len(val_x))
         return {}
@@ -289,8 +294,7 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
                 val_logits, replay_val["label_index"], classes, calibration["temperature"],
                 meta.review_threshold, subsets=subsets),
         }
-    ood = refit_ood(model, meta.embedding_layer, len(classes), new, replay_train, replay_val, config.seed,
-                    config.augment)
+    ood = refit_ood(model, meta.embedding_layer, len(classes), new, replay_train, replay_val, config.seed)
 
     lab = config.lab_name()
     version = config.version or f"{meta.version}+{lab}.{datetime.now(timezone.utc):%Y%m%d%H%M%S}"
