@@ -159,9 +159,8 @@ def augmented_views(images: np.ndarray, n: int, seed: int) -> np.ndarray:
 
     from wbc_batch.training.augment import AUGMENT, augment
 
-    spec = AUGMENT
     tf.random.set_seed(seed)
-    out = [augment(tf, tf.constant(im, tf.float32), spec=spec).numpy() for _ in range(n) for im in images]
+    out = [augment(tf, tf.constant(im, tf.float32), spec=AUGMENT).numpy() for _ in range(n) for im in images]
     if not out:
         return np.zeros((0, *images.shape[1:]), np.uint8)
     return np.clip(np.rint(np.stack(out)), 0, 255).astype(np.uint8)
