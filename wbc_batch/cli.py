@@ -434,7 +434,7 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="global batch size (default 32)")
     p.add_argument("--freeze-norm", action="store_true",
                    help="keep the base's BatchNormalization statistics (layers in inference mode)")
-    _augment_option(p, "strong")
+    _augment_option(p, "light")
     p.add_argument("--lab", default=None, help="the lab's name in model.json (default: DATA's folder name)")
     p.add_argument("--version", default=None, help="version of the new artifact (default: BASE+LAB.timestamp)")
     p.add_argument("--workers", type=int, default=1, help="data-parallel training workers (default 1)")
