@@ -14,7 +14,7 @@ from wbc_batch.cli import main
 from wbc_batch.model import artifact_digest, load_artifact, shipped_model_dir
 from wbc_batch.ood import _zoom
 from wbc_batch.training import evaluate
-from wbc_batch.training.adapt import AdaptConfig, choose_replay, dihedral_views, run_adaptation
+from wbc_batch.training.adapt import ALWAYS_REVIEW, AdaptConfig, choose_replay, dihedral_views, run_adaptation
 
 LAB_CLASSES = ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil")  # like a lab without ig or non_wbc
 
@@ -75,6 +75,27 @@ def test_adapted_artifact_records_its_base_and_the_lab(adapted: dict, synthetic_
     assert info["data"] == str(synthetic_lab["adapt"]) and info["replay"] is None
     assert "swapped-stain" in meta.metrics["labs"] and meta.ood  # OOD statistics refitted
     assert "adapted from" in meta.changelog[-1]
+    # ten cells cannot show that a confident call on the new lab is right: every cell goes to review
+    assert meta.review_threshold == ALWAYS_REVIEW > 1.0
+    rest = evaluate(adapted["model_out"], str(synthetic_lab["rest"]))["metrics"]
+    assert rest["review"]["coverage"] == 0.0
+
+
+@pytest.mark.slow
+def test_cli_calibrate_refits_on_the_labs_own_cells_only(
+    adapted: dict, synthetic_lab: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "calibrated"
+    assert main(["calibrate", adapted["model_out"], str(synthetic_lab["rest"]), str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "on 20 cells" in printed and "every cell still needs review" in printed  # 20 cells show nothing
+    meta = load_artifact(str(out)).meta
+    assert meta.parent_digest == artifact_digest(adapted["model_out"]) and meta.version == "test-adapted+recal"
+    assert meta.temperature != load_artifact(adapted["model_out"]).meta.temperature
+    assert "never trained on" in meta.changelog[-1] and "(20 cells)" in meta.changelog[-1]
+    # the cells it adapted on are in its split.csv as training images: nothing to calibrate on
+    assert main(["calibrate", adapted["model_out"], str(synthetic_lab["adapt"]), str(tmp_path / "again")]) == 2
+    assert "none it has not trained on" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -517,9 +517,47 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate", help="set a model's temperature and review threshold from labelled cells",
+                       description="Refit MODEL's temperature and review threshold on labelled images it never "
+                                   "trained on and write them as a new artifact version to MODEL_OUT (MODEL is "
+                                   "never changed). The threshold is the lowest whose accepted cells reach 99.5%% "
+                                   "accuracy with 95%% confidence. After `adapt` every cell of the new lab needs "
+                                   "review; calibrate the adapted model on the lab's verified cells "
+                                   "(`wbc-batch export-labels`) to let confident cells through.")
+    p.add_argument("model", metavar="MODEL", help="model artifact folder or s3:// URI ('shipped' for the default model)")
+    p.add_argument("data", metavar="DATA", help="class-folder layout of labelled cells (local or s3://)")
+    p.add_argument("model_out", metavar="MODEL_OUT", help="new, empty folder or s3:// prefix for the new version")
+    p.add_argument("--split", choices=["unseen", "val"], default="unseen",
+                   help="unseen: DATA's images the model's split.csv does not list, such as a lab's verified "
+                        "cells (default); val: the model's own validation split of DATA")
+    p.add_argument("--version", default=None, help="version of the new artifact (default: MODEL's version+recal)")
+    _trust_model_option(p)
+    p.set_defaults(func=_cmd_calibrate)
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    """Calibrate, write the new version and say what it will auto-accept."""
+    from wbc_batch.training import calibrate
+
+    model = None if args.model == "shipped" else args.model
+    result = calibrate(model, args.data, args.model_out, version=args.version, split=args.split,
+                       allow_untrusted=args.trust_model)
+    written = result["written"]
+    print(f"model {written['version']} written to {written['uri']} (digest {written['digest'][:12]}): "
+          f"temperature {result['temperature']:.3f}, on {result['val_n']} cells")
+    if result["val_coverage"] > 0:
+        print(f"review threshold {result['review_threshold']:.4f}: {result['val_coverage']:.1%} of these cells "
+              f"would be auto-accepted")
+    else:
+        print(f"no threshold reaches 99.5% accuracy with 95% confidence on {result['val_n']} cells: every cell "
+              f"still needs review (it takes at least 598 accepted cells without an error)")
+    return 0
+
+
 # --- registry -------------------------------------------------------------
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_adapt, _add_classify, _add_evaluate, _add_explain, _add_export_labels, _add_import_verdicts, _add_nightly, _add_query,
+    _add_adapt, _add_calibrate, _add_classify, _add_evaluate, _add_explain, _add_export_labels, _add_import_verdicts, _add_nightly, _add_query,
     _add_report, _add_review, _add_train,
 ]
 
@@ -563,7 +601,7 @@ def _error_message(exc: BaseException) -> tuple[str, int]:
 
 
 # commands that run the network, so import TensorFlow (and its absl lines) anyway
-NETWORK_COMMANDS = frozenset({"adapt", "classify", "evaluate", "explain", "nightly", "train"})
+NETWORK_COMMANDS = frozenset({"adapt", "calibrate", "classify", "evaluate", "explain", "nightly", "train"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

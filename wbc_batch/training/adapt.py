@@ -19,7 +19,8 @@ Why it is built this way:
   lab. The settings (epochs, learning rate, lab share) are fixed, chosen once
   on a lab held out from everything else (MODEL_CARD.md, "Other labs"); the
   temperature is refitted on the base's validation images of the replay data
-  (never trained on); the review threshold stays the base's.
+  (never trained on), and every cell needs review (:data:`ALWAYS_REVIEW`)
+  until the lab calibrates on its own verified cells (``wbc-batch calibrate``).
 * The OOD statistics are refitted so that the new lab is in distribution:
   the Gaussians see the replayed training cells plus the eight dihedral views
   of every new cell, and the threshold is set on the replay validation cells
@@ -51,6 +52,16 @@ log = logging.getLogger("wbc_batch.training")
 
 NEW_LAB, REPLAY = 1, 0
 AUGMENTED_VIEWS_FOR_THRESHOLD = 4
+
+ALWAYS_REVIEW = float(np.nextafter(1.0, 2.0))
+"""The adapted model's review threshold: above any confidence, so every cell of the new lab needs review.
+
+Why: with ten labelled cells per class nothing can show that a confident
+prediction on the new lab is right. Measured on Chula, the cells the base's
+threshold would have accepted were 80-85% right, not 99.5%. The lab sets a
+real threshold with ``wbc-batch calibrate`` once it has verified enough cells
+(``wbc-batch review``, ``export-labels``).
+"""
 
 
 @dataclass
@@ -287,8 +298,8 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
         val_logits = predict_logits(model, replay_val["image"])
         refit = calibration_from_val(val_logits, replay_val["label_index"])
         calibration = {"temperature": refit["temperature"], "review_threshold": meta.review_threshold,
-                       "source": "temperature on the base's validation images of the replay data; "
-                                 "review threshold kept from the base", "val_n": refit["val_n"]}
+                       "source": "temperature on the base's validation images of the replay data",
+                       "val_n": refit["val_n"]}
         subsets: dict[str, Sequence[str]] = {"wbc": meta.wbc_classes, "mature5": list(MATURE_CLASSES)}
         replay_report = {
             "before": metrics.classification_report(
@@ -332,6 +343,7 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
         **{k: v for k, v in asdict(meta).items() if k not in ("model_sha256", "parent_digest", "parent_version")},
         "version": version,
         "temperature": calibration["temperature"],
+        "review_threshold": ALWAYS_REVIEW,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "changelog": [*meta.changelog, f"{version}: adapted from {meta.version} to lab {lab!r} on "
                       f"{sum(new_counts.values())} labelled cells ({config.data_uri})"

@@ -89,8 +89,17 @@ def calibration_from_val(logits: np.ndarray, labels: np.ndarray) -> dict[str, fl
     }
 
 
+UNSEEN = "unseen"
+"""The ``split`` of images the model's split.csv does not list: a lab's own cells it never trained or tuned on."""
+
+
 def _in_split(recorded: str | None, split: str) -> bool:
-    """An image the split.csv does not list was never trained on: it counts as ``test`` (a lab never seen)."""
+    """An image the split.csv does not list was never trained on: it counts as ``test`` (a lab never seen).
+
+    ``unseen`` keeps only such images, for calibrating on a lab's verified cells.
+    """
+    if split == UNSEEN:
+        return recorded is None
     return recorded == split or (recorded is None and split == "test")
 
 
@@ -293,10 +302,17 @@ def format_summary(result: dict[str, Any]) -> str:
 
 
 def calibrate(model_uri: str | None, data_uri: str, out_uri: str | None = None,
-              version: str | None = None) -> dict[str, Any]:
-    """Refit temperature and review threshold of an artifact on its validation split.
+              version: str | None = None, split: str = "val", allow_untrusted: bool = False) -> dict[str, Any]:
+    """Refit temperature and review threshold of an artifact on labelled images it never trained on.
 
-    Uses real images picked by content hash from the artifact's split.csv.
+    ``split="val"``: the artifact's own validation split (picked by content
+    hash from its split.csv), for recalibrating on the data it was made
+    from. ``split="unseen"``: only images its split.csv does not list, such
+    as a lab's cells verified in ``wbc-batch review`` after ``adapt``. The
+    threshold is the lowest whose accepted cells reach 99.5% accuracy with
+    95% confidence; on too few cells none does, and every cell keeps
+    needing review.
+
     Artifacts are immutable: with ``out_uri`` the refitted values go into a
     *new* artifact version there (:func:`wbc_batch.model.write_derived_artifact`),
     which records its parent's digest; the parent is never changed.
@@ -304,23 +320,30 @@ def calibrate(model_uri: str | None, data_uri: str, out_uri: str | None = None,
     Returns:
         :func:`calibration_from_val` output plus ``val_nll_raw`` and
         ``val_nll_calibrated`` (and ``written`` {uri, version, digest} with ``out_uri``).
+
+    Raises:
+        TrainingError: no labelled image of DATA lies in ``split``.
     """
     from wbc_batch.model import load_artifact, write_derived_artifact
 
-    artifact = load_artifact(model_uri)
+    artifact = load_artifact(model_uri, allow_untrusted=allow_untrusted)
     split_of = read_split_csv(artifact.uri)
-    if split_of is None:
+    if split_of is None and split != UNSEEN:
         raise ValueError(f"model {artifact.uri} has no {SPLIT_FILE}: cannot tell its validation images")
-    got = collect_logits(artifact, data_uri, "val", split_of)
+    got = collect_logits(artifact, data_uri, split, split_of or {})
+    if len(got["labels"]) == 0:
+        raise TrainingError(f"no labelled image of {data_uri} lies in the model's {split!r} images "
+                            f"({'none it has not trained on' if split == UNSEEN else 'its validation split'})")
     result: dict[str, Any] = calibration_from_val(got["logits"], got["labels"])
     result["val_nll_raw"] = metrics.nll(got["logits"], got["labels"], 1.0)
     result["val_nll_calibrated"] = metrics.nll(got["logits"], got["labels"], result["temperature"])
     if out_uri:
         new_version = version or f"{artifact.meta.version}+recal"
+        where = "the validation split" if split == "val" else "the images it never trained on"
         _, digest = write_derived_artifact(
             artifact.uri, out_uri, {"temperature": result["temperature"], "review_threshold": result["review_threshold"]},
-            version=new_version,
-            note=f"temperature and review threshold refitted on the validation split of {data_uri}",
+            version=new_version, allow_untrusted=allow_untrusted,
+            note=f"temperature and review threshold refitted on {where} of {data_uri} ({result['val_n']} cells)",
         )
         result["written"] = {"uri": out_uri, "version": new_version, "digest": digest}
     return result
