@@ -233,3 +233,12 @@ def test_report_reads_earlier_runs_without_a_sample_list(tmp_path: Path) -> None
     doc = render_report(out, "new")[1]
     assert re.search(r"<td>neutrophil</td><td class=num>4</td>", doc)
     assert re.search(r"<td>monocyte</td><td class=num>1</td>", doc)
+
+
+def test_run_times_read_to_the_second_in_utc() -> None:
+    from wbc_batch.report import readable_time
+
+    assert readable_time("2026-12-02T08:07:27.846123+00:00") == "2026-12-02 08:07:27 UTC"
+    assert readable_time("2026-12-02T09:07:27+01:00") == "2026-12-02 08:07:27 UTC"
+    assert readable_time("2026-12-02T08:07:27") == "2026-12-02 08:07:27 UTC"  # naive means UTC
+    assert readable_time(None) == "?" and readable_time("yesterday") == "yesterday"

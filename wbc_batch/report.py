@@ -161,6 +161,14 @@ th{background:#f4f6f8}td.num{text-align:right;font-variant-numeric:tabular-nums}
 """
 
 
+def readable_time(value: str | None) -> str:
+    """A manifest's ISO time as people read it, to the second in UTC (``2026-12-02 08:07:27 UTC``)."""
+    parsed = query.parse_time(value)
+    if parsed is None:
+        return value or "?"
+    return parsed.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 def _summary_table(manifest: RunManifest) -> str:
     counts, timings, model = manifest.counts, manifest.timings, manifest.model
     rows = [
@@ -169,7 +177,7 @@ def _summary_table(manifest: RunManifest) -> str:
         ("Input", manifest.input),
         ("Output", manifest.output),
         ("Model", f"{model.version or '?'} (sha256 {(model.sha256 or '')[:12]})"),
-        ("Started / finished", f"{manifest.started_at or '?'} / {manifest.finished_at or '?'}"),
+        ("Started / finished", f"{readable_time(manifest.started_at)} / {readable_time(manifest.finished_at)}"),
         ("Images", counts.total),
         ("Classified / errors", f"{counts.ok} / {counts.error}"),
         ("Need review", counts.needs_review),
