@@ -11,8 +11,8 @@ Why it is built this way:
 * The run is the same Ray Train job as ``train`` (:func:`~wbc_batch.training.driver.fit_on_ray`),
   with the same schedule and optimizer, started from the base's weights, and
   by default the ``light`` augmentation preset: on Chula it adapted as well as
-  ``strong`` (mean balanced accuracy over two slide folds 62.5% against 61.7%)
-  and kept 2.7 points more of PBC (96.7% against 94.0% on its test split),
+  ``strong`` (mean balanced accuracy over two slide folds 63.3% against 61.7%)
+  and kept 2.5 points more of PBC (96.5% against 94.0% on its test split),
   since the replayed PBC cells are no longer trained on stain and blur they
   never show.
 * With ten cells per class there is no honest validation split of the new
@@ -79,7 +79,7 @@ class AdaptConfig:
     batch_size: int = 32
     weight_decay: float = 5e-4
     freeze_norm: bool = False
-    augment: str = "light"  # PBC kept 2.7 points better than with strong, Chula the same (MODEL_CARD)
+    augment: str = "light"  # PBC kept 2.5 points better than with strong, Chula the same (MODEL_CARD)
     workers: int = 1
     cpus_per_worker: float | None = None  # None: the cluster's CPUs shared by the workers (at most 8 each)
     use_gpu: bool = False
