@@ -19,7 +19,7 @@ import json
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -180,8 +180,8 @@ def discard_previous_attempt(output: str, run_id: str) -> int:
 
 
 @dataclass
-class RunCounts:
-    """Counters accumulated while the rows stream past."""
+class Tallies:
+    """The run totals that the streaming counter and the manifest both carry (one list of names)."""
 
     total: int = 0
     ok: int = 0
@@ -189,6 +189,21 @@ class RunCounts:
     needs_review: int = 0
     out_of_distribution: int = 0
     explanation_suspect: int = 0
+
+    def tallies(self) -> dict[str, int]:
+        """The totals by name, in manifest order."""
+        return {f.name: getattr(self, f.name) for f in fields(Tallies)}
+
+    def set_tallies(self, values: dict[str, int]) -> None:
+        """Set every total from ``values`` (a missing one reads 0)."""
+        for f in fields(Tallies):
+            setattr(self, f.name, int(values.get(f.name, 0)))
+
+
+@dataclass
+class RunCounts(Tallies):
+    """Counters accumulated while the rows stream past."""
+
     per_class: Counter = field(default_factory=Counter)
     errors_by_kind: Counter = field(default_factory=Counter)
     per_sample: dict[str, list[int]] = field(default_factory=dict)
@@ -219,11 +234,11 @@ class RunCounts:
 
     def summary(self) -> ManifestCounts:
         """The totals as the manifest records them."""
-        return ManifestCounts(
-            total=self.total, ok=self.ok, error=self.error, needs_review=self.needs_review,
-            out_of_distribution=self.out_of_distribution, explanation_suspect=self.explanation_suspect,
+        out = ManifestCounts(
             per_class=dict(sorted(self.per_class.items())), errors_by_kind=dict(self.errors_by_kind),
             samples=len(self.per_sample), sample_ids=sorted(self.per_sample))
+        out.set_tallies(self.tallies())
+        return out
 
 
 class PartWriter:
@@ -331,15 +346,9 @@ class ModelRef:
 
 
 @dataclass
-class ManifestCounts:
+class ManifestCounts(Tallies):
     """What a run counted (``counts``); a count an older manifest lacks reads 0."""
 
-    total: int = 0
-    ok: int = 0
-    error: int = 0
-    needs_review: int = 0
-    out_of_distribution: int = 0
-    explanation_suspect: int = 0
     per_class: dict[str, int] = field(default_factory=dict)
     errors_by_kind: dict[str, int] = field(default_factory=dict)
     samples: int = 0
@@ -350,8 +359,7 @@ class ManifestCounts:
     def to_json(self) -> dict[str, Any]:
         """The ``counts`` object of the manifest (``sample_ids`` left out when unknown)."""
         out: dict[str, Any] = {
-            "total": self.total, "ok": self.ok, "error": self.error, "needs_review": self.needs_review,
-            "out_of_distribution": self.out_of_distribution, "explanation_suspect": self.explanation_suspect,
+            **self.tallies(),
             "per_class": dict(self.per_class), "errors_by_kind": dict(self.errors_by_kind), "samples": self.samples,
         }
         if self.sample_ids is not None:
@@ -362,12 +370,11 @@ class ManifestCounts:
     def from_json(cls, data: Any) -> ManifestCounts:
         """Read ``counts``; values that are not numbers read 0."""
         d = _dict(data)
-        return cls(total=_int(d.get("total")), ok=_int(d.get("ok")), error=_int(d.get("error")),
-                   needs_review=_int(d.get("needs_review")), out_of_distribution=_int(d.get("out_of_distribution")),
-                   explanation_suspect=_int(d.get("explanation_suspect")),
-                   per_class={str(k): _int(v) for k, v in _dict(d.get("per_class")).items()},
-                   errors_by_kind={str(k): _int(v) for k, v in _dict(d.get("errors_by_kind")).items()},
-                   samples=_int(d.get("samples")), sample_ids=_strs(d.get("sample_ids")))
+        counts = cls(per_class={str(k): _int(v) for k, v in _dict(d.get("per_class")).items()},
+                     errors_by_kind={str(k): _int(v) for k, v in _dict(d.get("errors_by_kind")).items()},
+                     samples=_int(d.get("samples")), sample_ids=_strs(d.get("sample_ids")))
+        counts.set_tallies({f.name: _int(d.get(f.name)) for f in fields(Tallies)})
+        return counts
 
 
 @dataclass
