@@ -521,8 +521,8 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("calibrate", help="set a model's temperature and review threshold from labelled cells",
                        description="Refit MODEL's temperature and review threshold on labelled images it never "
                                    "trained on and write them as a new artifact version to MODEL_OUT (MODEL is "
-                                   "never changed). The threshold is the lowest whose accepted cells reach 99.5%% "
-                                   "accuracy with 95%% confidence. After `adapt` every cell of the new lab needs "
+                                   "never changed). The threshold is the lowest whose accepted cells reach 99.5% "
+                                   "accuracy with 95% confidence. After `adapt` every cell of the new lab needs "
                                    "review; calibrate the adapted model on the lab's verified cells "
                                    "(`wbc-batch export-labels`) to let confident cells through.")
     p.add_argument("model", metavar="MODEL", help="model artifact folder or s3:// URI ('shipped' for the default model)")
