@@ -11,10 +11,11 @@ import pytest
 
 from wbc_batch import imaging
 from wbc_batch.cli import main
+from wbc_batch.metrics import ALWAYS_REVIEW
 from wbc_batch.model import artifact_digest, load_artifact, shipped_model_dir
 from wbc_batch.ood import _zoom
 from wbc_batch.training import evaluate
-from wbc_batch.training.adapt import ALWAYS_REVIEW, AdaptConfig, choose_replay, dihedral_views, run_adaptation
+from wbc_batch.training.adapt import AdaptConfig, choose_replay, dihedral_views, run_adaptation
 
 LAB_CLASSES = ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil")  # like a lab without ig or non_wbc
 
@@ -90,6 +91,7 @@ def test_cli_calibrate_refits_on_the_labs_own_cells_only(
     printed = capsys.readouterr().out
     assert "on 20 cells" in printed and "every cell still needs review" in printed  # 20 cells show nothing
     meta = load_artifact(str(out)).meta
+    assert meta.review_threshold == ALWAYS_REVIEW  # not just above the 20 cells' highest confidence
     assert meta.parent_digest == artifact_digest(adapted["model_out"]) and meta.version == "test-adapted+recal"
     assert meta.temperature != load_artifact(adapted["model_out"]).meta.temperature
     assert "never trained on" in meta.changelog[-1] and "(20 cells)" in meta.changelog[-1]

@@ -126,7 +126,10 @@ def test_review_threshold_with_margin_is_stricter_than_the_oracle_cut() -> None:
 def test_review_threshold_with_margin_needs_enough_cells() -> None:
     # 50 right answers prove at most 0.05**(1/50) = 94.2% with 95% confidence
     thr, cov = metrics.review_threshold_with_margin(np.linspace(1.0, 0.9, 50), np.ones(50, bool), 0.995, 0.95)
-    assert cov == 0.0 and thr > 1.0
+    assert cov == 0.0 and thr == metrics.ALWAYS_REVIEW > 1.0
+    # nor does a cell above every confidence seen get through
+    thr, cov = metrics.review_threshold_with_margin(np.linspace(0.8, 0.7, 50), np.ones(50, bool), 0.995, 0.95)
+    assert cov == 0.0 and thr == metrics.ALWAYS_REVIEW
 
 
 def test_accuracy_above_fixed_threshold() -> None:

@@ -270,6 +270,14 @@ def binomial_accuracy_lower_bound(n: int, errors: int, confidence: float = REVIE
     return lo
 
 
+ALWAYS_REVIEW = float(np.nextafter(1.0, 2.0))
+"""A review threshold above any confidence: every cell needs review.
+
+Used where nothing shows which confident calls are right: too few cells to
+calibrate on, or a model adapted to a lab from ten cells per class.
+"""
+
+
 def review_threshold_with_margin(
     conf: np.ndarray,
     correct: np.ndarray,
@@ -283,8 +291,9 @@ def review_threshold_with_margin(
     target, so the threshold chosen on validation still holds on new cells.
 
     Returns:
-        (threshold, coverage on the given cells); (just above the highest
-        confidence, 0.0) when no cut qualifies.
+        (threshold, coverage on the given cells); (:data:`ALWAYS_REVIEW`,
+        0.0) when no cut qualifies: nothing has shown that any confidence is
+        safe, so none is accepted, not even one above every confidence seen.
     """
     conf, correct = _ranked_cells(conf, correct)
     order = np.argsort(-conf, kind="stable")
@@ -295,7 +304,7 @@ def review_threshold_with_margin(
         if binomial_accuracy_lower_bound(int(k) + 1, int(errors[k]), confidence) >= target:
             best = int(k)
     if best < 0:
-        return float(np.nextafter(c_sorted[0], np.inf)), 0.0
+        return ALWAYS_REVIEW, 0.0
     return float(c_sorted[best]), float((best + 1) / len(conf))
 
 

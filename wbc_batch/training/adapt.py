@@ -19,7 +19,7 @@ Why it is built this way:
   lab. The settings (epochs, learning rate, lab share) are fixed, chosen once
   on a lab held out from everything else (MODEL_CARD.md, "Other labs"); the
   temperature is refitted on the base's validation images of the replay data
-  (never trained on), and every cell needs review (:data:`ALWAYS_REVIEW`)
+  (never trained on), and every cell needs review (:data:`~wbc_batch.metrics.ALWAYS_REVIEW`)
   until the lab calibrates on its own verified cells (``wbc-batch calibrate``).
 * The OOD statistics are refitted so that the new lab is in distribution:
   the Gaussians see the replayed training cells plus the eight dihedral views
@@ -52,16 +52,6 @@ log = logging.getLogger("wbc_batch.training")
 
 NEW_LAB, REPLAY = 1, 0
 AUGMENTED_VIEWS_FOR_THRESHOLD = 4
-
-ALWAYS_REVIEW = float(np.nextafter(1.0, 2.0))
-"""The adapted model's review threshold: above any confidence, so every cell of the new lab needs review.
-
-Why: with ten labelled cells per class nothing can show that a confident
-prediction on the new lab is right. Measured on Chula, the cells the base's
-threshold would have accepted were 80-85% right, not 99.5%. The lab sets a
-real threshold with ``wbc-batch calibrate`` once it has verified enough cells
-(``wbc-batch review``, ``export-labels``).
-"""
 
 
 @dataclass
@@ -343,7 +333,9 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
         **{k: v for k, v in asdict(meta).items() if k not in ("model_sha256", "parent_digest", "parent_version")},
         "version": version,
         "temperature": calibration["temperature"],
-        "review_threshold": ALWAYS_REVIEW,
+        # ten cells per class cannot show which confident calls on the new lab are right: on Chula the
+        # cells above the base's threshold were 80-85% right, so the lab calibrates on verified cells
+        "review_threshold": metrics.ALWAYS_REVIEW,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "changelog": [*meta.changelog, f"{version}: adapted from {meta.version} to lab {lab!r} on "
                       f"{sum(new_counts.values())} labelled cells ({config.data_uri})"
