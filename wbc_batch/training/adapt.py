@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from wbc_batch import metrics, splits, storage
-from wbc_batch.training.augment import dihedral_views
+from wbc_batch.training.augment import dihedral_views, preset
 from wbc_batch.training.config import MATURE_CLASSES, TrainConfig, TrainingError, resolve_precision
 from wbc_batch.training.data import list_labelled_files, read_labelled, read_split_csv
 from wbc_batch.training.driver import _ensure_ray, fit_on_ray, provenance
@@ -90,6 +90,7 @@ class AdaptConfig:
             raise ValueError(f"replay per class must be >= 1, got {self.replay_per_class}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        preset(self.augment)  # an unknown preset fails here, not after the data are read
 
     def lab_name(self) -> str:
         """The lab's name in ``model.json`` (default: DATA's last folder)."""
@@ -281,15 +282,16 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
 
     model = build_classifier(keras, len(classes), image_size=size, input_norm=tc.input_norm)
     model.set_weights(fit.weights)
-    calibration: dict[str, Any] = {"temperature": meta.temperature, "review_threshold": meta.review_threshold,
+    # ten cells per class cannot show which confident calls on the new lab are right: on Chula the
+    # cells above the base's threshold were 80-85% right, so the lab calibrates on verified cells
+    calibration: dict[str, Any] = {"temperature": meta.temperature, "review_threshold": metrics.ALWAYS_REVIEW,
                                    "source": "base model (no replay validation images)"}
     replay_report: dict[str, Any] = {}
     if len(replay_val["label_index"]):
         val_logits = predict_logits(model, replay_val["image"])
         refit = calibration_from_val(val_logits, replay_val["label_index"])
-        calibration = {"temperature": refit["temperature"], "review_threshold": meta.review_threshold,
-                       "source": "temperature on the base's validation images of the replay data",
-                       "val_n": refit["val_n"]}
+        calibration = {**calibration, "temperature": refit["temperature"], "val_n": refit["val_n"],
+                       "source": "temperature on the base's validation images of the replay data"}
         subsets: dict[str, Sequence[str]] = {"wbc": meta.wbc_classes, "mature5": list(MATURE_CLASSES)}
         replay_report = {
             "before": metrics.classification_report(
@@ -333,9 +335,7 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
         **{k: v for k, v in asdict(meta).items() if k not in ("model_sha256", "parent_digest", "parent_version")},
         "version": version,
         "temperature": calibration["temperature"],
-        # ten cells per class cannot show which confident calls on the new lab are right: on Chula the
-        # cells above the base's threshold were 80-85% right, so the lab calibrates on verified cells
-        "review_threshold": metrics.ALWAYS_REVIEW,
+        "review_threshold": calibration["review_threshold"],
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "changelog": [*meta.changelog, f"{version}: adapted from {meta.version} to lab {lab!r} on "
                       f"{sum(new_counts.values())} labelled cells ({config.data_uri})"

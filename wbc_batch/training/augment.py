@@ -55,9 +55,9 @@ LIGHT = AugmentSpec(
 
 Why a second preset: on PBC alone, :data:`AUGMENT`'s stain, blur and zoom
 ranges cost 2-3 points of accuracy at this network size and CPU budget
-(MODEL_CARD, "The training job"), so the PBC model is trained with this one
-and robustness to other labs comes from ``wbc-batch adapt``, which uses
-:data:`AUGMENT`.
+(MODEL_CARD, "The training job"). It is also the default of ``wbc-batch
+adapt``: there it adapted to Chula as well as :data:`AUGMENT` and kept 2.5
+points more of PBC (MODEL_CARD, "Other labs").
 """
 
 AUGMENT_PRESETS: dict[str, AugmentSpec] = {"strong": AUGMENT, "light": LIGHT}

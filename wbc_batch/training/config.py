@@ -8,7 +8,7 @@ from typing import Any
 
 from wbc_batch import imaging, splits
 from wbc_batch.errors import InvalidInputError
-from wbc_batch.training.augment import AUGMENT_PRESETS
+from wbc_batch.training.augment import preset
 
 MATURE_CLASSES: tuple[str, ...] = ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil")
 
@@ -101,8 +101,7 @@ class TrainConfig:
             raise ValueError(f"batch size ({self.batch_size}) must be at least the number of workers ({self.workers})")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.augment not in AUGMENT_PRESETS:
-            raise ValueError(f"augmentation must be one of {sorted(AUGMENT_PRESETS)}, got {self.augment!r}")
+        preset(self.augment)  # ValueError naming the presets
         if self.on_cell_weight < 0:
             raise ValueError(f"on-cell weight must be >= 0, got {self.on_cell_weight}")
         for name, factor in self.class_weight_factors.items():
