@@ -490,6 +490,112 @@ def _write_batch(batch: dict[str, np.ndarray], schema: Any, listing: Any, positi
     sample.offer([u for u, st in zip(batch["image_uri"], batch["status"]) if st == "ok"])
 
 
+def _list_input(config: ClassifyConfig) -> tuple[Any, list[str], dict[str, int]]:
+    """The run's image URIs, INPUT's listing (None for a caller's URI list) and each URI's row in it.
+
+    Raises ValueError when INPUT holds no image, so that an empty folder is
+    a clear error, not an empty run; a caller's empty URI list (nightly's
+    night with nothing new) is a valid run of zero rows.
+    """
+    listing = config.listing
+    if config.uris is None:
+        listing = storage.list_entries(config.input_uri)
+        uris = listing.column("image_uri").to_pylist()
+    else:
+        uris = list(config.uris)
+    position = {u: i for i, u in enumerate(listing.column("image_uri").to_pylist())} if listing is not None else {}
+    if not uris and config.uris is None:
+        raise ValueError(f"no images found under {config.input_uri} (looked for .jpg .jpeg .png .tif .tiff .bmp)")
+    return listing, uris, position
+
+
+def _connect_cluster(config: ClassifyConfig, uris: list[str]) -> list[str]:
+    """Join the cluster before anything is written; the warnings the manifest records.
+
+    A cluster that does not answer fails the run in seconds (cluster.py); a
+    cluster of several nodes with local INPUT or OUTPUT paths gets a warning
+    that those paths must be shared.
+    """
+    cluster.connect(config.ray_address)
+    shared = cluster.local_paths_warning(config.input_uri, config.output_uri, uris)
+    if not shared:
+        return []
+    log.warning("%s", shared)
+    return [shared]
+
+
+def _classify_dataset(config: ClassifyConfig, meta: Any, uris: list[str], run_id: str, model_digest: str,
+                      plan: tuple[int, float, float]) -> Any:
+    """The Ray Data plan of a run: read tasks -> model actors -> render tasks (the module docstring)."""
+    import ray.data
+
+    workers, gpus_per, cpus_per = plan
+    items = [{"image_uri": u, "sample_id": sample_id_for(u, config.sample_id_regex)} for u in uris]
+    blocks = max(1, min(len(items) // config.batch_size + 1, 512))
+    ds: Any = ray.data.from_items(items, override_num_blocks=blocks)
+    ds = ds.map_batches(partial(load_images, image_size=meta.image_size, with_quality=bool(meta.ood)),
+                        batch_size=config.batch_size, num_cpus=0.5)
+    ds = ds.map_batches(
+        BatchClassifier,
+        fn_constructor_kwargs={
+            "model_uri": config.model_uri,
+            "allow_untrusted": config.allow_untrusted_model,
+            "review_threshold": config.review_threshold,
+            "run_id": run_id,
+            "intra_op_threads": None if gpus_per > 0 else max(1, math.ceil(cpus_per) + 1),
+            "expected_digest": model_digest,
+        },
+        batch_size=config.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        num_cpus=cpus_per,
+        num_gpus=gpus_per,
+        # Fault tolerance is Ray Data's default for actor pools (max_restarts=-1, max_task_retries=-1):
+        # a killed actor is restarted and its batch retried; tests/test_hardening.py kills one mid-run.
+        # Passing them here would go through the deprecated ray_remote_args (Ray 2.60).
+    )
+    suspect_below = float(meta.metrics.get("explanation_suspect_below", DEFAULT_SUSPECT_BELOW))
+    return ds.map_batches(partial(render_explanations, output_uri=config.output_uri,
+                                  write_heatmaps=config.write_heatmaps, suspect_below=suspect_below),
+                          batch_size=config.batch_size, num_cpus=0.5)
+
+
+def _stream_rows(ds: Any, on_batch: Any, total: int, quiet: bool) -> float | None:
+    """Feed every block of ``ds`` to ``on_batch`` as it comes; the ``perf_counter`` of the first one.
+
+    Whole blocks as they come (the writer buffers rows into parts), so the
+    first rows, and the faithfulness sample, reach the driver after one batch
+    rather than after 1024 rows.
+    """
+    progress = console.Progress(total) if quiet else None  # -v: Ray Data's own bars instead
+    first: float | None = None
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            if first is None:
+                first = time.perf_counter()
+            on_batch(batch)
+            if progress is not None:
+                progress.update(len(batch["image_uri"]))
+    finally:
+        if progress is not None:
+            progress.close()
+    return first
+
+
+def _recorded_options(config: ClassifyConfig, n_uris: int) -> dict[str, Any]:
+    """The run's options as its manifest records them: the config minus what is not an option."""
+    options: dict[str, Any] = {f.name: getattr(config, f.name) for f in fields(config)
+                               if f.name not in ("uris", "listing", "manifest_extra", "before_commit", "quiet")}
+    options["n_uris"] = n_uris
+    return options
+
+
+def _model_ref(config: ClassifyConfig, meta: Any, model_digest: str) -> results.ModelRef:
+    """Which model made the rows, as the manifest names it."""
+    return results.ModelRef(uri=config.model_uri or "shipped", name=meta.name, version=meta.version,
+                            sha256=meta.model_sha256, digest=model_digest, class_names=list(meta.class_names),
+                            non_wbc_classes=list(meta.non_wbc_classes), review_threshold=meta.review_threshold)
+
+
 def run_classify(config: ClassifyConfig) -> dict[str, Any]:
     """Classify every image of a run and commit it; returns the run manifest.
 
@@ -499,8 +605,7 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
         storage.StorageError: INPUT or OUTPUT unreachable or not writable.
         ModelArtifactError: the model is missing, tampered with or untrusted.
     """
-    import ray
-    import ray.data  # before the model-load thread imports TensorFlow: no two threads importing shared modules
+    import ray.data  # noqa: F401  # before the model-load thread imports TensorFlow: no two threads importing shared modules
 
     config.validate()
     started = datetime.now(timezone.utc)
@@ -521,85 +626,37 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
     if not OVERLAP_MODEL_LOAD:
         loader.raise_first()
     phases["verify_model_s"] = time.perf_counter() - t0
+    warnings: list[str] = []
     try:
-        listing = config.listing
-        if config.uris is None:
-            listing = storage.list_entries(config.input_uri)
-            uris = listing.column("image_uri").to_pylist()
-        else:
-            uris = list(config.uris)
-        position = {u: i for i, u in enumerate(listing.column("image_uri").to_pylist())} if listing is not None else {}
-        if not uris and config.uris is None:
-            raise ValueError(f"no images found under {config.input_uri} (looked for .jpg .jpeg .png .tif .tiff .bmp)")
+        listing, uris, position = _list_input(config)
         storage.check_writable(config.output_uri)
         phases["listing_s"] = time.perf_counter() - t0 - phases["verify_model_s"]
-        warnings: list[str] = []
         if uris:
-            # before anything is written: a cluster that does not answer fails the run in seconds (cluster.py)
             t_connect = time.perf_counter()
-            cluster.connect(config.ray_address)
+            warnings = _connect_cluster(config, uris)
             phases["ray_connect_s"] = time.perf_counter() - t_connect
-            shared = cluster.local_paths_warning(config.input_uri, config.output_uri, uris)
-            if shared:
-                log.warning("%s", shared)
-                warnings.append(shared)
     except Exception:
         loader.raise_first()  # a model Keras refuses was reported before any input error; it still is
         raise
     results.discard_previous_attempt(config.output_uri, run_id)
-    run_date = started.strftime("%Y-%m-%d")
     schema = results.prediction_schema(meta.class_names)
-    writer = results.PartWriter(config.output_uri, run_date, run_id, schema)
+    writer = results.PartWriter(config.output_uri, started.strftime("%Y-%m-%d"), run_id, schema)
     counts = results.RunCounts()
-    workers, gpus_per, cpus_per = 0, 0.0, 0.0
+    plan = (0, 0.0, 0.0)
     faithfulness_sample = FaithfulnessSample(loader.future, config.faithfulness_sample)
     first_row: float | None = None
     if uris:
         _quiet_ray_data(config.quiet)
-        workers, gpus_per, cpus_per = _plan_resources(config)
-        items = [{"image_uri": u, "sample_id": sample_id_for(u, config.sample_id_regex)} for u in uris]
-        blocks = max(1, min(len(items) // config.batch_size + 1, 512))
-        ds: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=blocks)
-        ds = ds.map_batches(partial(load_images, image_size=meta.image_size, with_quality=bool(meta.ood)),
-                            batch_size=config.batch_size, num_cpus=0.5)
-        ds = ds.map_batches(
-            BatchClassifier,
-            fn_constructor_kwargs={
-                "model_uri": config.model_uri,
-                "allow_untrusted": config.allow_untrusted_model,
-                "review_threshold": config.review_threshold,
-                "run_id": run_id,
-                "intra_op_threads": None if gpus_per > 0 else max(1, math.ceil(cpus_per) + 1),
-                "expected_digest": model_digest,
-            },
-            batch_size=config.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=workers),
-            num_cpus=cpus_per,
-            num_gpus=gpus_per,
-            # Fault tolerance is Ray Data's default for actor pools (max_restarts=-1, max_task_retries=-1):
-            # a killed actor is restarted and its batch retried; tests/test_hardening.py kills one mid-run.
-            # Passing them here would go through the deprecated ray_remote_args (Ray 2.60).
-        )
-        suspect_below = float(meta.metrics.get("explanation_suspect_below", DEFAULT_SUSPECT_BELOW))
-        ds = ds.map_batches(partial(render_explanations, output_uri=config.output_uri,
-                                    write_heatmaps=config.write_heatmaps, suspect_below=suspect_below),
-                            batch_size=config.batch_size, num_cpus=0.5)
-        # whole blocks as they come (the writer buffers rows into parts), so the first rows, and the
-        # faithfulness sample, reach the driver after one batch rather than after 1024 rows
-        progress = console.Progress(len(uris)) if config.quiet else None  # -v: Ray Data's own bars instead
+        plan = _plan_resources(config)
+        ds = _classify_dataset(config, meta, uris, run_id, model_digest, plan)
         try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                if first_row is None:
-                    first_row = time.perf_counter() - t0
-                _write_batch(batch, schema, listing, position, counts, writer, faithfulness_sample)
-                if progress is not None:
-                    progress.update(len(batch["image_uri"]))
+            first = _stream_rows(ds, partial(_write_batch, schema=schema, listing=listing, position=position,
+                                             counts=counts, writer=writer, sample=faithfulness_sample),
+                                 len(uris), config.quiet)
         except Exception:
             loader.raise_first()  # the actors failed on the model: the driver's own error says why, as before
             raise
-        finally:
-            if progress is not None:
-                progress.close()
+        first_row = None if first is None else first - t0
     files = writer.close()
     elapsed = time.perf_counter() - t0
     faithfulness = faithfulness_sample.result()
@@ -609,19 +666,16 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
                                  images_per_second=round(counts.total / elapsed, 3) if elapsed else 0.0,
                                  first_row_seconds=None if first_row is None else round(first_row, 3),
                                  phases={k: round(v, 3) for k, v in phases.items()})
-    options: dict[str, Any] = {f.name: getattr(config, f.name) for f in fields(config)
-                               if f.name not in ("uris", "listing", "manifest_extra", "before_commit", "quiet")}
-    options["n_uris"] = len(uris)
-    model = results.ModelRef(uri=config.model_uri or "shipped", name=meta.name, version=meta.version,
-                             sha256=meta.model_sha256, digest=model_digest, class_names=list(meta.class_names),
-                             non_wbc_classes=list(meta.non_wbc_classes), review_threshold=meta.review_threshold)
+    workers, gpus_per, cpus_per = plan
     manifest = results.RunManifest(
         run_id=run_id, status=results.STATUS_SUCCEEDED, input=config.input_uri, output=config.output_uri,
-        model=model, started_at=started.isoformat(), finished_at=datetime.now(timezone.utc).isoformat(),
-        run_date=run_date, counts=counts.summary(), timings=timings,
+        model=_model_ref(config, meta, model_digest), started_at=started.isoformat(),
+        finished_at=datetime.now(timezone.utc).isoformat(), run_date=started.strftime("%Y-%m-%d"),
+        counts=counts.summary(), timings=timings,
         resources={"workers": workers, "gpus_per_worker": gpus_per, "cpus_per_worker": cpus_per},
-        parquet_files=files, options=options, domain_shift=_domain_shift(meta, counts), faithfulness=faithfulness,
-        warnings=warnings, extra=dict(config.manifest_extra or {}))  # extra keys win, as they always did
+        parquet_files=files, options=_recorded_options(config, len(uris)), domain_shift=_domain_shift(meta, counts),
+        faithfulness=faithfulness, warnings=warnings,
+        extra=dict(config.manifest_extra or {}))  # extra keys win, as they always did
     if config.before_commit is not None:
         config.before_commit(manifest)
     results.write_manifest(config.output_uri, manifest)

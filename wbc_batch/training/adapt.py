@@ -214,6 +214,107 @@ def _counts(labels: np.ndarray, classes: list[str]) -> dict[str, int]:
     return {c: got[i] for i, c in enumerate(classes) if got[i]}
 
 
+def _no_images(size: int) -> dict[str, np.ndarray]:
+    """An empty labelled set: what a run without ``--replay`` mixes in."""
+    return {"image": np.zeros((0, size, size, 3), np.uint8), "label_index": np.zeros(0, np.int64)}
+
+
+def _read_replay(config: AdaptConfig, base_uri: str, size: int, class_index: dict[str, int],
+                 label_map: dict[str, str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The base's own train and val images from ``--replay`` (its split.csv says which is which)."""
+    if not config.replay_uri:
+        return _no_images(size), _no_images(size)
+    base_split = read_split_csv(base_uri, key="uri")
+    rows = [r for r in list_labelled_files(config.replay_uri, label_map) if r["label"] in class_index]
+
+    def images_of(split: str) -> dict[str, np.ndarray]:
+        return read_labelled(choose_replay(rows, base_split, split, config.replay_per_class, config.seed),
+                             size, class_index)
+
+    return images_of("train"), images_of("val")
+
+
+def _mixed_dataset(new: dict[str, np.ndarray], replay: dict[str, np.ndarray], repeats: int) -> Any:
+    """Replay images plus each new cell ``repeats`` times, weighted so each group's classes are balanced."""
+    import ray
+
+    x = np.concatenate([replay["image"], np.repeat(new["image"], repeats, axis=0)])
+    y = np.concatenate([replay["label_index"], np.repeat(new["label_index"], repeats)])
+    groups = [REPLAY] * len(replay["label_index"]) + [NEW_LAB] * (len(new["label_index"]) * repeats)
+    weights = np.asarray(balanced_within_groups([int(v) for v in y], groups), np.float32)
+    return ray.data.from_items(
+        [{"image": im, "label_index": int(lab), "sample_weight": float(w)} for im, lab, w in zip(x, y, weights)]
+    ).materialize()
+
+
+def _calibrate_on_replay(model: Any, base: Any, replay_val: dict[str, np.ndarray]
+                         ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The adapted model's calibration entry, and the base's and its figures on the replay's val images.
+
+    Ten cells per class cannot show which confident calls on the new lab
+    are right: on Chula the cells above the base's threshold were 80-85%
+    right, so every cell goes to review until the lab calibrates on
+    verified cells (``wbc-batch calibrate``). The temperature is refitted
+    on the base's validation images when ``--replay`` gives them.
+    """
+    meta = base.meta
+    calibration: dict[str, Any] = {"temperature": meta.temperature, "review_threshold": metrics.ALWAYS_REVIEW,
+                                   "source": "base model (no replay validation images)"}
+    if not len(replay_val["label_index"]):
+        return calibration, {}
+    classes = list(meta.class_names)
+    val_logits = predict_logits(model, replay_val["image"])
+    refit = calibration_from_val(val_logits, replay_val["label_index"])
+    calibration = {**calibration, "temperature": refit["temperature"], "val_n": refit["val_n"],
+                   "source": "temperature on the base's validation images of the replay data"}
+    subsets: dict[str, Sequence[str]] = {"wbc": meta.wbc_classes, "mature5": list(MATURE_CLASSES)}
+    report = {
+        "before": metrics.classification_report(
+            predict_logits(base.model, replay_val["image"]), replay_val["label_index"], classes,
+            meta.temperature, meta.review_threshold, subsets=subsets),
+        "after": metrics.classification_report(
+            val_logits, replay_val["label_index"], classes, calibration["temperature"],
+            meta.review_threshold, subsets=subsets),
+    }
+    return calibration, report
+
+
+def _adapted_metadata(meta: Any, config: AdaptConfig, version: str, adaptation: dict[str, Any],
+                      replay_report: dict[str, Any], ood: dict[str, Any]) -> Any:
+    """The base's metadata with the adaptation's version, calibration, record, lab entry and OOD statistics."""
+    from wbc_batch.model import ModelMetadata
+
+    lab, new_counts, calibration = adaptation["lab"], adaptation["new_lab_counts"], adaptation["calibration"]
+    labs = dict(meta.metrics.get("labs", {}))
+    labs[lab] = {"adapted_on": new_counts,
+                 "figures": "none here: every labelled cell of this lab was used to adapt; "
+                            "measure on other cells with wbc-batch evaluate"}
+    new_meta = ModelMetadata.from_dict({
+        **{k: v for k, v in asdict(meta).items() if k not in ("model_sha256", "parent_digest", "parent_version")},
+        "version": version,
+        "temperature": calibration["temperature"],
+        "review_threshold": calibration["review_threshold"],
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "changelog": [*meta.changelog, f"{version}: adapted from {meta.version} to lab {lab!r} on "
+                      f"{sum(new_counts.values())} labelled cells ({config.data_uri})"
+                      + (f" with replay from {config.replay_uri}" if config.replay_uri else "")],
+        "training": {**meta.training, "adaptation": adaptation},
+        "metrics": {**meta.metrics, "labs": labs,
+                    **({"replay_val_after_adaptation": replay_report["after"]} if replay_report else {})},
+        "ood": ood,
+    })
+    new_meta.parent_digest = adaptation["base"]["digest"]
+    new_meta.parent_version = meta.version
+    return new_meta
+
+
+def _run_name(config: AdaptConfig, fingerprint: str, base_sha256: str) -> str:
+    """Checkpoints' name: the new cells' fingerprint and every setting, so a rerun resumes only itself."""
+    settings = f"{config.epochs}-{config.learning_rate}-{config.batch_size}-{config.replay_per_class}-" \
+               f"{config.new_lab_share}-{config.seed}-{config.freeze_norm}-{config.augment}-{base_sha256}"
+    return f"wbc-adapt-{fingerprint[:12]}-{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
+
+
 def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
     """Fine-tune the base model on a new lab's labelled class folders and write a new artifact.
 
@@ -228,9 +329,10 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
             of another architecture.
     """
     import keras
+    import ray
 
-    from wbc_batch.architecture import build_classifier
-    from wbc_batch.model import ModelMetadata, load_artifact, save_artifact
+    from wbc_batch.architecture import build_classifier, input_norm_of
+    from wbc_batch.model import load_artifact, save_artifact
 
     t_start = time.time()
     _ensure_ray(config.ray_address)
@@ -244,63 +346,20 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
     new = read_labelled(_new_lab_rows(config, classes, label_map), size, class_index)
     if len(new["label_index"]) == 0:
         raise TrainingError(f"no decodable images under {config.data_uri}")
-    empty: dict[str, np.ndarray] = {"image": np.zeros((0, size, size, 3), np.uint8),
-                                    "label_index": np.zeros(0, np.int64)}
-    replay_train: dict[str, np.ndarray] = dict(empty)
-    replay_val: dict[str, np.ndarray] = dict(empty)
-    if config.replay_uri:
-        base_split = read_split_csv(base.uri, key="uri")
-        replay_rows = list_labelled_files(config.replay_uri, label_map)
-        replay_rows = [r for r in replay_rows if r["label"] in class_index]
-        replay_train = read_labelled(
-            choose_replay(replay_rows, base_split, "train", config.replay_per_class, config.seed), size, class_index)
-        replay_val = read_labelled(
-            choose_replay(replay_rows, base_split, "val", config.replay_per_class, config.seed), size, class_index)
-
+    replay_train, replay_val = _read_replay(config, base.uri, size, class_index, label_map)
     repeats = _repeats(len(new["label_index"]), len(replay_train["label_index"]), config.new_lab_share)
-    x = np.concatenate([replay_train["image"], np.repeat(new["image"], repeats, axis=0)])
-    y = np.concatenate([replay_train["label_index"], np.repeat(new["label_index"], repeats)])
-    groups = [REPLAY] * len(replay_train["label_index"]) + [NEW_LAB] * (len(new["label_index"]) * repeats)
-    weights = np.asarray(balanced_within_groups([int(v) for v in y], groups), np.float32)
-    import ray
-
-    train_ds = ray.data.from_items(
-        [{"image": im, "label_index": int(lab), "sample_weight": float(w)} for im, lab, w in zip(x, y, weights)]
-    ).materialize()
-    del x
-
-    from wbc_batch.architecture import input_norm_of
+    train_ds = _mixed_dataset(new, replay_train, repeats)
 
     tc = config.train_config(size, ray.cluster_resources().get("CPU", 1.0), input_norm_of(base.model))
     precision = resolve_precision(config.precision, config.use_gpu)
     fingerprint = hashlib.sha256("".join(sorted(new["sha256"])).encode()).hexdigest()
-    settings = f"{config.epochs}-{config.learning_rate}-{config.batch_size}-{config.replay_per_class}-" \
-               f"{config.new_lab_share}-{config.seed}-{config.freeze_norm}-{config.augment}-{meta.model_sha256}"
-    run_name = f"wbc-adapt-{fingerprint[:12]}-{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
     fit = fit_on_ray(tc, train_ds, len(classes), [1.0] * len(classes),
-                     [np.asarray(w) for w in base.model.get_weights()], run_name, precision)
+                     [np.asarray(w) for w in base.model.get_weights()],
+                     _run_name(config, fingerprint, meta.model_sha256), precision)
 
     model = build_classifier(keras, len(classes), image_size=size, input_norm=tc.input_norm)
     model.set_weights(fit.weights)
-    # ten cells per class cannot show which confident calls on the new lab are right: on Chula the
-    # cells above the base's threshold were 80-85% right, so the lab calibrates on verified cells
-    calibration: dict[str, Any] = {"temperature": meta.temperature, "review_threshold": metrics.ALWAYS_REVIEW,
-                                   "source": "base model (no replay validation images)"}
-    replay_report: dict[str, Any] = {}
-    if len(replay_val["label_index"]):
-        val_logits = predict_logits(model, replay_val["image"])
-        refit = calibration_from_val(val_logits, replay_val["label_index"])
-        calibration = {**calibration, "temperature": refit["temperature"], "val_n": refit["val_n"],
-                       "source": "temperature on the base's validation images of the replay data"}
-        subsets: dict[str, Sequence[str]] = {"wbc": meta.wbc_classes, "mature5": list(MATURE_CLASSES)}
-        replay_report = {
-            "before": metrics.classification_report(
-                predict_logits(base.model, replay_val["image"]), replay_val["label_index"], classes,
-                meta.temperature, meta.review_threshold, subsets=subsets),
-            "after": metrics.classification_report(
-                val_logits, replay_val["label_index"], classes, calibration["temperature"],
-                meta.review_threshold, subsets=subsets),
-        }
+    calibration, replay_report = _calibrate_on_replay(model, base, replay_val)
     ood = refit_ood(model, meta.embedding_layer, len(classes), new, replay_train, replay_val, config.seed)
 
     lab = config.lab_name()
@@ -327,26 +386,7 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
         "calibration": calibration,
         "provenance": provenance(tc, t_start),
     }
-    labs = dict(meta.metrics.get("labs", {}))
-    labs[lab] = {"adapted_on": new_counts,
-                 "figures": "none here: every labelled cell of this lab was used to adapt; "
-                            "measure on other cells with wbc-batch evaluate"}
-    new_meta = ModelMetadata.from_dict({
-        **{k: v for k, v in asdict(meta).items() if k not in ("model_sha256", "parent_digest", "parent_version")},
-        "version": version,
-        "temperature": calibration["temperature"],
-        "review_threshold": calibration["review_threshold"],
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "changelog": [*meta.changelog, f"{version}: adapted from {meta.version} to lab {lab!r} on "
-                      f"{sum(new_counts.values())} labelled cells ({config.data_uri})"
-                      + (f" with replay from {config.replay_uri}" if config.replay_uri else "")],
-        "training": {**meta.training, "adaptation": adaptation},
-        "metrics": {**meta.metrics, "labs": labs,
-                    **({"replay_val_after_adaptation": replay_report["after"]} if replay_report else {})},
-        "ood": ood,
-    })
-    new_meta.parent_digest = adaptation["base"]["digest"]
-    new_meta.parent_version = meta.version
+    new_meta = _adapted_metadata(meta, config, version, adaptation, replay_report, ood)
     save_artifact(model, new_meta, config.model_out, split_csv=_split_csv(base.uri, new))
     return {
         "model_out": config.model_out,
