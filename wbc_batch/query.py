@@ -671,83 +671,139 @@ def differential_from_frame(
         raise ValueError(f"expected min_cells >= 0, got {min_cells}")
     ranges = dict(DEFAULT_REFERENCE_RANGES if reference_ranges is None else reference_ranges)
     excluded = set(non_wbc)
-    classes = list(class_names) if class_names is not None else [c[2:] for c in frame.columns if c.startswith("p_")]
-    ok_all = frame[frame["status"] == "ok"] if len(frame) else frame
-    extra = sorted(set(_counted_class(ok_all).dropna()) - set(classes) - excluded) if len(frame) else []
-    white_classes = [c for c in classes if c not in excluded] + extra
+    white_classes = _white_classes(frame, class_names, excluded)
     if sample is not None:
-        known = sorted(frame["sample_id"].dropna().unique()) if len(frame) else []
-        if sample not in known:
-            shown = ", ".join(map(str, known[:20])) + (" ..." if len(known) > 20 else "")
-            raise ValueError(f"no sample {sample!r} in the committed results (samples: {shown or 'none'})")
-        frame = frame[frame["sample_id"] == sample]
-    out: list[dict[str, Any]] = []
+        frame = _only_sample(frame, sample)
     if not len(frame):
-        return pd.DataFrame(out, columns=DIFFERENTIAL_COLUMNS)
-    # Every per-sample figure in one grouped pass (a night holds hundreds of samples), then one loop of plain Python.
-    sid_all = frame["sample_id"].fillna("").astype(str).to_numpy()
-    is_ok = (frame["status"] == "ok").to_numpy()
-    ok, sid_ok = frame[is_ok], sid_all[is_ok]
-    counted, predicted = _counted_class(ok), ok["predicted_class"]
-    white = (~counted.isin(excluded) & counted.notna()).to_numpy()
-    model_white = (~predicted.isin(excluded) & predicted.notna()).to_numpy()
-    counts = _pair_counts(sid_ok[white], counted.to_numpy()[white])
-    model_counts = _pair_counts(sid_ok[model_white], predicted.to_numpy()[model_white])
-    by_ok = pd.DataFrame({
-        "ok": 1, "white": white.astype(int),
-        "ood": ok["out_of_distribution"].astype("boolean").fillna(False).astype(bool).to_numpy().astype(int),
-        "review": ok["needs_review"].astype("boolean").fillna(False).astype(bool).to_numpy().astype(int),
-        "verified": (ok["verified_class"].notna().to_numpy() if "verified_class" in ok.columns
-                     else np.zeros(len(ok), dtype=bool)).astype(int),
-    }, index=sid_ok).groupby(level=0).sum()
-    errors = pd.Series((~is_ok).astype(int), index=sid_all).groupby(level=0).sum().to_dict()
-    runs: dict[str, set[str]] = {}
-    if shift_rules and "run_id" in ok.columns:
-        for sid, rid in zip(sid_ok, ok["run_id"]):
-            if rid is not None and rid == rid:
-                runs.setdefault(sid, set()).add(rid)
-    signed: dict[str, tuple[Any, Any]] = {}
-    if "signed_off_by" in frame.columns:
-        has = frame["signed_off_by"].notna().to_numpy()
-        for sid, by, at in zip(sid_all[has], frame["signed_off_by"][has], frame["signed_off_at"][has]):
-            signed.setdefault(sid, (by, at))  # the first row that carries it, as the frame is ordered
-    for sid in sorted(set(sid_all)):
-        n_ok, n, n_ood, review, verified = (int(by_ok.at[sid, c]) if sid in by_ok.index else 0
-                                            for c in ("ok", "white", "ood", "review", "verified"))
+        return pd.DataFrame([], columns=DIFFERENTIAL_COLUMNS)
+    tally = _SampleTallies.of(frame, excluded, with_runs=bool(shift_rules))
+    out: list[dict[str, Any]] = []
+    for sid in tally.samples():
+        n_ok, n, n_ood, review, verified = tally.figures(sid)
         ood_share = n_ood / n_ok if n_ok else 0.0
-        rule = _rule_for_runs(runs.get(sid, set()), shift_rules, ood_share_limit)
+        rule = _rule_for_runs(tally.runs.get(sid, set()), shift_rules, ood_share_limit)
         reliable = not sample_shifted(n_ok, n_ood, rule)
-        warnings: list[str] = []
-        if not reliable:
-            warnings.append(f"UNRELIABLE: {ood_share:.0%} of images out of distribution ({n_ood} of {n_ok}; "
-                            f"limit {rule.describe()}); do not report this differential")
-        if n == 0:
-            warnings.append("no white cells")
-        elif n < min_cells:
-            warnings.append(f"only {n} white cells (fewer than {min_cells})")
-        signed_by, signed_at = signed.get(sid, (None, None))
+        warning = "; ".join(_sample_warnings(n_ok, n, n_ood, reliable, rule, min_cells))
+        signed_by, signed_at = tally.signed.get(sid, (None, None))
         for cls in white_classes:
-            k = int(counts.get((sid, cls), 0))
-            rng = ranges.get(cls)
-            pct = lo = hi = None
-            flag = ""
-            if n and reliable:
-                pct = 100.0 * k / n
-                ci = wilson_interval(k, n, confidence)
-                lo, hi = 100.0 * ci[0], 100.0 * ci[1]
-                flag = _flag(pct, rng)
+            k = int(tally.counts.get((sid, cls), 0))
             out.append({
                 "sample_id": sid, "white_cells": n, "cell_class": cls, "count": k,
-                "model_count": int(model_counts.get((sid, cls), 0)), "percent": pct,
-                "ci_low": lo, "ci_high": hi, "reference": _reference_text(rng), "flag": flag,
+                "model_count": int(tally.model_counts.get((sid, cls), 0)),
+                **_share(k, n if reliable else 0, ranges.get(cls), confidence),
+                "reference": _reference_text(ranges.get(cls)),
                 "needs_review": review, "verified": verified, "signed_off_by": signed_by, "signed_off_at": signed_at,
-                "errors": int(errors.get(sid, 0)), "ood_share": ood_share,
-                "reliable": reliable, "warning": "; ".join(warnings),
+                "errors": int(tally.errors.get(sid, 0)), "ood_share": ood_share,
+                "reliable": reliable, "warning": warning,
             })
     df = pd.DataFrame(out, columns=DIFFERENTIAL_COLUMNS)
     for col in ("percent", "ci_low", "ci_high"):
         df[col] = df[col].astype("float64")
     return df
+
+
+def _white_classes(frame: pd.DataFrame, class_names: Iterable[str] | None, excluded: set[str]) -> list[str]:
+    """The classes a differential reports: the model's white-cell classes, then verified ones it does not have."""
+    classes = list(class_names) if class_names is not None else [c[2:] for c in frame.columns if c.startswith("p_")]
+    ok_all = frame[frame["status"] == "ok"] if len(frame) else frame
+    extra = sorted(set(_counted_class(ok_all).dropna()) - set(classes) - excluded) if len(frame) else []
+    return [c for c in classes if c not in excluded] + extra
+
+
+def _only_sample(frame: pd.DataFrame, sample: str) -> pd.DataFrame:
+    """The rows of one sample; an unknown sample is an error that lists the known ones."""
+    known = sorted(frame["sample_id"].dropna().unique()) if len(frame) else []
+    if sample not in known:
+        shown = ", ".join(map(str, known[:20])) + (" ..." if len(known) > 20 else "")
+        raise ValueError(f"no sample {sample!r} in the committed results (samples: {shown or 'none'})")
+    return frame[frame["sample_id"] == sample]
+
+
+def _sample_warnings(n_ok: int, n_white: int, n_ood: int, reliable: bool, rule: ShiftRule,
+                     min_cells: int) -> list[str]:
+    """Why a sample's differential must not be read, or must be read with care."""
+    warnings: list[str] = []
+    if not reliable:
+        share = n_ood / n_ok if n_ok else 0.0
+        warnings.append(f"UNRELIABLE: {share:.0%} of images out of distribution ({n_ood} of {n_ok}; "
+                        f"limit {rule.describe()}); do not report this differential")
+    if n_white == 0:
+        warnings.append("no white cells")
+    elif n_white < min_cells:
+        warnings.append(f"only {n_white} white cells (fewer than {min_cells})")
+    return warnings
+
+
+def _share(k: int, n: int, rng: tuple[float | None, float | None] | None, confidence: float) -> dict[str, Any]:
+    """Percent, Wilson interval and range flag of k of n white cells; empty when n is 0 (or not reliable)."""
+    if not n:
+        return {"percent": None, "ci_low": None, "ci_high": None, "flag": ""}
+    pct = 100.0 * k / n
+    lo, hi = wilson_interval(k, n, confidence)
+    return {"percent": pct, "ci_low": 100.0 * lo, "ci_high": 100.0 * hi, "flag": _flag(pct, rng)}
+
+
+@dataclass
+class _SampleTallies:
+    """Every per-sample figure of a differential, from one grouped pass over the rows.
+
+    Why grouped: a night holds hundreds of samples, and a loop over samples
+    that filters the frame each time is quadratic; this is one pass, then a
+    loop of plain Python over the samples.
+    """
+
+    sample_ids: np.ndarray  # of every row, ok or not
+    by_sample: dict[str, tuple[int, int, int, int, int]]  # sample -> ok, white, ood, review, verified
+    errors: dict[str, int]
+    counts: dict[tuple[str, str], int]  # (sample, counted class) of white cells
+    model_counts: dict[tuple[str, str], int]  # (sample, the model's class) of white cells
+    runs: dict[str, set[str]]  # sample -> run ids its ok rows come from (only when shift rules are given)
+    signed: dict[str, tuple[Any, Any]]  # sample -> (signed_off_by, signed_off_at)
+
+    @classmethod
+    def of(cls, frame: pd.DataFrame, excluded: set[str], with_runs: bool) -> _SampleTallies:
+        sid_all = frame["sample_id"].fillna("").astype(str).to_numpy()
+        is_ok = (frame["status"] == "ok").to_numpy()
+        ok, sid_ok = frame[is_ok], sid_all[is_ok]
+        counted, predicted = _counted_class(ok), ok["predicted_class"]
+        white = (~counted.isin(excluded) & counted.notna()).to_numpy()
+        model_white = (~predicted.isin(excluded) & predicted.notna()).to_numpy()
+        grouped = pd.DataFrame({
+            "ok": 1, "white": white.astype(int),
+            "ood": _flag_column(ok, "out_of_distribution"), "review": _flag_column(ok, "needs_review"),
+            "verified": (ok["verified_class"].notna().to_numpy() if "verified_class" in ok.columns
+                         else np.zeros(len(ok), dtype=bool)).astype(int),
+        }, index=sid_ok).groupby(level=0).sum()
+        runs: dict[str, set[str]] = {}
+        if with_runs and "run_id" in ok.columns:
+            for sid, rid in zip(sid_ok, ok["run_id"]):
+                if rid is not None and rid == rid:
+                    runs.setdefault(sid, set()).add(rid)
+        signed: dict[str, tuple[Any, Any]] = {}
+        if "signed_off_by" in frame.columns:
+            has = frame["signed_off_by"].notna().to_numpy()
+            for sid, by, at in zip(sid_all[has], frame["signed_off_by"][has], frame["signed_off_at"][has]):
+                signed.setdefault(sid, (by, at))  # the first row that carries it, as the frame is ordered
+        return cls(
+            sample_ids=sid_all,
+            by_sample={str(sid): (int(a), int(b), int(c), int(d), int(e)) for sid, a, b, c, d, e in grouped.itertuples()},
+            errors=pd.Series((~is_ok).astype(int), index=sid_all).groupby(level=0).sum().to_dict(),
+            counts=_pair_counts(sid_ok[white], counted.to_numpy()[white]),
+            model_counts=_pair_counts(sid_ok[model_white], predicted.to_numpy()[model_white]),
+            runs=runs, signed=signed)
+
+    def samples(self) -> list[str]:
+        """Every sample id of the rows, ok or not, sorted."""
+        return sorted(set(self.sample_ids))
+
+    def figures(self, sid: str) -> tuple[int, int, int, int, int]:
+        """(ok images, white cells, out of distribution, needing review, verified) of one sample."""
+        return self.by_sample.get(sid, (0, 0, 0, 0, 0))
+
+
+def _flag_column(rows: pd.DataFrame, column: str) -> np.ndarray:
+    """A nullable boolean column as 0/1, a missing value as 0."""
+    return rows[column].astype("boolean").fillna(False).astype(bool).to_numpy().astype(int)
 
 
 def differential(output: str, sample: str | None = None, *, run_dates: Collection[str] | None = None,
