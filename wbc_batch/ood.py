@@ -338,6 +338,39 @@ def fit_ood(
     e_tr = np.asarray(embeddings_train, dtype=np.float64)
     e_va = np.asarray(embeddings_val, dtype=np.float64)
     labels = np.asarray(labels_train, dtype=np.int64)
+    k = _check_fit_inputs(e_tr, labels, e_va, fpr, num_classes)
+    if (images_train is None and features_train is None) or (images_val is None and features_val is None):
+        raise ValueError("expected images or precomputed quality features for both the train and the val split")
+    f_tr = np.asarray(features_train if features_train is not None else quality_features(_given(images_train)),
+                      np.float64)
+    f_va = np.asarray(features_val if features_val is not None else quality_features(_given(images_val)), np.float64)
+    if len(f_tr) != len(e_tr) or len(f_va) != len(e_va):
+        raise ValueError(
+            f"expected one image per embedding, got {len(f_tr)}/{len(e_tr)} train and {len(f_va)}/{len(e_va)} val"
+        )
+    stats: dict[str, Any] = {
+        "format": OOD_FORMAT,
+        "method": (
+            "sqrt(sum of squared positive z) of two log distances: relative Mahalanobis of the embedding "
+            "(class-conditional Gaussians, shared Ledoit-Wolf covariance, minus a background Gaussian) and "
+            "Mahalanobis of image-quality features to the nearest class's mean; threshold at the val quantile 1-fpr"
+        ),
+        "num_classes": k,
+        "embedding_dim": int(e_tr.shape[1]),
+        "embedding": _embedding_gaussians(e_tr, labels, k),
+        "quality": _quality_gaussians(f_tr, labels, k),
+        "normalisation": {c: {"median": 0.0, "scale": 1.0} for c in COMPONENTS},
+        "threshold": 0.0,
+        "fpr_target": float(fpr),
+        "fitted_on": {"n_train": int(len(e_tr)), "n_val": int(len(e_va))},
+    }
+    _set_threshold_on_val(stats, e_va, f_va, fpr)
+    return stats
+
+
+def _check_fit_inputs(e_tr: np.ndarray, labels: np.ndarray, e_va: np.ndarray, fpr: float,
+                      num_classes: int | None) -> int:
+    """Guard clauses of :func:`fit_ood`; the number of classes K."""
     if not 0.0 < fpr < 0.5:
         raise ValueError(f"expected a false-positive rate in (0, 0.5), got {fpr}")
     if e_tr.ndim != 2 or e_va.ndim != 2 or e_tr.shape[1] != e_va.shape[1]:
@@ -349,57 +382,43 @@ def fit_ood(
     k = int(num_classes) if num_classes is not None else int(labels.max()) + 1
     if labels.min() < 0 or labels.max() >= k:
         raise ValueError(f"labels must lie in [0, {k}), got [{labels.min()}, {labels.max()}]")
+    return k
 
+
+def _embedding_gaussians(e_tr: np.ndarray, labels: np.ndarray, k: int) -> dict[str, Any]:
+    """Class-conditional means with one shared shrunk covariance, and one background Gaussian."""
     means = _class_means(e_tr, labels, k)
     cov, shrink = shrunk_covariance(e_tr - means[labels])
-    precision = np.linalg.inv(cov)
     bg_mean = e_tr.mean(axis=0)
     bg_cov, bg_shrink = shrunk_covariance(e_tr - bg_mean)
-    bg_precision = np.linalg.inv(bg_cov)
+    return {
+        "class_means": _encode(means),
+        "precision": _encode(np.linalg.inv(cov)),
+        "background_mean": _encode(bg_mean),
+        "background_precision": _encode(np.linalg.inv(bg_cov)),
+        "shrinkage": round(shrink, 6),
+        "background_shrinkage": round(bg_shrink, 6),
+    }
 
-    if (images_train is None and features_train is None) or (images_val is None and features_val is None):
-        raise ValueError("expected images or precomputed quality features for both the train and the val split")
-    f_tr = np.asarray(features_train if features_train is not None else quality_features(_given(images_train)),
-                      np.float64)
-    f_va = np.asarray(features_val if features_val is not None else quality_features(_given(images_val)), np.float64)
-    if len(f_tr) != len(e_tr) or len(f_va) != len(e_va):
-        raise ValueError(
-            f"expected one image per embedding, got {len(f_tr)}/{len(e_tr)} train and {len(f_va)}/{len(e_va)} val"
-        )
+
+def _quality_gaussians(f_tr: np.ndarray, labels: np.ndarray, k: int) -> dict[str, Any]:
+    """Class means and one shared precision of the image-quality features."""
     q_means = _class_means(f_tr, labels, k)
     q_resid = f_tr - q_means[labels]
     # A tiny ridge keeps a degenerate feature (e.g. constant test images) invertible.
     q_cov = np.atleast_2d(np.cov(q_resid.T)) + 1e-6 * np.eye(len(QUALITY_FEATURES))
-    q_precision = np.linalg.inv(q_cov)
-
-    stats: dict[str, Any] = {
-        "format": OOD_FORMAT,
-        "method": (
-            "sqrt(sum of squared positive z) of two log distances: relative Mahalanobis of the embedding "
-            "(class-conditional Gaussians, shared Ledoit-Wolf covariance, minus a background Gaussian) and "
-            "Mahalanobis of image-quality features to the nearest class's mean; threshold at the val quantile 1-fpr"
-        ),
-        "num_classes": k,
-        "embedding_dim": int(e_tr.shape[1]),
-        "embedding": {
-            "class_means": _encode(means),
-            "precision": _encode(precision),
-            "background_mean": _encode(bg_mean),
-            "background_precision": _encode(bg_precision),
-            "shrinkage": round(shrink, 6),
-            "background_shrinkage": round(bg_shrink, 6),
-        },
-        "quality": {
-            "features": list(QUALITY_FEATURES),
-            "class_means": np.round(q_means, 6).tolist(),
-            "precision": np.round(q_precision, 6).tolist(),
-        },
-        "normalisation": {c: {"median": 0.0, "scale": 1.0} for c in COMPONENTS},
-        "threshold": 0.0,
-        "fpr_target": float(fpr),
-        "fitted_on": {"n_train": int(len(e_tr)), "n_val": int(len(e_va))},
+    return {
+        "features": list(QUALITY_FEATURES),
+        "class_means": np.round(q_means, 6).tolist(),
+        "precision": np.round(np.linalg.inv(q_cov), 6).tolist(),
     }
-    # Score val with the stored (float32-rounded) statistics, exactly as at inference.
+
+
+def _set_threshold_on_val(stats: dict[str, Any], e_va: np.ndarray, f_va: np.ndarray, fpr: float) -> None:
+    """Each component's normalisation, then the fused threshold that flags ``fpr`` of val, into ``stats``.
+
+    Val is scored with the stored (float32-rounded) statistics, exactly as at inference.
+    """
     raw = OodScorer(stats).components_from_features(e_va, f_va)
     for c in COMPONENTS:
         logs = np.log(np.maximum(raw[c], SCORE_FLOOR))
@@ -411,7 +430,6 @@ def fit_ood(
     threshold = float(np.quantile(fused, 1.0 - fpr))
     stats["threshold"] = threshold
     stats["val_flagged_share"] = float(np.mean(fused > threshold))
-    return stats
 
 
 # --------------------------------------------------------------------------- per sample / run

@@ -277,7 +277,7 @@ def run_training(
     """
     import keras
 
-    from wbc_batch.architecture import CAM_LAYER, EMBEDDING_LAYER, build_classifier
+    from wbc_batch.architecture import EMBEDDING_LAYER, build_classifier
     from wbc_batch.model import save_artifact
 
     t_start = time.time()
@@ -302,25 +302,76 @@ def run_training(
     x_train, y_train = dataset_arrays(train_ds)  # materialised above for the trainer
     ood_stats = fit_ood_statistics(model, EMBEDDING_LAYER, x_train, y_train, x_val, len(classes))
     del x_train
-    x_test, y_test = split_arrays(data["labelled"], "test")
-    non_wbc = [c for c in classes if c == splits.NON_WBC]
-    wbc = [c for c in classes if c not in non_wbc]
-    test_report: dict[str, Any] = {}
-    if len(y_test):
-        test_logits = predict_logits(model, x_test)
-        test_report = metrics.classification_report(
-            test_logits,
-            y_test,
-            classes,
-            calibration["temperature"],
-            calibration["review_threshold"],
-            subsets={"wbc": wbc, "mature5": list(MATURE_CLASSES)},
-        )
-        natural = metrics.natural_mix_report(test_logits, y_test, classes, calibration["temperature"],
-                                             calibration["review_threshold"], white_cells=wbc)
-        if natural:
-            test_report["natural_mix"] = natural
+    test_report = _test_report(model, data, classes, calibration)
     version = config.version or f"{datetime.now(timezone.utc):%Y%m%d.%H%M%S}-{data['fingerprint'][:8]}"
+    meta = _trained_metadata(config, version, data, calibration, test_report, ood_stats, {
+        "trainer": "wbc_batch.training (Ray Train TensorflowTrainer, tf-keras, MultiWorkerMirroredStrategy)",
+        "workers": config.workers,
+        "epochs": config.epochs,
+        "train_seconds": round(train_seconds, 1),
+        "optimizer": recipe.describe(config.learning_rate, config.weight_decay, config.batch_size),
+        "augmentation": {"preset": config.augment, **preset(config.augment).describe()},
+        "precision": precision,
+        "provenance": provenance(config, t_start),
+        "class_weights": {c: round(w, 4) for c, w in zip(classes, class_weights)},
+        "run_name": run_name,
+        "final_epoch": final_state,
+        "on_cell_weight": config.on_cell_weight,
+        **({"init_from": init_origin} if init_origin else {}),
+    }, init_origin)
+    split_text = split_csv_text(data["items"], data["split_of"])
+    save_artifact(model, meta, config.model_out, split_csv=split_text)
+    summary: dict[str, Any] = {
+        "model_out": config.model_out,
+        "version": version,
+        "classes": classes,
+        "split_counts": data["split_counts"],
+        "calibration": calibration,
+        "metrics": test_report,
+        "final_epoch": final_state,
+        "replica_trainable_sha256": fit.replica_digests,
+        "checkpoint": fit.checkpoint_path,
+        "run_name": run_name,
+        "train_seconds": train_seconds,
+        "total_seconds": time.time() - t_start,
+    }
+    if config.publish:
+        summary["publish"] = publish(config.model_out, config.publish, config.data_uri)
+    return summary
+
+
+def _non_wbc_and_wbc(classes: list[str]) -> tuple[list[str], list[str]]:
+    """The classes left out of white-cell counts, and the white-cell classes."""
+    non_wbc = [c for c in classes if c == splits.NON_WBC]
+    return non_wbc, [c for c in classes if c not in non_wbc]
+
+
+def _test_report(model: Any, data: dict[str, Any], classes: list[str], calibration: dict[str, Any]) -> dict[str, Any]:
+    """Figures on the test split (empty without test images), also re-weighted to PBC's natural class mix."""
+    x_test, y_test = split_arrays(data["labelled"], "test")
+    if not len(y_test):
+        return {}
+    _, wbc = _non_wbc_and_wbc(classes)
+    test_logits = predict_logits(model, x_test)
+    report = metrics.classification_report(
+        test_logits, y_test, classes, calibration["temperature"], calibration["review_threshold"],
+        subsets={"wbc": wbc, "mature5": list(MATURE_CLASSES)},
+    )
+    natural = metrics.natural_mix_report(test_logits, y_test, classes, calibration["temperature"],
+                                         calibration["review_threshold"], white_cells=wbc)
+    if natural:
+        report["natural_mix"] = natural
+    return report
+
+
+def _trained_metadata(config: TrainConfig, version: str, data: dict[str, Any], calibration: dict[str, Any],
+                      test_report: dict[str, Any], ood_stats: dict[str, Any], training: dict[str, Any],
+                      init_origin: dict[str, Any] | None) -> ModelMetadata:
+    """The ``model.json`` of a trained artifact; a fine-tuned one names the artifact it grew from."""
+    from wbc_batch.architecture import CAM_LAYER, EMBEDDING_LAYER
+
+    classes: list[str] = data["classes"]
+    non_wbc, _ = _non_wbc_and_wbc(classes)
     meta = ModelMetadata(
         version=version,
         class_names=classes,
@@ -342,44 +393,12 @@ def run_training(
             "split_counts": data["split_counts"],
             "label_map": config.label_map,
         },
-        training={
-            "trainer": "wbc_batch.training (Ray Train TensorflowTrainer, tf-keras, MultiWorkerMirroredStrategy)",
-            "workers": config.workers,
-            "epochs": config.epochs,
-            "train_seconds": round(train_seconds, 1),
-            "optimizer": recipe.describe(config.learning_rate, config.weight_decay, config.batch_size),
-            "augmentation": {"preset": config.augment, **preset(config.augment).describe()},
-            "precision": precision,
-            "provenance": provenance(config, t_start),
-            "class_weights": {c: round(w, 4) for c, w in zip(classes, class_weights)},
-            "run_name": run_name,
-            "final_epoch": final_state,
-            "on_cell_weight": config.on_cell_weight,
-            **({"init_from": init_origin} if init_origin else {}),
-        },
+        training=training,
         metrics={"split": "test", **test_report, "calibration": calibration}
         if test_report
         else {"calibration": calibration},
         ood=ood_stats,
     )
-    if init_origin:  # a fine-tuned model names the artifact it grew from
+    if init_origin:
         meta.parent_digest, meta.parent_version = init_origin["digest"], init_origin["version"]
-    split_text = split_csv_text(data["items"], data["split_of"])
-    save_artifact(model, meta, config.model_out, split_csv=split_text)
-    summary: dict[str, Any] = {
-        "model_out": config.model_out,
-        "version": version,
-        "classes": classes,
-        "split_counts": data["split_counts"],
-        "calibration": calibration,
-        "metrics": test_report,
-        "final_epoch": final_state,
-        "replica_trainable_sha256": fit.replica_digests,
-        "checkpoint": fit.checkpoint_path,
-        "run_name": run_name,
-        "train_seconds": train_seconds,
-        "total_seconds": time.time() - t_start,
-    }
-    if config.publish:
-        summary["publish"] = publish(config.model_out, config.publish, config.data_uri)
-    return summary
+    return meta

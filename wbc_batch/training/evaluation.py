@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -127,8 +128,45 @@ def collect_logits(
     """
     meta = artifact.meta
     label_map = meta.training_data.get("label_map") or splits.DEFAULT_LABEL_MAP
-    rows = list_labelled_files(data_uri, label_map)
     names = list(meta.class_names)
+    chosen, skipped = _images_of_split(list_labelled_files(data_uri, label_map), names, split, split_of)
+
+    import keras
+
+    from wbc_batch.ood import OodScorer
+
+    logits: list[np.ndarray] = []
+    labels: list[int] = []
+    uris: list[str] = []
+    flagged: list[np.ndarray] = []
+    both = keras.Model(artifact.model.inputs,
+                       [artifact.model.output, artifact.model.get_layer(meta.embedding_layer).output])
+    scorer = OodScorer.from_metadata(meta)
+    for keep, batch in _decoded_batches(chosen, meta.image_size, batch_size, skipped):
+        out, emb = both.predict_on_batch(batch)
+        if tta:
+            out = dihedral_mean_logits(artifact.model, batch)
+        logits.append(np.asarray(out))
+        if scorer is not None:
+            flagged.append(scorer.score(np.asarray(emb, np.float32), batch)[1])
+        labels.extend(e[1] for e in keep)
+        uris.extend(e[0] for e in keep)
+    return {
+        "logits": np.concatenate(logits) if logits else np.zeros((0, len(names)), np.float32),
+        "labels": np.asarray(labels, dtype=np.int64),
+        "uris": uris,
+        "skipped": skipped,
+        "ood_flagged": np.concatenate(flagged) if flagged else None,
+    }
+
+
+def _images_of_split(rows: list[dict[str, Any]], names: list[str], split: str | None,
+                     split_of: dict[str, str] | None) -> tuple[list[tuple[str, int, bytes]], list[dict[str, str]]]:
+    """(uri, class index, bytes) of the split's images, and the ones skipped for a class the model lacks.
+
+    Every file is read and hashed (8 reads at a time): the split is decided by
+    content hash, so a renamed file keeps its split.
+    """
     skipped: list[dict[str, str]] = []
     chosen: list[tuple[str, int, bytes]] = []
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -140,55 +178,33 @@ def collect_logits(
                 skipped.append({"uri": row["uri"], "reason": reason})
                 continue
             chosen.append((row["uri"], names.index(row["label"]), data))
+    return chosen, skipped
 
-    def decode(entry: tuple[str, int, bytes]) -> np.ndarray | str:
-        try:
-            return imaging.decode_image(entry[2])
-        except imaging.ImageDecodeError as exc:
-            return str(exc)
 
-    import keras
+def _decode_or_reason(entry: tuple[str, int, bytes]) -> np.ndarray | str:
+    """The decoded RGB image, or why it cannot be decoded."""
+    try:
+        return imaging.decode_image(entry[2])
+    except imaging.ImageDecodeError as exc:
+        return str(exc)
 
-    logits: list[np.ndarray] = []
-    labels: list[int] = []
-    uris: list[str] = []
-    flagged: list[np.ndarray] = []
-    size = meta.image_size
-    both = keras.Model(artifact.model.inputs,
-                       [artifact.model.output, artifact.model.get_layer(meta.embedding_layer).output])
-    from wbc_batch.ood import OodScorer
 
-    scorer = OodScorer.from_metadata(meta)
+def _decoded_batches(chosen: list[tuple[str, int, bytes]], size: int, batch_size: int,
+                     skipped: list[dict[str, str]]) -> Iterator[tuple[list[tuple[str, int, bytes]], np.ndarray]]:
+    """Model-input batches of ``chosen`` (decoded 4 at a time); undecodable images go to ``skipped``."""
     with ThreadPoolExecutor(max_workers=4) as pool:
         for start in range(0, len(chosen), batch_size):
             part = chosen[start : start + batch_size]
             images, keep = [], []
-            for entry, rgb in zip(part, pool.map(decode, part)):
+            for entry, rgb in zip(part, pool.map(_decode_or_reason, part)):
                 if isinstance(rgb, str):
                     log.warning("skipping %s: %s", entry[0], rgb)
                     skipped.append({"uri": entry[0], "reason": rgb})
                     continue
                 images.append(rgb)
                 keep.append(entry)
-            if not images:
-                continue
-            batch = imaging.prepare_batch(images, size)
-            out, emb = both.predict_on_batch(batch)
-            if tta:
-                out = dihedral_mean_logits(artifact.model, batch)
-            logits.append(np.asarray(out))
-            if scorer is not None:
-                flagged.append(scorer.score(np.asarray(emb, np.float32), batch)[1])
-            labels.extend(e[1] for e in keep)
-            uris.extend(e[0] for e in keep)
-    n_classes = len(names)
-    return {
-        "logits": np.concatenate(logits) if logits else np.zeros((0, n_classes), np.float32),
-        "labels": np.asarray(labels, dtype=np.int64),
-        "uris": uris,
-        "skipped": skipped,
-        "ood_flagged": np.concatenate(flagged) if flagged else None,
-    }
+            if images:
+                yield keep, imaging.prepare_batch(images, size)
 
 
 def evaluate(

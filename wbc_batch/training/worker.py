@@ -83,34 +83,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
 
     shard = _load_shard(ray.train.get_dataset_shard("train"))
-    x, y, cells = shard["image"], shard["label_index"].astype(np.int64), shard.get("cell_grid")
     on_cell = float(cfg.get("on_cell_weight", 0.0))
-    if on_cell > 0 and cells is None:
+    if on_cell > 0 and shard.get("cell_grid") is None:
         raise TrainingError("the on-cell loss needs cell grids in the training data")
-    # per-image weights when the driver sets them (adapt: lab share x class balance), else the class rule
-    w = shard.get("sample_weight")
-    if w is None:
-        w = np.asarray(cfg["class_weights"], dtype=np.float32)[y]
-    w = np.asarray(w, dtype=np.float32)
-    steps, epochs, global_batch = int(cfg["steps_per_epoch"]), int(cfg["epochs"]), int(cfg["batch_size"])
-    spec = preset(str(cfg.get("augment", "strong")))
-
-    def dataset_fn(input_context: Any) -> Any:
-        per_replica = input_context.get_per_replica_batch_size(global_batch)
-
-        def view(im: Any, lab: Any, wt: Any, *cell: Any) -> Any:
-            if not cell:
-                return augment(tf, tf.cast(im, tf.float32), spec=spec), lab, wt
-            im, grid = augment(tf, tf.cast(im, tf.float32), mask=cell[0], spec=spec)
-            return im, (lab, grid), wt  # the on-cell wrapper reads (label, cell grid)
-
-        ds = tf.data.Dataset.from_tensor_slices((x, y, w, cells) if on_cell > 0 else (x, y, w))
-        ds = ds.shuffle(len(x), seed=int(cfg["seed"]) + rank, reshuffle_each_iteration=True).repeat()
-        ds = ds.map(view, num_parallel_calls=threads)
-        ds = ds.batch(per_replica, drop_remainder=True).prefetch(2)
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-        return ds.with_options(options)
+    steps, epochs = int(cfg["steps_per_epoch"]), int(cfg["epochs"])
+    dataset_fn = _augmented_dataset_fn(tf, shard, cfg, rank, threads, with_cells=on_cell > 0)
 
     with strategy.scope():
         model = build_classifier(tf_keras, int(cfg["num_classes"]), image_size=int(cfg["image_size"]),
@@ -120,34 +97,12 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         optimizer = recipe.make_optimizer(
             tf_keras, float(cfg["learning_rate"]), float(cfg["weight_decay"]), epochs, steps
         )
-        if on_cell > 0:
-            from wbc_batch.architecture import CAM_LAYER, LOGITS_LAYER
-
-            fitter = on_cell_model(tf_keras, model, CAM_LAYER, LOGITS_LAYER, on_cell)
-            fitter.compile(optimizer=optimizer)
-        else:
-            fitter = model
-            model.compile(
-                optimizer=optimizer,
-                loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                weighted_metrics=["accuracy"],
-            )
+        fitter = _compiled_fitter(tf_keras, model, optimizer, on_cell)
         optimizer.build(model.trainable_variables)
         if cfg.get("initial_weights") is not None:  # fine-tuning (--init-from); a checkpoint below overrides it
             model.set_weights(list(cfg["initial_weights"]))
 
-    start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = json.loads(Path(d, STATE_FILE).read_text())
-            saved = np.load(Path(d, WEIGHTS_FILE))
-            model.set_weights([saved[k] for k in sorted(saved.files)])
-            saved_opt = np.load(Path(d, OPTIMIZER_FILE))
-            for var, key in zip(optimizer.variables, sorted(saved_opt.files)):
-                var.assign(saved_opt[key])
-        start_epoch = int(state["epoch"]) + 1
-
+    start_epoch = _restore_checkpoint(ray.train.get_checkpoint(), model, optimizer)
     creator = tf_keras.utils.experimental.DatasetCreator(dataset_fn)
     for epoch in range(start_epoch, epochs):
         t0 = time.time()
@@ -168,15 +123,89 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         }
         if "outside" in hist.history:  # the on-cell term: share of the true class's evidence outside the cell
             epoch_metrics["outside_share"] = float(hist.history["outside"][-1])
-        with tempfile.TemporaryDirectory() as d:
-            replica = {"rank": rank, "epoch": epoch, "trainable_sha256": digest}
-            Path(d, f"replica-{rank}.json").write_text(json.dumps(replica))
-            if rank == 0:
-                np.savez(Path(d, WEIGHTS_FILE), **{f"w{i:04d}": a for i, a in enumerate(weights)})
-                np.savez(Path(d, OPTIMIZER_FILE), **{f"v{i:04d}": a for i, a in enumerate(opt_state)})
-                Path(d, STATE_FILE).write_text(json.dumps(epoch_metrics))
-            ray.train.report(
-                epoch_metrics,
-                checkpoint=ray.train.Checkpoint.from_directory(d),
-                checkpoint_dir_name=f"epoch-{epoch:04d}",
-            )
+        _report_epoch(epoch_metrics, rank, weights, opt_state)
+
+
+def _augmented_dataset_fn(tf: Any, shard: dict[str, np.ndarray], cfg: dict[str, Any], rank: int, threads: int,
+                          with_cells: bool) -> Any:
+    """The ``DatasetCreator`` function: this worker's shard, shuffled, augmented and batched per replica.
+
+    Per-image weights come from the driver when it sets them (adapt: lab
+    share x class balance), else from the class rule. With the on-cell loss
+    each element carries its cell grid, moved with the same geometry.
+    """
+    x, y = shard["image"], shard["label_index"].astype(np.int64)
+    w = shard.get("sample_weight")
+    if w is None:
+        w = np.asarray(cfg["class_weights"], dtype=np.float32)[y]
+    w = np.asarray(w, dtype=np.float32)
+    global_batch, seed = int(cfg["batch_size"]), int(cfg["seed"])
+    spec = preset(str(cfg.get("augment", "strong")))
+
+    def view(im: Any, lab: Any, wt: Any, *cell: Any) -> Any:
+        if not cell:
+            return augment(tf, tf.cast(im, tf.float32), spec=spec), lab, wt
+        im, grid = augment(tf, tf.cast(im, tf.float32), mask=cell[0], spec=spec)
+        return im, (lab, grid), wt  # the on-cell wrapper reads (label, cell grid)
+
+    def dataset_fn(input_context: Any) -> Any:
+        per_replica = input_context.get_per_replica_batch_size(global_batch)
+        ds = tf.data.Dataset.from_tensor_slices((x, y, w, shard["cell_grid"]) if with_cells else (x, y, w))
+        ds = ds.shuffle(len(x), seed=seed + rank, reshuffle_each_iteration=True).repeat()
+        ds = ds.map(view, num_parallel_calls=threads)
+        ds = ds.batch(per_replica, drop_remainder=True).prefetch(2)
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        return ds.with_options(options)
+
+    return dataset_fn
+
+
+def _compiled_fitter(tf_keras: Any, model: Any, optimizer: Any, on_cell: float) -> Any:
+    """What ``fit`` runs: the model with the on-cell loss wrapper, or the model with plain weighted cross-entropy."""
+    if on_cell > 0:
+        from wbc_batch.architecture import CAM_LAYER, LOGITS_LAYER
+
+        fitter = on_cell_model(tf_keras, model, CAM_LAYER, LOGITS_LAYER, on_cell)
+        fitter.compile(optimizer=optimizer)
+        return fitter
+    model.compile(
+        optimizer=optimizer,
+        loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        weighted_metrics=["accuracy"],
+    )
+    return model
+
+
+def _restore_checkpoint(checkpoint: Any, model: Any, optimizer: Any) -> int:
+    """Weights and optimizer state from Ray Train's latest checkpoint; the epoch to start from (0 without one)."""
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as d:
+        state = json.loads(Path(d, STATE_FILE).read_text())
+        saved = np.load(Path(d, WEIGHTS_FILE))
+        model.set_weights([saved[k] for k in sorted(saved.files)])
+        saved_opt = np.load(Path(d, OPTIMIZER_FILE))
+        for var, key in zip(optimizer.variables, sorted(saved_opt.files)):
+            var.assign(saved_opt[key])
+    return int(state["epoch"]) + 1
+
+
+def _report_epoch(epoch_metrics: dict[str, Any], rank: int, weights: list[Any],
+                  opt_state: list[Any]) -> None:
+    """``ray.train.report`` with checkpoint ``epoch-NNNN``: the replica digest (every rank), the state (rank 0)."""
+    import ray.train
+
+    epoch = int(epoch_metrics["epoch"])
+    with tempfile.TemporaryDirectory() as d:
+        replica = {"rank": rank, "epoch": epoch, "trainable_sha256": epoch_metrics["trainable_sha256"]}
+        Path(d, f"replica-{rank}.json").write_text(json.dumps(replica))
+        if rank == 0:
+            np.savez(Path(d, WEIGHTS_FILE), **{f"w{i:04d}": a for i, a in enumerate(weights)})
+            np.savez(Path(d, OPTIMIZER_FILE), **{f"v{i:04d}": a for i, a in enumerate(opt_state)})
+            Path(d, STATE_FILE).write_text(json.dumps(epoch_metrics))
+        ray.train.report(
+            epoch_metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(d),
+            checkpoint_dir_name=f"epoch-{epoch:04d}",
+        )
