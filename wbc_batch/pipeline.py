@@ -640,7 +640,8 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
         raise
     results.discard_previous_attempt(config.output_uri, run_id)
     schema = results.prediction_schema(meta.class_names)
-    writer = results.PartWriter(config.output_uri, started.strftime("%Y-%m-%d"), run_id, schema)
+    run_date = started.strftime("%Y-%m-%d")
+    writer = results.PartWriter(config.output_uri, run_date, run_id, schema)
     counts = results.RunCounts()
     plan = (0, 0.0, 0.0)
     faithfulness_sample = FaithfulnessSample(loader.future, config.faithfulness_sample)
@@ -670,7 +671,7 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
     manifest = results.RunManifest(
         run_id=run_id, status=results.STATUS_SUCCEEDED, input=config.input_uri, output=config.output_uri,
         model=_model_ref(config, meta, model_digest), started_at=started.isoformat(),
-        finished_at=datetime.now(timezone.utc).isoformat(), run_date=started.strftime("%Y-%m-%d"),
+        finished_at=datetime.now(timezone.utc).isoformat(), run_date=run_date,
         counts=counts.summary(), timings=timings,
         resources={"workers": workers, "gpus_per_worker": gpus_per, "cpus_per_worker": cpus_per},
         parquet_files=files, options=_recorded_options(config, len(uris)), domain_shift=_domain_shift(meta, counts),

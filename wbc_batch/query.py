@@ -678,7 +678,7 @@ def differential_from_frame(
         return pd.DataFrame([], columns=DIFFERENTIAL_COLUMNS)
     tally = _SampleTallies.of(frame, excluded, with_runs=bool(shift_rules))
     out: list[dict[str, Any]] = []
-    for sid in tally.samples():
+    for sid in tally.samples:
         n_ok, n, n_ood, review, verified = tally.figures(sid)
         ood_share = n_ood / n_ok if n_ok else 0.0
         rule = _rule_for_runs(tally.runs.get(sid, set()), shift_rules, ood_share_limit)
@@ -752,7 +752,7 @@ class _SampleTallies:
     loop of plain Python over the samples.
     """
 
-    sample_ids: np.ndarray  # of every row, ok or not
+    samples: list[str]  # every sample id of the rows, ok or not, sorted
     by_sample: dict[str, tuple[int, int, int, int, int]]  # sample -> ok, white, ood, review, verified
     errors: dict[str, int]
     counts: dict[tuple[str, str], int]  # (sample, counted class) of white cells
@@ -785,16 +785,12 @@ class _SampleTallies:
             for sid, by, at in zip(sid_all[has], frame["signed_off_by"][has], frame["signed_off_at"][has]):
                 signed.setdefault(sid, (by, at))  # the first row that carries it, as the frame is ordered
         return cls(
-            sample_ids=sid_all,
+            samples=sorted(set(sid_all)),
             by_sample={str(sid): (int(a), int(b), int(c), int(d), int(e)) for sid, a, b, c, d, e in grouped.itertuples()},
             errors=pd.Series((~is_ok).astype(int), index=sid_all).groupby(level=0).sum().to_dict(),
             counts=_pair_counts(sid_ok[white], counted.to_numpy()[white]),
             model_counts=_pair_counts(sid_ok[model_white], predicted.to_numpy()[model_white]),
             runs=runs, signed=signed)
-
-    def samples(self) -> list[str]:
-        """Every sample id of the rows, ok or not, sorted."""
-        return sorted(set(self.sample_ids))
 
     def figures(self, sid: str) -> tuple[int, int, int, int, int]:
         """(ok images, white cells, out of distribution, needing review, verified) of one sample."""
