@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -222,6 +223,11 @@ def test_artifact_holds_the_trained_weights_split_and_calibration(trained: dict[
     rows = (Path(trained["model_out"]) / SPLIT_FILE).read_text().splitlines()
     assert rows[0] == "sha256,label,split,uri" and len(rows) == 65
     assert {r.split(",")[2] for r in rows[1:]} == {"train", "val", "test"}
+    repo = Path(__file__).resolve().parent.parent
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=repo).stdout.strip()
+    recorded = meta.training["provenance"]
+    assert recorded["git_commit"] == (head or None)  # read when the run started; a tarball has none
+    assert isinstance(recorded["git_dirty"], bool) or not head
 
 
 @pytest.mark.slow

@@ -44,7 +44,7 @@ from wbc_batch import metrics, splits, storage
 from wbc_batch.training.augment import dihedral_views, preset
 from wbc_batch.training.config import MATURE_CLASSES, TrainConfig, TrainingError, resolve_precision
 from wbc_batch.training.data import list_labelled_files, read_labelled, read_split_csv
-from wbc_batch.training.driver import _ensure_ray, fit_on_ray, provenance
+from wbc_batch.training.driver import _ensure_ray, fit_on_ray, provenance, source_revision
 from wbc_batch.training.evaluation import calibration_from_val, predict_embeddings, predict_logits
 from wbc_batch.training.recipe import balanced_within_groups
 
@@ -334,7 +334,7 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
     from wbc_batch.architecture import build_classifier, input_norm_of
     from wbc_batch.model import load_artifact, save_artifact
 
-    t_start = time.time()
+    t_start, revision = time.time(), source_revision()
     _ensure_ray(config.ray_address)
     base = load_artifact(config.base, allow_untrusted=config.allow_untrusted)
     meta = base.meta
@@ -384,7 +384,7 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
         "train_seconds": round(fit.seconds, 1),
         "final_epoch": fit.final_state,
         "calibration": calibration,
-        "provenance": provenance(tc, t_start),
+        "provenance": provenance(tc, t_start, revision),
     }
     new_meta = _adapted_metadata(meta, config, version, adaptation, replay_report, ood)
     save_artifact(model, new_meta, config.model_out, split_csv=_split_csv(base.uri, new))

@@ -133,10 +133,33 @@ def _run_name(config: TrainConfig, fingerprint: str) -> str:
     return config.run_name or f"wbc-train-{fingerprint[:12]}-{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
 
 
-def provenance(config: TrainConfig, t_start: float) -> dict[str, Any]:
-    """What anyone needs to rebuild an artifact: command, commit, package versions, hardware, wall time."""
-    import platform
+def source_revision() -> dict[str, Any]:
+    """The git commit of this package's checkout and whether its tree had uncommitted changes.
+
+    Why read at the start of a run: a run takes hours, and a commit made while
+    it trains must not be recorded as the code that trained it.
+    """
     import subprocess
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+                                  cwd=Path(__file__).resolve().parent)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD") or None
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"git_commit": commit, "git_dirty": None if status is None else bool(status)}
+
+
+def provenance(config: TrainConfig, t_start: float, revision: dict[str, Any]) -> dict[str, Any]:
+    """What anyone needs to rebuild an artifact: command, commit, package versions, hardware, wall time.
+
+    ``revision`` is :func:`source_revision` taken when the run started.
+    """
+    import platform
     import sys
     from importlib.metadata import PackageNotFoundError, version
 
@@ -147,18 +170,13 @@ def provenance(config: TrainConfig, t_start: float) -> dict[str, Any]:
             return None
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                                cwd=Path(__file__).resolve().parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    try:
         cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                     if line.startswith("model name")), platform.processor())
     except OSError:
         cpu = platform.processor()
     return {
         "command": config.command or None,
-        "git_commit": commit,
+        **revision,
         "packages": {n: package(n) for n in ("wbc-batch", "tensorflow", "tf-keras", "keras", "ray", "numpy",
                                               "opencv-python-headless")},
         "python": platform.python_version(),
@@ -280,7 +298,7 @@ def run_training(
     from wbc_batch.architecture import EMBEDDING_LAYER, build_classifier
     from wbc_batch.model import save_artifact
 
-    t_start = time.time()
+    t_start, revision = time.time(), source_revision()
     _ensure_ray(config.ray_address)
     data = prepare_data(config, read_split_csv(config.init_from) if config.init_from else None)
     classes: list[str] = data["classes"]
@@ -312,7 +330,7 @@ def run_training(
         "optimizer": recipe.describe(config.learning_rate, config.weight_decay, config.batch_size),
         "augmentation": {"preset": config.augment, **preset(config.augment).describe()},
         "precision": precision,
-        "provenance": provenance(config, t_start),
+        "provenance": provenance(config, t_start, revision),
         "class_weights": {c: round(w, 4) for c, w in zip(classes, class_weights)},
         "run_name": run_name,
         "final_epoch": final_state,

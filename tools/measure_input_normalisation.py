@@ -1,0 +1,134 @@
+"""Measure whether normalising a new lab's input geometry or colour helps a model without labels.
+
+Each variant rewrites every image of DATA (a class-folder layout) into
+WORK/<variant>/<class>/ and runs :func:`wbc_batch.training.evaluation.evaluate`
+on it; the variants are what "normalise scale from the segmentation" and
+"per-image colour normalisation" would do at inference:
+
+- ``as-is``: the images unchanged.
+- ``centre``: a window of the image's short side centred on the segmented
+  cell (:func:`wbc_batch.localisation.cell_mask`), edges replicated.
+- ``zoom-<z>``: the same window shrunk by ``z`` (the cell grows ``z`` times),
+  around the cell when ``centre`` is in the name, else around the image centre.
+- ``reinhard``: each image's CIELAB mean and standard deviation moved to the
+  mean of those of REFERENCE's images (Reinhard et al., 2001).
+
+Usage::
+
+    python tools/measure_input_normalisation.py ../shared/data/chula ../shared/data/pbc WORK [--model MODEL]
+
+Writes WORK/<variant>.json (the ``evaluate`` figures) and WORK/summary.json,
+and prints one line per variant. Results are in MODEL_CARD.md, "Other labs".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from wbc_batch import imaging
+from wbc_batch.localisation import cell_mask
+from wbc_batch.training.evaluation import evaluate
+
+Variant = Callable[[np.ndarray], np.ndarray]
+REFERENCE_SAMPLE = 300
+
+
+def square_window(rgb: np.ndarray, cx: float, cy: float, side: float) -> np.ndarray:
+    """A side x side window centred at (cx, cy); beyond the image the edge pixels repeat."""
+    pad = int(side)
+    big = cv2.copyMakeBorder(rgb, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
+    x0, y0 = int(round(cx - side / 2)) + pad, int(round(cy - side / 2)) + pad
+    return big[y0:y0 + int(side), x0:x0 + int(side)]
+
+
+def geometric(centre_on_cell: bool, zoom: float) -> Variant:
+    """Crop around the cell (or the image centre) so that the cell appears ``zoom`` times larger."""
+    def apply(rgb: np.ndarray) -> np.ndarray:
+        h, w = rgb.shape[:2]
+        cx, cy = w / 2, h / 2
+        mask = cell_mask(rgb) if centre_on_cell else None
+        if mask is not None and mask.any():
+            ys, xs = np.nonzero(mask)
+            cx, cy = float(xs.mean()), float(ys.mean())
+        return square_window(rgb, cx, cy, min(h, w) / zoom)
+    return apply
+
+
+def lab_statistics(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and standard deviation in OpenCV's 8-bit CIELAB."""
+    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).reshape(-1, 3).astype(np.float32)
+    return lab.mean(0), lab.std(0) + 1e-6
+
+
+def reinhard(reference: list[Path]) -> Variant:
+    """Colour transfer to the reference lab's average CIELAB statistics."""
+    stats = [lab_statistics(imaging.decode_image(p.read_bytes())) for p in reference]
+    mu = np.mean([m for m, _ in stats], axis=0)
+    sd = np.mean([s for _, s in stats], axis=0)
+
+    def apply(rgb: np.ndarray) -> np.ndarray:
+        m, s = lab_statistics(rgb)
+        lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).astype(np.float32)
+        moved = ((lab - m) / s * sd + mu).clip(0, 255).astype(np.uint8)
+        return cv2.cvtColor(moved, cv2.COLOR_LAB2RGB)
+    return apply
+
+
+def class_images(data: Path) -> list[Path]:
+    """Every image of a class-folder layout, sorted."""
+    return sorted(p for p in data.glob("*/*") if imaging.is_image_name(p.name))
+
+
+def write_variant(images: list[Path], data: Path, out: Path, variant: Variant) -> None:
+    """Rewrite each image through ``variant`` as JPEG q95 under the same class folder."""
+    for path in images:
+        target = out / path.relative_to(data)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        rgb = variant(imaging.decode_image(path.read_bytes()))
+        target.write_bytes(imaging.encode_jpeg(np.ascontiguousarray(rgb), quality=95))
+
+
+def variants(reference: list[Path]) -> dict[str, Variant]:
+    """The variants measured, by name."""
+    return {
+        "as-is": lambda rgb: rgb,
+        "centre": geometric(True, 1.0),
+        "zoom-1.14": geometric(False, 1.14),
+        "centre-zoom-1.14": geometric(True, 1.14),
+        "centre-zoom-1.3": geometric(True, 1.3),
+        "centre-zoom-1.6": geometric(True, 1.6),
+        "reinhard": reinhard(reference),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("data", type=Path, help="the new lab's class folders")
+    p.add_argument("reference", type=Path, help="the training lab's class folders (colour reference)")
+    p.add_argument("work", type=Path, help="folder for the rewritten images and the figures")
+    p.add_argument("--model", default=None, help="artifact to measure (default: the shipped model)")
+    args = p.parse_args(argv)
+    reference = random.Random(0).sample(class_images(args.reference), REFERENCE_SAMPLE)
+    images, summary = class_images(args.data), {}
+    for name, variant in variants(reference).items():
+        write_variant(images, args.data, args.work / name, variant)
+        result = evaluate(args.model, str(args.work / name), out_json=str(args.work / f"{name}.json"), split="all")
+        m = result["metrics"]
+        summary[name] = {"balanced_accuracy": m["balanced_accuracy"], "ci95": m["balanced_accuracy_ci95"],
+                         "ood_flagged": m["ood_flagged"]["share"]}
+        lo, hi = m["balanced_accuracy_ci95"]
+        print(f"{name:18s} balanced accuracy {m['balanced_accuracy']:.1%} ({lo:.1%}-{hi:.1%}), "
+              f"flagged {m['ood_flagged']['share']:.1%}", flush=True)
+    (args.work / "summary.json").write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
