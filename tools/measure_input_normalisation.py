@@ -18,7 +18,8 @@ Usage::
     python tools/measure_input_normalisation.py ../shared/data/chula ../shared/data/pbc WORK [--model MODEL]
 
 Writes WORK/<variant>.json (the ``evaluate`` figures) and WORK/summary.json,
-and prints one line per variant. Results are in MODEL_CARD.md, "Other labs".
+and prints one line per variant, after the segmented cells' offset from the
+window centre and diameter in both labs (``--geometry-only`` stops there). Results are in MODEL_CARD.md, "Other labs".
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from wbc_batch.training.evaluation import evaluate
 
 Variant = Callable[[np.ndarray], np.ndarray]
 REFERENCE_SAMPLE = 300
+GEOMETRY_PER_CLASS = 40  # reference cells per class for the size comparison
 
 
 def square_window(rgb: np.ndarray, cx: float, cy: float, side: float) -> np.ndarray:
@@ -81,6 +83,32 @@ def reinhard(reference: list[Path]) -> Variant:
     return apply
 
 
+def cell_geometry(images: list[Path]) -> dict[str, float]:
+    """Median offset of the segmented cell from the window centre (share of the side), its 90th
+    percentile, and the median equivalent diameter in pixels of the original image."""
+    offsets, diameters = [], []
+    for path in images:
+        rgb = imaging.decode_image(path.read_bytes())
+        mask = cell_mask(rgb)
+        if not mask.any():
+            continue
+        ys, xs = np.nonzero(mask)
+        h, w = mask.shape
+        offsets.append(float(np.hypot(xs.mean() / w - 0.5, ys.mean() / h - 0.5)))
+        diameters.append(float(2 * np.sqrt(mask.sum() / np.pi)))
+    return {"segmented": len(offsets) / max(len(images), 1), "offset_median": float(np.median(offsets)),
+            "offset_p90": float(np.percentile(offsets, 90)), "diameter_median_px": float(np.median(diameters))}
+
+
+def per_class_sample(images: list[Path], classes: set[str], per_class: int, seed: int = 0) -> list[Path]:
+    """Up to ``per_class`` images of each class folder named in ``classes`` (any case), fixed seed."""
+    rng, by_class = random.Random(seed), dict[str, list[Path]]()
+    for path in images:
+        if path.parent.name.lower() in classes:
+            by_class.setdefault(path.parent.name, []).append(path)
+    return [p for paths in by_class.values() for p in rng.sample(paths, min(per_class, len(paths)))]
+
+
 def class_images(data: Path) -> list[Path]:
     """Every image of a class-folder layout, sorted."""
     return sorted(p for p in data.glob("*/*") if imaging.is_image_name(p.name))
@@ -114,9 +142,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("reference", type=Path, help="the training lab's class folders (colour reference)")
     p.add_argument("work", type=Path, help="folder for the rewritten images and the figures")
     p.add_argument("--model", default=None, help="artifact to measure (default: the shipped model)")
+    p.add_argument("--geometry-only", action="store_true", help="print where and how large the cells are, and stop")
     args = p.parse_args(argv)
-    reference = random.Random(0).sample(class_images(args.reference), REFERENCE_SAMPLE)
-    images, summary = class_images(args.data), {}
+    reference_images, images = class_images(args.reference), class_images(args.data)
+    summary: dict[str, dict[str, float]] = {}
+    shared = {p.parent.name.lower() for p in images}  # compare the classes both labs have: size differs by class
+    for lab, paths in (("data", images), ("reference", per_class_sample(reference_images, shared, GEOMETRY_PER_CLASS))):
+        summary[f"geometry_{lab}"] = g = cell_geometry(paths)
+        print(f"{lab:9s} {len(paths)} cells: segmented {g['segmented']:.1%}, offset from centre median "
+              f"{g['offset_median']:.1%} (p90 {g['offset_p90']:.1%}), diameter median {g['diameter_median_px']:.1f} px",
+              flush=True)
+    if args.geometry_only:
+        return 0
+    reference = random.Random(0).sample(reference_images, REFERENCE_SAMPLE)
     for name, variant in variants(reference).items():
         write_variant(images, args.data, args.work / name, variant)
         result = evaluate(args.model, str(args.work / name), out_json=str(args.work / f"{name}.json"), split="all")

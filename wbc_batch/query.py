@@ -820,6 +820,8 @@ def differential(output: str, sample: str | None = None, *, run_dates: Collectio
 # The ok rows of ``predictions`` that need review. An error row never beats an ok row, so an image's
 # latest ok row is its ``predictions`` row; only images with several ok rows need the window, and only
 # they and the rows that need review are held in memory (not every image of the archive).
+# ``needs_review = true``, not a bare ``needs_review``: DuckDB pushes the comparison into the Arrow scan,
+# while a bare boolean column is filtered only after every other column of the row has been read.
 REVIEW_QUEUE_SQL = """
 WITH repeated AS (
     SELECT hash(image_uri) AS h FROM predictions_raw WHERE status = 'ok' GROUP BY 1 HAVING count(*) > 1
@@ -827,9 +829,9 @@ WITH repeated AS (
 SELECT sample_id, image_uri, predicted_class, confidence, out_of_distribution, explanation_suspect,
        heatmap_uri, model_version, run_id
 FROM predictions_raw
-WHERE status = 'ok' AND (needs_review OR hash(image_uri) IN (SELECT h FROM repeated))
+WHERE status = 'ok' AND (needs_review = true OR hash(image_uri) IN (SELECT h FROM repeated))
 QUALIFY row_number() OVER (PARTITION BY image_uri ORDER BY processed_at DESC NULLS LAST, run_id DESC) = 1
-    AND needs_review
+    AND needs_review = true
 ORDER BY confidence ASC NULLS FIRST, image_uri
 """
 
