@@ -37,7 +37,8 @@ from wbc_batch import imaging
 from wbc_batch.localisation import cell_mask
 from wbc_batch.training.evaluation import evaluate
 
-Variant = Callable[[np.ndarray], np.ndarray]
+Centre = tuple[float, float] | None  # the segmented cell's centroid (x, y); None: no cell found
+Variant = Callable[[np.ndarray, Centre], np.ndarray]
 REFERENCE_SAMPLE = 300
 GEOMETRY_PER_CLASS = 40  # reference cells per class for the size comparison
 
@@ -50,15 +51,25 @@ def square_window(rgb: np.ndarray, cx: float, cy: float, side: float) -> np.ndar
     return big[y0:y0 + int(side), x0:x0 + int(side)]
 
 
+def segmented(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The decoded image and its cell mask (:func:`wbc_batch.localisation.cell_mask`)."""
+    rgb = imaging.decode_image(path.read_bytes())
+    return rgb, cell_mask(rgb)
+
+
+def centroid(mask: np.ndarray) -> Centre:
+    """The mask's centre of mass (x, y), or None for an empty mask."""
+    if not mask.any():
+        return None
+    ys, xs = np.nonzero(mask)
+    return float(xs.mean()), float(ys.mean())
+
+
 def geometric(centre_on_cell: bool, zoom: float) -> Variant:
     """Crop around the cell (or the image centre) so that the cell appears ``zoom`` times larger."""
-    def apply(rgb: np.ndarray) -> np.ndarray:
+    def apply(rgb: np.ndarray, centre: Centre) -> np.ndarray:
         h, w = rgb.shape[:2]
-        cx, cy = w / 2, h / 2
-        mask = cell_mask(rgb) if centre_on_cell else None
-        if mask is not None and mask.any():
-            ys, xs = np.nonzero(mask)
-            cx, cy = float(xs.mean()), float(ys.mean())
+        cx, cy = centre if centre_on_cell and centre is not None else (w / 2, h / 2)
         return square_window(rgb, cx, cy, min(h, w) / zoom)
     return apply
 
@@ -75,7 +86,7 @@ def reinhard(reference: list[Path]) -> Variant:
     mu = np.mean([m for m, _ in stats], axis=0)
     sd = np.mean([s for _, s in stats], axis=0)
 
-    def apply(rgb: np.ndarray) -> np.ndarray:
+    def apply(rgb: np.ndarray, centre: Centre) -> np.ndarray:
         m, s = lab_statistics(rgb)
         lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).astype(np.float32)
         moved = ((lab - m) / s * sd + mu).clip(0, 255).astype(np.uint8)
@@ -83,20 +94,18 @@ def reinhard(reference: list[Path]) -> Variant:
     return apply
 
 
-def cell_geometry(images: list[Path]) -> dict[str, float]:
+def cell_geometry(masks: list[np.ndarray]) -> dict[str, float]:
     """Median offset of the segmented cell from the window centre (share of the side), its 90th
     percentile, and the median equivalent diameter in pixels of the original image."""
     offsets, diameters = [], []
-    for path in images:
-        rgb = imaging.decode_image(path.read_bytes())
-        mask = cell_mask(rgb)
-        if not mask.any():
+    for mask in masks:
+        centre = centroid(mask)
+        if centre is None:
             continue
-        ys, xs = np.nonzero(mask)
         h, w = mask.shape
-        offsets.append(float(np.hypot(xs.mean() / w - 0.5, ys.mean() / h - 0.5)))
+        offsets.append(float(np.hypot(centre[0] / w - 0.5, centre[1] / h - 0.5)))
         diameters.append(float(2 * np.sqrt(mask.sum() / np.pi)))
-    return {"segmented": len(offsets) / max(len(images), 1), "offset_median": float(np.median(offsets)),
+    return {"segmented": len(offsets) / max(len(masks), 1), "offset_median": float(np.median(offsets)),
             "offset_p90": float(np.percentile(offsets, 90)), "diameter_median_px": float(np.median(diameters))}
 
 
@@ -114,19 +123,27 @@ def class_images(data: Path) -> list[Path]:
     return sorted(p for p in data.glob("*/*") if imaging.is_image_name(p.name))
 
 
-def write_variant(images: list[Path], data: Path, out: Path, variant: Variant) -> None:
-    """Rewrite each image through ``variant`` as JPEG q95 under the same class folder."""
+def write_variants(images: list[Path], data: Path, work: Path, variants: dict[str, Variant]) -> list[np.ndarray]:
+    """Rewrite each image through every variant as JPEG q95 under WORK/<variant>/<class>/.
+
+    Each image is decoded and segmented once for all variants; its mask is returned for the geometry.
+    """
+    masks = []
     for path in images:
-        target = out / path.relative_to(data)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        rgb = variant(imaging.decode_image(path.read_bytes()))
-        target.write_bytes(imaging.encode_jpeg(np.ascontiguousarray(rgb), quality=95))
+        rgb, mask = segmented(path)
+        masks.append(mask)
+        centre = centroid(mask)
+        for name, variant in variants.items():
+            target = work / name / path.relative_to(data)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(imaging.encode_jpeg(np.ascontiguousarray(variant(rgb, centre)), quality=95))
+    return masks
 
 
 def variants(reference: list[Path]) -> dict[str, Variant]:
     """The variants measured, by name."""
     return {
-        "as-is": lambda rgb: rgb,
+        "as-is": lambda rgb, centre: rgb,
         "centre": geometric(True, 1.0),
         "zoom-1.14": geometric(False, 1.14),
         "centre-zoom-1.14": geometric(True, 1.14),
@@ -144,19 +161,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="artifact to measure (default: the shipped model)")
     p.add_argument("--geometry-only", action="store_true", help="print where and how large the cells are, and stop")
     args = p.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
     reference_images, images = class_images(args.reference), class_images(args.data)
-    summary: dict[str, dict[str, float]] = {}
     shared = {p.parent.name.lower() for p in images}  # compare the classes both labs have: size differs by class
-    for lab, paths in (("data", images), ("reference", per_class_sample(reference_images, shared, GEOMETRY_PER_CLASS))):
-        summary[f"geometry_{lab}"] = g = cell_geometry(paths)
-        print(f"{lab:9s} {len(paths)} cells: segmented {g['segmented']:.1%}, offset from centre median "
-              f"{g['offset_median']:.1%} (p90 {g['offset_p90']:.1%}), diameter median {g['diameter_median_px']:.1f} px",
-              flush=True)
-    if args.geometry_only:
-        return 0
-    reference = random.Random(0).sample(reference_images, REFERENCE_SAMPLE)
-    for name, variant in variants(reference).items():
-        write_variant(images, args.data, args.work / name, variant)
+    chosen = variants(random.Random(0).sample(reference_images, REFERENCE_SAMPLE)) if not args.geometry_only else {}
+    geometry = {
+        "data": cell_geometry(write_variants(images, args.data, args.work, chosen)),
+        "reference": cell_geometry([segmented(p)[1] for p in
+                                    per_class_sample(reference_images, shared, GEOMETRY_PER_CLASS)]),
+    }
+    summary: dict[str, dict[str, float]] = {}
+    for lab, g in geometry.items():
+        summary[f"geometry_{lab}"] = g
+        print(f"{lab:9s} cells: segmented {g['segmented']:.1%}, offset from centre median {g['offset_median']:.1%} "
+              f"(p90 {g['offset_p90']:.1%}), diameter median {g['diameter_median_px']:.1f} px", flush=True)
+    for name in chosen:
         result = evaluate(args.model, str(args.work / name), out_json=str(args.work / f"{name}.json"), split="all")
         m = result["metrics"]
         summary[name] = {"balanced_accuracy": m["balanced_accuracy"], "ci95": m["balanced_accuracy_ci95"],

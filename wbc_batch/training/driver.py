@@ -320,9 +320,8 @@ def run_training(
     x_train, y_train = dataset_arrays(train_ds)  # materialised above for the trainer
     ood_stats = fit_ood_statistics(model, EMBEDDING_LAYER, x_train, y_train, x_val, len(classes))
     del x_train
-    test_report = _test_report(model, data, classes, calibration)
     version = config.version or f"{datetime.now(timezone.utc):%Y%m%d.%H%M%S}-{data['fingerprint'][:8]}"
-    meta = _trained_metadata(config, version, data, calibration, test_report, ood_stats, {
+    meta = _trained_metadata(config, version, data, calibration, ood_stats, {
         "trainer": "wbc_batch.training (Ray Train TensorflowTrainer, tf-keras, MultiWorkerMirroredStrategy)",
         "workers": config.workers,
         "epochs": config.epochs,
@@ -337,6 +336,9 @@ def run_training(
         "on_cell_weight": config.on_cell_weight,
         **({"init_from": init_origin} if init_origin else {}),
     }, init_origin)
+    test_report = _test_report(model, data, meta)
+    meta.metrics = {"split": "test", **test_report, "calibration": calibration} if test_report else {
+        "calibration": calibration}
     split_text = split_csv_text(data["items"], data["split_of"])
     save_artifact(model, meta, config.model_out, split_csv=split_text)
     summary: dict[str, Any] = {
@@ -358,38 +360,34 @@ def run_training(
     return summary
 
 
-def _non_wbc_and_wbc(classes: list[str]) -> tuple[list[str], list[str]]:
-    """The classes left out of white-cell counts, and the white-cell classes."""
-    non_wbc = [c for c in classes if c == splits.NON_WBC]
-    return non_wbc, [c for c in classes if c not in non_wbc]
+def _test_report(model: Any, data: dict[str, Any], meta: ModelMetadata) -> dict[str, Any]:
+    """Figures on the test split (empty without test images), also re-weighted to PBC's natural class mix.
 
-
-def _test_report(model: Any, data: dict[str, Any], classes: list[str], calibration: dict[str, Any]) -> dict[str, Any]:
-    """Figures on the test split (empty without test images), also re-weighted to PBC's natural class mix."""
+    The white-cell classes, temperature and threshold are the artifact's own,
+    as ``wbc-batch evaluate`` reads them.
+    """
     x_test, y_test = split_arrays(data["labelled"], "test")
     if not len(y_test):
         return {}
-    _, wbc = _non_wbc_and_wbc(classes)
     test_logits = predict_logits(model, x_test)
     report = metrics.classification_report(
-        test_logits, y_test, classes, calibration["temperature"], calibration["review_threshold"],
-        subsets={"wbc": wbc, "mature5": list(MATURE_CLASSES)},
+        test_logits, y_test, meta.class_names, meta.temperature, meta.review_threshold,
+        subsets={"wbc": meta.wbc_classes, "mature5": list(MATURE_CLASSES)},
     )
-    natural = metrics.natural_mix_report(test_logits, y_test, classes, calibration["temperature"],
-                                         calibration["review_threshold"], white_cells=wbc)
+    natural = metrics.natural_mix_report(test_logits, y_test, meta.class_names, meta.temperature,
+                                         meta.review_threshold, white_cells=meta.wbc_classes)
     if natural:
         report["natural_mix"] = natural
     return report
 
 
 def _trained_metadata(config: TrainConfig, version: str, data: dict[str, Any], calibration: dict[str, Any],
-                      test_report: dict[str, Any], ood_stats: dict[str, Any], training: dict[str, Any],
+                      ood_stats: dict[str, Any], training: dict[str, Any],
                       init_origin: dict[str, Any] | None) -> ModelMetadata:
-    """The ``model.json`` of a trained artifact; a fine-tuned one names the artifact it grew from."""
+    """The ``model.json`` of a trained artifact, test figures still to come; a fine-tuned one names its parent."""
     from wbc_batch.architecture import CAM_LAYER, EMBEDDING_LAYER
 
     classes: list[str] = data["classes"]
-    non_wbc, _ = _non_wbc_and_wbc(classes)
     meta = ModelMetadata(
         version=version,
         class_names=classes,
@@ -398,7 +396,7 @@ def _trained_metadata(config: TrainConfig, version: str, data: dict[str, Any], c
         embedding_layer=EMBEDDING_LAYER,
         temperature=calibration["temperature"],
         review_threshold=calibration["review_threshold"],
-        non_wbc_classes=non_wbc,
+        non_wbc_classes=[c for c in classes if c == splits.NON_WBC],
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         changelog=[
             f"{version}: trained by wbc_batch.training on {config.data_uri}"
@@ -412,9 +410,6 @@ def _trained_metadata(config: TrainConfig, version: str, data: dict[str, Any], c
             "label_map": config.label_map,
         },
         training=training,
-        metrics={"split": "test", **test_report, "calibration": calibration}
-        if test_report
-        else {"calibration": calibration},
         ood=ood_stats,
     )
     if init_origin:
