@@ -157,6 +157,27 @@ def test_augment_keeps_shape_range_and_changes_colour() -> None:
     assert means.std(axis=0).max() > 2.0  # the stain terms really vary the colour
 
 
+def test_each_epoch_visits_the_images_in_a_new_order_and_a_resumed_epoch_in_the_same() -> None:
+    """``fit`` rebuilds the dataset every epoch: the order must come from the epoch, not from the run alone."""
+    import tensorflow as tf
+
+    from wbc_batch.training.worker import _augmented_dataset_fn
+
+    n = 64
+    shard = {"image": np.zeros((n, 16, 16, 3), np.uint8), "label_index": np.arange(n)}  # the label names the image
+    cfg = {"batch_size": n, "seed": 1234, "augment": "light", "class_weights": [1.0] * n}
+
+    def visit_order(epoch: int) -> list[int]:
+        dataset_fn = _augmented_dataset_fn(tf, shard, cfg, rank=0, threads=1, with_cells=False, epoch=epoch)
+        _, labels, _ = next(iter(dataset_fn(tf.distribute.InputContext())))
+        return [int(v) for v in labels.numpy()]
+
+    epoch0, epoch1 = visit_order(0), visit_order(1)
+    assert sorted(epoch0) == list(range(n))  # one batch of n is one pass over every image
+    assert epoch0 != epoch1
+    assert visit_order(1) == epoch1  # a resumed run replays the epoch it restarts
+
+
 def test_auto_precision_is_bfloat16_only_where_it_is_faster() -> None:
     assert training.resolve_precision("auto", use_gpu=True) == "mixed_bfloat16"
     amx = "flags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n"

@@ -87,7 +87,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     if on_cell > 0 and shard.get("cell_grid") is None:
         raise TrainingError("the on-cell loss needs cell grids in the training data")
     steps, epochs = int(cfg["steps_per_epoch"]), int(cfg["epochs"])
-    dataset_fn = _augmented_dataset_fn(tf, shard, cfg, rank, threads, with_cells=on_cell > 0)
+
+    def dataset_fn_for(epoch: int) -> Any:
+        return _augmented_dataset_fn(tf, shard, cfg, rank, threads, with_cells=on_cell > 0, epoch=epoch)
 
     with strategy.scope():
         model = build_classifier(tf_keras, int(cfg["num_classes"]), image_size=int(cfg["image_size"]),
@@ -103,9 +105,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             model.set_weights(list(cfg["initial_weights"]))
 
     start_epoch = _restore_checkpoint(ray.train.get_checkpoint(), model, optimizer)
-    creator = tf_keras.utils.experimental.DatasetCreator(dataset_fn)
     for epoch in range(start_epoch, epochs):
         t0 = time.time()
+        # fit() builds a new dataset from the creator on every call: one per epoch, with that epoch's order
+        creator = tf_keras.utils.experimental.DatasetCreator(dataset_fn_for(epoch))
         hist = fitter.fit(creator, epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=steps, verbose=0)
         # every rank must read the weights: BatchNormalization's moving statistics are
         # sync-on-read variables, and reading them is an all-reduce (the mean over workers)
@@ -126,9 +129,19 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         _report_epoch(epoch_metrics, rank, weights, opt_state)
 
 
+def shuffle_seed(seed: int, rank: int, epoch: int) -> int:
+    """The seed of one worker's shuffle in one epoch: a new order every epoch, the same one again on resume.
+
+    Why the epoch is in it: ``fit`` rebuilds the dataset on each call, one
+    call per epoch, so a seed of the run and rank alone replays the first
+    epoch's order (the same batches, in the same sequence) in every epoch.
+    """
+    return (int(seed) * 1_000_003 + int(epoch) * 7_919 + int(rank)) % (2**31 - 1)
+
+
 def _augmented_dataset_fn(tf: Any, shard: dict[str, np.ndarray], cfg: dict[str, Any], rank: int, threads: int,
-                          with_cells: bool) -> Any:
-    """The ``DatasetCreator`` function: this worker's shard, shuffled, augmented and batched per replica.
+                          with_cells: bool, epoch: int = 0) -> Any:
+    """The ``DatasetCreator`` function of one epoch: this worker's shard, shuffled, augmented and batched per replica.
 
     Per-image weights come from the driver when it sets them (adapt: lab
     share x class balance), else from the class rule. With the on-cell loss
@@ -151,7 +164,7 @@ def _augmented_dataset_fn(tf: Any, shard: dict[str, np.ndarray], cfg: dict[str, 
     def dataset_fn(input_context: Any) -> Any:
         per_replica = input_context.get_per_replica_batch_size(global_batch)
         ds = tf.data.Dataset.from_tensor_slices((x, y, w, shard["cell_grid"]) if with_cells else (x, y, w))
-        ds = ds.shuffle(len(x), seed=seed + rank, reshuffle_each_iteration=True).repeat()
+        ds = ds.shuffle(len(x), seed=shuffle_seed(seed, rank, epoch), reshuffle_each_iteration=True).repeat()
         ds = ds.map(view, num_parallel_calls=threads)
         ds = ds.batch(per_replica, drop_remainder=True).prefetch(2)
         options = tf.data.Options()
