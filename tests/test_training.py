@@ -342,6 +342,8 @@ def test_test_time_augmentation_does_not_depend_on_which_way_up_the_cell_lies(sh
     mean = dihedral_mean_logits(shipped.model, batch)
     np.testing.assert_allclose(mean, dihedral_mean_logits(shipped.model, turned), atol=1e-3)
     assert not np.allclose(mean, predict_logits(shipped.model, batch), atol=1e-3)
+    own = predict_logits(shipped.model, batch)  # evaluate passes the logits it has: 7 more views, same mean
+    np.testing.assert_allclose(dihedral_mean_logits(shipped.model, batch, identity_logits=own), mean, atol=1e-4)
 
 
 @pytest.mark.slow

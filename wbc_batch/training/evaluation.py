@@ -27,14 +27,22 @@ def predict_logits(model: Any, images: np.ndarray, batch_size: int = 64) -> np.n
     return np.concatenate(out) if out else np.zeros((0, int(model.output_shape[-1])), np.float32)
 
 
-def dihedral_mean_logits(model: Any, batch: np.ndarray) -> np.ndarray:
+def dihedral_mean_logits(model: Any, batch: np.ndarray, identity_logits: np.ndarray | None = None) -> np.ndarray:
     """Logits averaged over the 8 rotations and flips of each image of an (N, S, S, 3) batch.
 
     Why logits and not probabilities: the mean of logits keeps the
     temperature calibration meaningful (one temperature scales the mean).
+
+    Args:
+        identity_logits: the batch's own logits when the caller has them
+            already; then only the 7 other views run through the network.
     """
-    views = dihedral_views(batch)
-    out = np.asarray(model.predict_on_batch(views.astype(np.float32)), np.float32)
+    views = dihedral_views(batch).astype(np.float32)  # view-major: the first N are the images as they are
+    if identity_logits is None:
+        out = np.asarray(model.predict_on_batch(views), np.float32)
+    else:
+        others = np.asarray(model.predict_on_batch(views[len(batch):]), np.float32)
+        out = np.concatenate([np.asarray(identity_logits, np.float32), others])
     return out.reshape(8, len(batch), -1).mean(axis=0)
 
 
@@ -145,7 +153,7 @@ def collect_logits(
     for keep, batch in _decoded_batches(chosen, meta.image_size, batch_size, skipped):
         out, emb = both.predict_on_batch(batch)
         if tta:
-            out = dihedral_mean_logits(artifact.model, batch)
+            out = dihedral_mean_logits(artifact.model, batch, identity_logits=out)
         logits.append(np.asarray(out))
         if scorer is not None:
             flagged.append(scorer.score(np.asarray(emb, np.float32), batch)[1])
