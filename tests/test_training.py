@@ -178,6 +178,28 @@ def test_each_epoch_visits_the_images_in_a_new_order_and_a_resumed_epoch_in_the_
     assert visit_order(1) == epoch1  # a resumed run replays the epoch it restarts
 
 
+def test_label_smoothing_puts_its_share_of_the_target_on_every_class() -> None:
+    """The smoothed loss is the cross-entropy against (1 - s) one-hot + s/K; s = 0 is the plain loss."""
+    import tensorflow as tf
+
+    from wbc_batch.training.loss import cross_entropy
+
+    logits = np.array([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]], np.float32)
+    labels = np.array([0, 1])
+    logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    for s in (0.0, 0.1):
+        target = (1 - s) * np.eye(3)[labels] + s / 3
+        expected = -(target * logp).sum(axis=1)
+        np.testing.assert_allclose(cross_entropy(tf, labels, logits, s).numpy(), expected, rtol=1e-5)
+    plain = tf.keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True).numpy()
+    np.testing.assert_allclose(cross_entropy(tf, labels, logits).numpy(), plain, rtol=1e-5)
+    # a confident right answer costs more with smoothing: the loss stops rewarding ever larger margins
+    sure = np.array([[20.0, 0.0, 0.0]], np.float32)
+    assert cross_entropy(tf, [0], sure, 0.1).numpy()[0] > cross_entropy(tf, [0], sure, 0.0).numpy()[0] + 0.5
+    with pytest.raises(ValueError, match="label smoothing"):
+        training.TrainConfig(data_uri="d", model_out="m", label_smoothing=1.0)
+
+
 def test_auto_precision_is_bfloat16_only_where_it_is_faster() -> None:
     assert training.resolve_precision("auto", use_gpu=True) == "mixed_bfloat16"
     amx = "flags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n"

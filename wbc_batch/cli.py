@@ -347,6 +347,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--on-cell-weight", type=float, default=0.0,
                    help="weight of the loss term that charges class evidence outside the segmented cell "
                         "(0 = off, the default; 1.0 made the shipped model 1.1.0 by fine-tuning, see MODEL_CARD.md)")
+    p.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="share of the target spread evenly over all classes (0 = off, the default; see MODEL_CARD.md)")
     p.add_argument("--init-from", metavar="MODEL", default=None,
                    help="start from this artifact's weights (fine-tuning; same classes and image size); images it "
                         "held out for validation or test stay held out")

@@ -80,6 +80,7 @@ class TrainConfig:
     version: str | None = None
     seed: int = 1234
     on_cell_weight: float = 0.0
+    label_smoothing: float = 0.0
     init_from: str | None = None
     precision: str = "auto"
     input_norm: str = "rescale"
@@ -104,6 +105,8 @@ class TrainConfig:
         preset(self.augment)  # ValueError naming the presets
         if self.on_cell_weight < 0:
             raise ValueError(f"on-cell weight must be >= 0, got {self.on_cell_weight}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
         for name, factor in self.class_weight_factors.items():
             if factor <= 0:
                 raise ValueError(f"class weight factor of {name} must be > 0, got {factor}")
@@ -127,6 +130,7 @@ class TrainConfig:
             ray_address=args.ray_address,
             version=args.version,
             on_cell_weight=args.on_cell_weight,
+            label_smoothing=args.label_smoothing,
             init_from=args.init_from,
             precision=args.precision,
             input_norm=args.input_norm,

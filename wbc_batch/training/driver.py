@@ -129,6 +129,7 @@ def _run_name(config: TrainConfig, fingerprint: str) -> str:
         str(v)
         for v in (c.image_size, c.epochs, c.batch_size, c.learning_rate, c.workers, c.seed, c.on_cell_weight,
                   sorted(c.class_weight_factors.items()), c.init_from, c.weight_decay, c.precision, c.input_norm, c.augment)
+        + ((c.label_smoothing,) if c.label_smoothing else ())  # runs without it keep their names (resume)
     )
     return config.run_name or f"wbc-train-{fingerprint[:12]}-{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
 
@@ -244,6 +245,7 @@ def fit_on_ray(
             "seed": config.seed,
             "cpus_per_worker": config.cpus_per_worker,
             "on_cell_weight": config.on_cell_weight,
+            "label_smoothing": config.label_smoothing,
             "initial_weights": init_weights,
             "precision": precision,
             "input_norm": config.input_norm,
@@ -334,6 +336,7 @@ def run_training(
         "run_name": run_name,
         "final_epoch": final_state,
         "on_cell_weight": config.on_cell_weight,
+        "label_smoothing": config.label_smoothing,
         **({"init_from": init_origin} if init_origin else {}),
     }, init_origin)
     test_report = _test_report(model, data, meta)

@@ -18,7 +18,24 @@ def outside_share(tf: Any, feats: Any, kernel: Any, labels: Any, cells: Any) -> 
     return tf.reduce_sum(cam * (1.0 - cells), axis=(1, 2)) / (tf.reduce_sum(cam, axis=(1, 2)) + 1e-6)
 
 
-def on_cell_model(tf_keras: Any, classifier: Any, cam_layer: str, logits_layer: str, weight: float) -> Any:
+def cross_entropy(tf: Any, labels: Any, logits: Any, smoothing: float = 0.0) -> Any:
+    """(B,) cross-entropy of integer ``labels`` under ``logits``, with the target smoothed towards uniform.
+
+    Why smoothing: the target puts ``1 - smoothing`` on the true class and
+    spreads ``smoothing`` evenly over all classes, so the network stops pushing
+    logits apart once a cell is clearly placed; on classes that shade into
+    each other (ig against neutrophil, lymphocyte against monocyte) that keeps
+    it from memorising the training cells. ``smoothing=0`` is the plain loss.
+    """
+    logp = tf.nn.log_softmax(tf.cast(logits, tf.float32))
+    nll = -tf.gather(logp, tf.reshape(tf.cast(labels, tf.int32), [-1]), batch_dims=1)
+    if not smoothing:
+        return nll
+    return (1.0 - smoothing) * nll - smoothing * tf.reduce_mean(logp, axis=-1)
+
+
+def on_cell_model(tf_keras: Any, classifier: Any, cam_layer: str, logits_layer: str, weight: float,
+                  label_smoothing: float = 0.0) -> Any:
     """Wrap a classifier so ``fit`` adds the on-cell term to the loss.
 
     Why: with global average pooling before one dense layer, the map
@@ -34,7 +51,6 @@ def on_cell_model(tf_keras: Any, classifier: Any, cam_layer: str, logits_layer: 
 
     view = tf_keras.Model(classifier.inputs, [classifier.get_layer(cam_layer).output, classifier.output])
     dense = classifier.get_layer(logits_layer)
-    ce_loss = tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
 
     class OnCell(tf_keras.Model):
         def __init__(self) -> None:
@@ -55,7 +71,8 @@ def on_cell_model(tf_keras: Any, classifier: Any, cam_layer: str, logits_layer: 
             images, (labels, cells), weights = data
             with tf.GradientTape() as tape:
                 feats, logits = view(images, training=True)
-                ce = tf.reduce_sum(ce_loss(labels, logits) * weights) / tf.maximum(tf.reduce_sum(weights), 1e-6)
+                per_image = cross_entropy(tf, labels, logits, label_smoothing)
+                ce = tf.reduce_sum(per_image * weights) / tf.maximum(tf.reduce_sum(weights), 1e-6)
                 outside = tf.reduce_mean(outside_share(tf, feats, dense.kernel, labels, cells))
                 loss = ce + weight * outside
                 # MirroredStrategy sums gradients over replicas: scale as Keras does for its own losses

@@ -21,7 +21,7 @@ import numpy as np
 from wbc_batch.training import recipe
 from wbc_batch.training.augment import augment, preset
 from wbc_batch.training.config import LEGACY_KERAS_ENV, OPTIMIZER_FILE, STATE_FILE, WEIGHTS_FILE, TrainingError
-from wbc_batch.training.loss import on_cell_model
+from wbc_batch.training.loss import cross_entropy, on_cell_model
 
 
 def weights_sha256(arrays: list[np.ndarray]) -> str:
@@ -99,7 +99,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         optimizer = recipe.make_optimizer(
             tf_keras, float(cfg["learning_rate"]), float(cfg["weight_decay"]), epochs, steps
         )
-        fitter = _compiled_fitter(tf_keras, model, optimizer, on_cell)
+        fitter = _compiled_fitter(tf_keras, model, optimizer, on_cell, float(cfg.get("label_smoothing", 0.0)))
         optimizer.build(model.trainable_variables)
         if cfg.get("initial_weights") is not None:  # fine-tuning (--init-from); a checkpoint below overrides it
             model.set_weights(list(cfg["initial_weights"]))
@@ -174,17 +174,19 @@ def _augmented_dataset_fn(tf: Any, shard: dict[str, np.ndarray], cfg: dict[str, 
     return dataset_fn
 
 
-def _compiled_fitter(tf_keras: Any, model: Any, optimizer: Any, on_cell: float) -> Any:
-    """What ``fit`` runs: the model with the on-cell loss wrapper, or the model with plain weighted cross-entropy."""
+def _compiled_fitter(tf_keras: Any, model: Any, optimizer: Any, on_cell: float, smoothing: float = 0.0) -> Any:
+    """What ``fit`` runs: the model with the on-cell loss wrapper, or the model with weighted cross-entropy alone."""
     if on_cell > 0:
         from wbc_batch.architecture import CAM_LAYER, LOGITS_LAYER
 
-        fitter = on_cell_model(tf_keras, model, CAM_LAYER, LOGITS_LAYER, on_cell)
+        fitter = on_cell_model(tf_keras, model, CAM_LAYER, LOGITS_LAYER, on_cell, label_smoothing=smoothing)
         fitter.compile(optimizer=optimizer)
         return fitter
+    import tensorflow as tf
+
     model.compile(
         optimizer=optimizer,
-        loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        loss=lambda labels, logits: cross_entropy(tf, labels, logits, smoothing),
         weighted_metrics=["accuracy"],
     )
     return model
