@@ -403,8 +403,9 @@ def run_full_floor(cam: Any, meta: Any, paths: list[Path], batch_size: int, out_
 
     from wbc_batch import metrics
     from wbc_batch.explain import overlay_heatmap
-    from wbc_batch.imaging import decode_image, encode_jpeg, resize_for_model
-    from wbc_batch.localisation import cam_on_mask, model_input_mask
+    from wbc_batch.geometry import model_input, view_at
+    from wbc_batch.imaging import decode_image, encode_jpeg
+    from wbc_batch.localisation import cam_on_mask
     from wbc_batch.ood import OodScorer, quality_features
 
     ncpu = os.cpu_count() or 1
@@ -416,8 +417,8 @@ def run_full_floor(cam: Any, meta: Any, paths: list[Path], batch_size: int, out_
         data = path.read_bytes()
         sha = hashlib.sha256(data).hexdigest()
         rgb = decode_image(data)
-        x = resize_for_model(rgb, size)
-        return sha, rgb, x, model_input_mask(x)
+        seen = model_input(rgb, size)
+        return sha, view_at(rgb, seen.zoom), seen.image, seen.cell_mask
 
     def finish(args: tuple[str, np.ndarray, np.ndarray, np.ndarray]) -> dict[str, Any]:
         sha, rgb, cam_map, mask = args

@@ -47,6 +47,7 @@ def row_schema(classes: list[str]) -> pa.Schema:
         pa.field("cam_in_cell", pa.float32()),
         pa.field("cam_peak_in_cell", pa.bool_()),
         pa.field("cell_area_share", pa.float32()),
+        pa.field("input_zoom", pa.float32()),
         pa.field("explanation_suspect", pa.bool_()),
         pa.field("ood_score", pa.float32()),
         pa.field("out_of_distribution", pa.bool_()),

@@ -12,6 +12,7 @@ import pytest
 from wbc_batch import imaging
 from wbc_batch.attribution import METHODS, Explainer, display_map
 from wbc_batch.cli import main
+from wbc_batch.geometry import model_inputs
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "pbc"
 MONO = SAMPLES / "monocyte" / "MO_163770.jpg"
@@ -26,7 +27,7 @@ def explainer(shipped) -> Explainer:
 @pytest.fixture(scope="module")
 def batch() -> np.ndarray:
     """Two cells with different predicted classes (monocyte, eosinophil)."""
-    return imaging.prepare_batch([imaging.decode_image(p.read_bytes()) for p in (MONO, EOSI)], 128)
+    return model_inputs([imaging.decode_image(p.read_bytes()) for p in (MONO, EOSI)], 128)[0]
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import pytest
 
 from wbc_batch import imaging
 from wbc_batch.explain import GradCam, normalise_cams, overlay_heatmap, upsample_cam
+from wbc_batch.geometry import model_inputs
 from wbc_batch.localisation import cell_mask, localisation_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,7 +36,7 @@ def _sample_paths(n: int) -> list[Path]:
 
 def _load(paths: list[Path]) -> tuple[list[np.ndarray], np.ndarray]:
     rgbs = [imaging.decode_image(p.read_bytes()) for p in paths]
-    return rgbs, imaging.prepare_batch(rgbs, 128)
+    return rgbs, model_inputs(rgbs, 128)[0]
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +145,8 @@ def test_gradcam_on_real_cell_pasted_at_known_place(gradcam: GradCam, shipped) -
         box[top:top + crop.shape[0], left:left + crop.shape[1]] = True
         canvases.append(canvas)
         boxes.append(box)
-    cb = gradcam(imaging.prepare_batch(canvases, 128), np.full(2, monocyte, np.int32))
+    cb = gradcam(np.stack([imaging.resize_for_model(c, 128) for c in canvases]).astype(np.float32),
+                 np.full(2, monocyte, np.int32))
     for cam, box, canvas in zip(cb.cams, boxes, canvases):
         metrics = localisation_metrics(canvas, cam, mask=box)
         assert metrics["cam_peak_in_cell"]

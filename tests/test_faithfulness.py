@@ -16,6 +16,7 @@ from wbc_batch.faithfulness import (
     faithfulness_summary,
     pixel_ranks,
 )
+from wbc_batch.geometry import model_inputs
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "pbc"
 PICKS = ["basophil/BA_55185", "eosinophil/EO_23194", "lymphocyte/LY_149883", "monocyte/MO_163770",
@@ -28,7 +29,7 @@ def explained():
     from wbc_batch.model import load_artifact
 
     art = load_artifact()
-    images = imaging.prepare_batch([imaging.decode_image((SAMPLES / f"{p}.jpg").read_bytes()) for p in PICKS], 128)
+    images = model_inputs([imaging.decode_image((SAMPLES / f"{p}.jpg").read_bytes()) for p in PICKS], 128)[0]
     cb = GradCam(art.model, art.meta.gradcam_layer)(images)
     return art, images, cb
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from tests.corpus import write_bad_corpus
-from wbc_batch.imaging import ImageDecodeError, decode_image, is_image_name, prepare_batch, resize_for_model
+from wbc_batch.geometry import model_inputs
+from wbc_batch.imaging import ImageDecodeError, decode_image, is_image_name, resize_for_model
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +42,10 @@ def test_bad_corpus_outcomes(tmp_path: Path, good_jpeg: bytes) -> None:
 
 @pytest.mark.parametrize("size", [32, 96, 128])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_prepare_batch_shapes(good_jpeg: bytes, size: int, batch: int) -> None:
+def test_model_inputs_shapes(good_jpeg: bytes, size: int, batch: int) -> None:
     rgb = decode_image(good_jpeg)
-    out = prepare_batch([rgb] * batch, size)
+    out, zooms = model_inputs([rgb] * batch, size)
+    assert zooms.shape == (batch,)
     assert out.shape == (batch, size, size, 3) and out.dtype == np.float32
     assert 0 <= out.min() and out.max() <= 255
 

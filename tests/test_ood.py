@@ -15,6 +15,7 @@ import pytest
 
 from wbc_batch import imaging
 from wbc_batch.explain import GradCam
+from wbc_batch.geometry import model_inputs
 from wbc_batch.model import ModelMetadata
 from wbc_batch.ood import (
     OOD_FORMAT,
@@ -272,11 +273,11 @@ def test_fit_tool_writes_a_derived_artifact_and_leaves_the_parent(tmp_path: Path
         tool.write_ood(parent, str(tmp_path / "refit"), stats, "9.9.10+ood")
 
 
-def test_float_batch_from_prepare_batch_scores_like_uint8(shipped, originals) -> None:
-    """The pipeline may hand over prepare_batch's float32 batch instead of uint8."""
+def test_float_batch_from_model_inputs_scores_like_uint8(shipped, originals) -> None:
+    """The pipeline may hand over model_inputs' float32 batch instead of uint8."""
     art, cam = shipped
     scorer = OodScorer.from_metadata(art.meta)
-    floats = imaging.prepare_batch(originals[:8], art.meta.image_size)
+    floats = model_inputs(originals[:8], art.meta.image_size)[0]
     emb = cam(floats).embeddings
     a, _ = scorer.score(emb, floats)
     b, _ = scorer.score(emb, floats.astype(np.uint8))

@@ -15,6 +15,7 @@ import pytest
 
 from wbc_batch import training
 from wbc_batch.cli import main
+from wbc_batch.geometry import model_inputs
 from wbc_batch.model import SPLIT_FILE, ModelArtifactError, ModelMetadata, load_artifact, read_metadata, save_artifact
 from wbc_batch.ood import OodScorer
 from wbc_batch.splits import LabelledImage, assign_splits, sha256_hex
@@ -136,9 +137,9 @@ def test_augment_moves_the_cell_mask_with_zoom_rotation_and_shift(samples_dir: P
     agreements = []
     for path in sorted((samples_dir / "lymphocyte").iterdir())[:4]:
         image = imaging.resize_for_model(imaging.decode_image(path.read_bytes()), 64)
-        grid = training.cell_grid(image, 8)
+        grid = training.cell_grid(model_input_mask(image), 8)
         out, moved = training.augment(tf, tf.constant(image, tf.float32), mask=tf.constant(grid), spec=photometry_off)
-        seen = training.cell_grid(np.clip(out.numpy(), 0, 255).astype(np.uint8), 8)
+        seen = training.cell_grid(model_input_mask(np.clip(out.numpy(), 0, 255).astype(np.uint8)), 8)
         agreements.append(float(np.mean((moved.numpy() > 0.5) == (seen > 0.5))))
         assert model_input_mask(image).any()
     assert min(agreements) >= 0.85, agreements
@@ -287,7 +288,7 @@ def test_keras3_artifact_computes_the_logits_of_the_trained_tf_keras_network(
     trained_net = build_classifier(tf_keras, 7, image_size=32)
     trained_net.set_weights([ckpt[k] for k in sorted(ckpt.files)])
     paths = [sorted((samples_dir / c).iterdir())[0] for c in ("basophil", "monocyte", "platelet")]
-    batch = imaging.prepare_batch([imaging.decode_image(p.read_bytes()) for p in paths], 32)
+    batch = model_inputs([imaging.decode_image(p.read_bytes()) for p in paths], 32)[0]
     expected = np.asarray(trained_net(batch, training=False))
     got = np.asarray(load_artifact(trained["model_out"]).model.predict_on_batch(batch))
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)

@@ -38,7 +38,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from wbc_batch.imaging import decode_image, resize_for_model  # noqa: E402
+from wbc_batch.geometry import model_input  # noqa: E402
+from wbc_batch.imaging import decode_image  # noqa: E402
 from wbc_batch.model import (  # noqa: E402
     SPLIT_FILE,
     ModelMetadata,
@@ -112,7 +113,7 @@ def load_labelled(
     images = np.empty((len(rows), meta.image_size, meta.image_size, 3), dtype=np.uint8)
     for i, row in enumerate(rows):
         with open(os.path.join(args.data, row["uri"]), "rb") as fh:
-            images[i] = resize_for_model(decode_image(fh.read()), meta.image_size)
+            images[i] = model_input(decode_image(fh.read()), meta.image_size).image
     labels = np.array([index[r["label"]] for r in rows], dtype=np.int64)
     return images, labels, np.array([r["split"] for r in rows])
 
@@ -200,7 +201,7 @@ def main() -> None:
     originals, source, key = shift_originals(args, model_dir, images[te])
     shifts: dict[str, float] = {}
     for kind in SHIFTS:
-        shifted = np.stack([resize_for_model(simulate_shift(o, kind), meta.image_size) for o in originals])
+        shifted = np.stack([model_input(simulate_shift(o, kind), meta.image_size).image for o in originals])
         emb_s, feat_s = cache.get(f"shift/{key}/{kind}", art.model, meta.embedding_layer, shifted)
         shifts[kind] = round(float(flagged(emb_s, feat_s).mean()), 4)
         print(f"{kind}: {shifts[kind]:.1%} flagged", file=sys.stderr)

@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from wbc_batch import imaging  # noqa: E402
 from wbc_batch.explain import GradCam  # noqa: E402
 from wbc_batch.faithfulness import faithfulness_summary  # noqa: E402
+from wbc_batch.geometry import model_inputs  # noqa: E402
 from wbc_batch.localisation import cam_on_mask, model_input_mask  # noqa: E402
 from wbc_batch.model import SPLIT_FILE, load_artifact, shipped_model_dir  # noqa: E402
 
@@ -52,7 +53,7 @@ def _load_inputs(rows: list[dict], data: Path, cache: Path | None, size: int, ke
         return np.load(cache)["X"][keep].astype(np.float32)
     with ThreadPoolExecutor(4) as pool:
         rgbs = list(pool.map(lambda r: imaging.decode_image((data / r["uri"]).read_bytes()), rows))
-    return imaging.prepare_batch(rgbs, size)
+    return model_inputs(rgbs, size)[0]
 
 
 def _localise(args: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[dict, dict, dict]:
@@ -84,8 +85,8 @@ def main() -> None:
     t0 = time.time()
     X = _load_inputs(rows, Path(args.data), Path(args.cache) if args.cache else None, meta.image_size, keep)
     # The cache must be the classify path's preprocessing: spot-check one image.
-    ref = imaging.prepare_batch([imaging.decode_image((Path(args.data) / rows[0]["uri"]).read_bytes())], meta.image_size)
-    assert np.array_equal(ref[0], X[0]), "cache differs from decode_image + prepare_batch"
+    ref = model_inputs([imaging.decode_image((Path(args.data) / rows[0]["uri"]).read_bytes())], meta.image_size)[0]
+    assert np.array_equal(ref[0], X[0]), "cache differs from decode_image + model_inputs"
 
     layer = args.layer or meta.gradcam_layer
     gc = GradCam(art.model, layer, meta.embedding_layer)

@@ -48,6 +48,7 @@ import numpy as np
 
 from wbc_batch import imaging, metrics, storage
 from wbc_batch.explain import GradCam, overlay_heatmap
+from wbc_batch.geometry import model_inputs, view_at
 
 METHODS: tuple[str, ...] = ("gradcam", "smoothgrad", "integrated_gradients", "occlusion", "vanilla_gradients")
 SMOOTHGRAD_SAMPLES = 16
@@ -252,7 +253,7 @@ def explain_images(
                 rgbs.append(imaging.decode_image(raw))
             except imaging.ImageDecodeError as exc:
                 raise imaging.ImageDecodeError(f"{uri}: {exc}") from None
-        batch = imaging.prepare_batch(rgbs, art.meta.image_size)
+        batch, zooms = model_inputs(rgbs, art.meta.image_size)
         attr = explainer(batch, method, np.full(len(chunk), target, np.int32))
         calibrated = metrics.softmax(attr.logits, art.meta.temperature)
         for i, (uri, raw, rgb) in enumerate(zip(chunk, raws, rgbs)):
@@ -260,7 +261,7 @@ def explain_images(
             explained = names[int(attr.targets[i])]
             stem = storage.join(out, f"{sha}-{method}-{explained}")
             storage.write_bytes(f"{stem}.npy", _npy_bytes(attr.maps[i]))
-            storage.write_bytes(f"{stem}.jpg", imaging.encode_jpeg(overlay_heatmap(rgb, display_map(attr.maps[i]))))
+            storage.write_bytes(f"{stem}.jpg", imaging.encode_jpeg(overlay_heatmap(view_at(rgb, float(zooms[i])), display_map(attr.maps[i]))))
             predicted = int(calibrated[i].argmax())
             results.append({
                 "input": uri,

@@ -1,8 +1,9 @@
 """Decoding, validating and resizing cell images with OpenCV.
 
 Every path that feeds the model (classify, train, evaluate, explain) goes
-through :func:`decode_image` and :func:`prepare_batch`, so the model sees
-exactly the preprocessing it was trained with.
+through :func:`decode_image` and :func:`wbc_batch.geometry.model_input`
+(which resizes with :func:`resize_for_model`), so the model sees exactly the
+preprocessing it was trained with.
 """
 
 from __future__ import annotations
@@ -95,22 +96,6 @@ def resize_for_model(rgb: np.ndarray, image_size: int) -> np.ndarray:
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected (H, W, 3), got {rgb.shape}")
     return cv2.resize(rgb, (image_size, image_size), interpolation=cv2.INTER_AREA)
-
-
-def prepare_batch(images: list[np.ndarray], image_size: int) -> np.ndarray:
-    """Stack resized images into a model batch.
-
-    Args:
-        images: RGB uint8 arrays of any size.
-        image_size: model input side S.
-
-    Returns:
-        (B, S, S, 3) float32 in [0, 255].
-    """
-    out = np.empty((len(images), image_size, image_size, 3), dtype=np.float32)
-    for i, img in enumerate(images):
-        out[i] = resize_for_model(img, image_size)
-    return out
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:

@@ -268,7 +268,7 @@ class OodScorer:
         Args:
             embeddings: (B, D) float32 from :class:`wbc_batch.explain.GradCam`.
             images: (B, S, S, 3) uint8 model input (RGB, already resized); the
-                float32 batch of :func:`wbc_batch.imaging.prepare_batch` holds
+                float32 batch of :func:`wbc_batch.geometry.model_inputs` holds
                 the same whole numbers and is accepted too.
 
         Returns:

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from wbc_batch import cluster, console, metrics, results, storage
-from wbc_batch.imaging import ImageDecodeError, decode_image, encode_jpeg, resize_for_model
+from wbc_batch.imaging import ImageDecodeError, decode_image, encode_jpeg
 from wbc_batch.model import load_artifact, pinned_digest, verify_artifact
 
 log = logging.getLogger(__name__)
@@ -131,9 +131,9 @@ def load_images(batch: dict[str, np.ndarray], image_size: int, with_quality: boo
     """Fetch, hash, decode, resize and segment each image; failures become error rows.
 
     The cell is segmented once per row, on the model input
-    (:func:`~wbc_batch.localisation.model_input_mask`), here in parallel
-    tasks: the render stage measures where the heatmap falls on that mask,
-    and the OOD size feature reads it.
+    (:func:`~wbc_batch.geometry.model_input`, which also zooms out an image
+    whose cell fills it), here in parallel tasks: the render stage measures
+    where the heatmap falls on that mask, and the OOD size feature reads it.
 
     Args:
         batch: ``image_uri`` and ``sample_id`` columns.
@@ -145,19 +145,20 @@ def load_images(batch: dict[str, np.ndarray], image_size: int, with_quality: boo
     Returns:
         The batch plus ``image_bytes``, ``image_sha256``, ``image_width``,
         ``image_height``, ``model_input`` (B, S, S, 3) uint8, ``cell_mask``
-        (B, S, S) bool, ``status``, ``error`` and ``error_kind``; with
+        (B, S, S) bool, ``input_zoom`` (B,) float32, ``status``, ``error`` and ``error_kind``; with
         ``with_quality`` also ``quality_features`` (B, F) float64 (zeros on
         error rows).
     """
     import hashlib
 
-    from wbc_batch.localisation import model_input_mask
+    from wbc_batch.geometry import model_input
 
     uris = batch["image_uri"]
     n = len(uris)
     out = dict(batch)
     out["model_input"] = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
     out["cell_mask"] = np.zeros((n, image_size, image_size), dtype=bool)
+    out["input_zoom"] = np.ones(n, dtype=np.float32)
     data_col = np.empty(n, dtype=object)
     # Empty strings, not None, for "no value": an all-None object column would
     # be typed differently from block to block. The writer turns "" into null.
@@ -186,8 +187,8 @@ def load_images(batch: dict[str, np.ndarray], image_size: int, with_quality: boo
             status[i], error[i], kind[i] = "error", str(exc), "permanent"
             continue
         height[i], width[i] = rgb.shape[:2]
-        out["model_input"][i] = resize_for_model(rgb, image_size)
-        out["cell_mask"][i] = model_input_mask(out["model_input"][i])
+        seen = model_input(rgb, image_size)
+        out["model_input"][i], out["cell_mask"][i], out["input_zoom"][i] = seen.image, seen.cell_mask, seen.zoom
     out.update(image_bytes=data_col, image_sha256=sha, status=status, error=error, error_kind=kind,
                image_width=width, image_height=height)
     if with_quality:
@@ -284,6 +285,7 @@ def render_explanations(batch: dict[str, np.ndarray], output_uri: str, write_hea
     so the run still ends and a later run (nightly) retries that image.
     """
     from wbc_batch.explain import overlay_heatmap
+    from wbc_batch.geometry import view_at
     from wbc_batch.localisation import cam_on_mask
 
     n = len(batch["image_uri"])
@@ -301,7 +303,7 @@ def render_explanations(batch: dict[str, np.ndarray], output_uri: str, write_hea
         m = cam_on_mask(cam, batch["cell_mask"][i])
         in_cell[i], peak_in[i], area[i] = m["cam_in_cell"], m["cam_peak_in_cell"], m["cell_area_share"]
         if write_heatmaps:
-            rgb = decode_image(batch["image_bytes"][i])
+            rgb = view_at(decode_image(batch["image_bytes"][i]), float(batch["input_zoom"][i]))
             uri = results.heatmap_uri(output_uri, batch["image_sha256"][i], batch["model_version"][i])
             try:
                 storage.write_bytes(uri, encode_jpeg(overlay_heatmap(rgb, cam), quality=85))
@@ -395,11 +397,12 @@ def _faithfulness_on_sample(artifact: Any, uris: list[str]) -> dict[str, Any] | 
         return None
     from wbc_batch.explain import GradCam
     from wbc_batch.faithfulness import faithfulness_summary
+    from wbc_batch.geometry import model_input
 
     images = []
     for uri in uris:
         try:
-            images.append(resize_for_model(decode_image(storage.read_bytes(uri)), artifact.meta.image_size))
+            images.append(model_input(decode_image(storage.read_bytes(uri)), artifact.meta.image_size).image)
         except (ImageDecodeError, OSError, storage.StorageError) as exc:
             log.warning("faithfulness sample: skipping %s: %s", uri, exc)
     if not images:

@@ -66,6 +66,8 @@ def prediction_schema(class_names: list[str]) -> pa.Schema:
         pa.field("cam_in_cell", pa.float32()),
         pa.field("cam_peak_in_cell", pa.bool_()),
         pa.field("cell_area_share", pa.float32()),
+        # below 1 when a cell that filled the image was shown smaller (geometry.py); null before it existed
+        pa.field("input_zoom", pa.float32()),
         pa.field("explanation_suspect", pa.bool_()),
         pa.field("ood_score", pa.float32()),
         pa.field("out_of_distribution", pa.bool_()),
@@ -126,7 +128,7 @@ def batch_to_table(batch: dict[str, np.ndarray], schema: pa.Schema) -> pa.Table:
     n = len(batch["image_uri"])
     ok = np.asarray(batch["status"]) == "ok"
     ok_only = {"predicted_class", "confidence", "cam_in_cell", "cam_peak_in_cell", "cell_area_share",
-               "explanation_suspect", "ood_score", "out_of_distribution"}
+               "input_zoom", "explanation_suspect", "ood_score", "out_of_distribution"}
     arrays = []
     for f in schema:
         if f.name not in batch:

@@ -19,6 +19,7 @@ import numpy as np
 
 from wbc_batch import imaging, splits, storage
 from wbc_batch.architecture import cam_grid_size
+from wbc_batch.geometry import model_input
 from wbc_batch.model import SPLIT_FILE
 from wbc_batch.training.config import TrainConfig, TrainingError
 
@@ -52,18 +53,15 @@ def list_labelled_files(data_uri: str, label_map: dict[str, str] | None = None) 
     return rows
 
 
-def cell_grid(model_input: np.ndarray, grid: int) -> np.ndarray:
-    """The segmented cell's share of each cell of a ``grid`` x ``grid`` partition of a model input.
+def cell_grid(cell_mask: np.ndarray, grid: int) -> np.ndarray:
+    """The segmented cell's share of each cell of a ``grid`` x ``grid`` partition of a model input's mask.
 
     The on-cell loss compares a class-activation map of that grid with it;
-    the mask is classify's (:func:`~wbc_batch.localisation.model_input_mask`).
+    the mask is classify's (:func:`~wbc_batch.geometry.model_input`).
     """
     import cv2
 
-    from wbc_batch.localisation import model_input_mask
-
-    mask = model_input_mask(model_input).astype(np.float32)
-    return cv2.resize(mask, (grid, grid), interpolation=cv2.INTER_AREA)
+    return cv2.resize(cell_mask.astype(np.float32), (grid, grid), interpolation=cv2.INTER_AREA)
 
 
 def decode_batch(batch: dict[str, np.ndarray], image_size: int, grid: int = 0) -> dict[str, np.ndarray]:
@@ -95,9 +93,10 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, grid: int = 0) -
         sha[i] = splits.sha256_hex(data)
         error[i] = ""
         try:
-            images[i] = imaging.resize_for_model(imaging.decode_image(data), image_size)
+            seen = model_input(imaging.decode_image(data), image_size)  # classify's input, zoom included
+            images[i] = seen.image
             if grid:
-                cells[i] = cell_grid(images[i], grid)
+                cells[i] = cell_grid(seen.cell_mask, grid)
             ok[i] = True
         except imaging.ImageDecodeError as exc:
             error[i] = str(exc)

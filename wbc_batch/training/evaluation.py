@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from wbc_batch import imaging, metrics, splits, storage
+from wbc_batch.geometry import model_inputs
 from wbc_batch.model import SPLIT_FILE
 from wbc_batch.training.augment import dihedral_views
 from wbc_batch.training.config import MATURE_CLASSES, TrainingError
@@ -212,7 +213,7 @@ def _decoded_batches(chosen: list[tuple[str, int, bytes]], size: int, batch_size
                 images.append(rgb)
                 keep.append(entry)
             if images:
-                yield keep, imaging.prepare_batch(images, size)
+                yield keep, model_inputs(images, size)[0]
 
 
 def evaluate(
