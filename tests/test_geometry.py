@@ -99,3 +99,29 @@ def test_classify_records_the_zoom_and_draws_the_heatmap_on_what_the_network_saw
     side = round(120 / float(loaded["input_zoom"][1]))
     assert abs(overlay.shape[0] - side) <= 1 and abs(overlay.shape[1] - side) <= 1  # the padded view
     assert rendered["input_zoom"][1] == loaded["input_zoom"][1]
+
+
+def test_relative_cell_size_compares_class_by_class_so_the_class_mix_does_not_read_as_scale() -> None:
+    small, large = 0.30, 0.42  # lymphocyte-like and monocyte-like fractions
+    ref_f = np.array([small] * 10 + [large] * 10, np.float32)
+    ref_y = np.array([0] * 10 + [1] * 10)
+    # the same lab, mostly monocytes: pooled medians would say 1.4x, the classes say 1.0
+    new_f = np.array([small] * 3 + [large] * 12, np.float32)
+    new_y = np.array([0] * 3 + [1] * 12)
+    ratio, per_class = geometry.relative_cell_size(new_f, new_y, ref_f, ref_y)
+    assert ratio == pytest.approx(1.0) and set(per_class) == {0, 1}
+    ratio, _ = geometry.relative_cell_size(new_f * 0.6, new_y, ref_f, ref_y)
+    assert ratio == pytest.approx(0.6, rel=1e-5)
+    with_gaps = np.where(np.arange(len(new_f)) % 2 == 0, np.nan, new_f).astype(np.float32)  # unsegmented cells
+    ratio, per_class = geometry.relative_cell_size(with_gaps, new_y, ref_f, ref_y)
+    assert set(per_class) == {1} and ratio == pytest.approx(1.0)  # class 0 keeps 1 segmented cell: left out
+    assert geometry.relative_cell_size(new_f[:2], new_y[:2], ref_f, ref_y) == (None, {})
+
+
+def test_rescaled_view_keeps_the_size_and_scales_the_content(samples_dir: Path) -> None:
+    image = resize_for_model(decode_image(sorted((samples_dir / "monocyte").iterdir())[0].read_bytes()), 128)
+    before = geometry.cell_fraction(model_input_mask(image))
+    for scale in (0.6, 1.4):
+        view = geometry.rescaled_view(image, scale)
+        assert view.shape == image.shape and view.dtype == np.uint8
+        assert geometry.cell_fraction(model_input_mask(view)) == pytest.approx(before * scale, rel=0.15)

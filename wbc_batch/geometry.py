@@ -126,6 +126,45 @@ def model_input(rgb: np.ndarray, image_size: int) -> ModelInput:
     return ModelInput(image, mask, zoom)
 
 
+def rescaled_view(image: np.ndarray, scale: float) -> np.ndarray:
+    """A model input with its content shown ``scale`` times as large, same size: a centre crop or a padded view.
+
+    ``adapt`` shows the replayed cells of the first lab at the new lab's
+    scale too (``wbc_batch.training.adapt``).
+    """
+    size = image.shape[0]
+    if scale >= 1.0:
+        side = max(1, int(round(size / scale)))
+        top = (size - side) // 2
+        image = image[top : top + side, top : top + side]
+    else:
+        image = zoom_out(image, scale)
+    return resize_for_model(image, size)
+
+
+def relative_cell_size(new_fractions: np.ndarray, new_labels: np.ndarray, ref_fractions: np.ndarray,
+                       ref_labels: np.ndarray, min_cells: int = 3) -> tuple[float | None, dict[int, float]]:
+    """How much larger a new lab's cells look than the reference's: the median over classes of the median ratio.
+
+    Why per class: a lab's class mix is its own, and lymphocytes are a
+    third smaller than monocytes, so pooled medians would read the mix as a
+    scale. Classes with fewer than ``min_cells`` segmented cells on either
+    side are left out; None when no class is left.
+
+    Returns:
+        The ratio (None without a class to compare) and each compared class's ratio.
+    """
+    per_class: dict[int, float] = {}
+    for label in sorted(set(int(v) for v in new_labels)):
+        a = new_fractions[(new_labels == label) & np.isfinite(new_fractions)]
+        b = ref_fractions[(ref_labels == label) & np.isfinite(ref_fractions)]
+        if len(a) >= min_cells and len(b) >= min_cells:
+            per_class[label] = float(np.median(a) / np.median(b))
+    if not per_class:
+        return None, per_class
+    return float(np.median(list(per_class.values()))), per_class
+
+
 def view_at(rgb: np.ndarray, zoom: float) -> np.ndarray:
     """The full-size image as the network saw it (zoomed out by ``zoom``), for heatmap overlays."""
     return rgb if zoom >= 1.0 else zoom_out(rgb, zoom)

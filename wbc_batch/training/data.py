@@ -19,7 +19,7 @@ import numpy as np
 
 from wbc_batch import imaging, splits, storage
 from wbc_batch.architecture import cam_grid_size
-from wbc_batch.geometry import model_input
+from wbc_batch.geometry import cell_fraction, model_input
 from wbc_batch.model import SPLIT_FILE
 from wbc_batch.training.config import TrainConfig, TrainingError
 
@@ -79,12 +79,15 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, grid: int = 0) -
             the cell masks the on-cell loss needs.
 
     Returns:
-        The input columns plus ``sha256``, ``ok``, ``error`` and ``image``
-        (B, S, S, 3) uint8 (zeros on failed rows).
+        The input columns plus ``sha256``, ``ok``, ``error``, ``image``
+        (B, S, S, 3) uint8 (zeros on failed rows) and ``cell_fraction`` (B,)
+        float32, the cell's size in the image as the network sees it (NaN
+        where no cell was segmented; ``adapt`` compares labs by it).
     """
     n = len(batch["uri"])
     images = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
     cells = np.zeros((n, grid, grid), dtype=np.float32)
+    fraction = np.full(n, np.nan, dtype=np.float32)
     sha = np.empty(n, dtype=object)
     ok = np.zeros(n, dtype=bool)
     error = np.empty(n, dtype=object)
@@ -95,12 +98,13 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, grid: int = 0) -
         try:
             seen = model_input(imaging.decode_image(data), image_size)  # classify's input, zoom included
             images[i] = seen.image
+            fraction[i] = cell_fraction(seen.cell_mask) or np.nan
             if grid:
                 cells[i] = cell_grid(seen.cell_mask, grid)
             ok[i] = True
         except imaging.ImageDecodeError as exc:
             error[i] = str(exc)
-    out = {**batch, "sha256": sha, "ok": ok, "error": error, "image": images}
+    out = {**batch, "sha256": sha, "ok": ok, "error": error, "image": images, "cell_fraction": fraction}
     if grid:
         out["cell_grid"] = cells
     return out
@@ -253,6 +257,7 @@ def _decoded_columns(batch: dict[str, np.ndarray], class_index: dict[str, int]) 
         "label": batch["label"][good],
         "uri": batch["uri"][good],
         "sha256": batch["sha256"][good],
+        "cell_fraction": batch["cell_fraction"][good],
     }
 
 
@@ -263,14 +268,16 @@ def read_labelled(rows: list[dict[str, str]], image_size: int, class_index: dict
     Files that are not images are skipped with a warning naming each.
 
     Returns:
-        ``image`` (N, S, S, 3) uint8, ``label_index`` (N,) int64, and ``label``,
-        ``uri``, ``sha256`` (N,) object arrays (one row per decodable file, in no set order).
+        ``image`` (N, S, S, 3) uint8, ``label_index`` (N,) int64, ``cell_fraction``
+        (N,) float32 (:func:`decode_batch`), and ``label``, ``uri``, ``sha256`` (N,)
+        object arrays (one row per decodable file, in no set order).
     """
     import ray
 
     if not rows:
         return {"image": np.zeros((0, image_size, image_size, 3), np.uint8), "label_index": np.zeros(0, np.int64),
-                "label": np.zeros(0, object), "uri": np.zeros(0, object), "sha256": np.zeros(0, object)}
+                "cell_fraction": np.zeros(0, np.float32), "label": np.zeros(0, object), "uri": np.zeros(0, object),
+                "sha256": np.zeros(0, object)}
     keep = [{k: r[k] for k in ("uri", "rel", "label")} for r in rows]
     ds = ray.data.from_items(keep).map_batches(
         decode_batch,  # type: ignore[arg-type]  # Ray's stubs do not model fn_kwargs
