@@ -117,11 +117,3 @@ def test_relative_cell_size_compares_class_by_class_so_the_class_mix_does_not_re
     assert set(per_class) == {1} and ratio == pytest.approx(1.0)  # class 0 keeps 1 segmented cell: left out
     assert geometry.relative_cell_size(new_f[:2], new_y[:2], ref_f, ref_y) == (None, {})
 
-
-def test_rescaled_view_keeps_the_size_and_scales_the_content(samples_dir: Path) -> None:
-    image = resize_for_model(decode_image(sorted((samples_dir / "monocyte").iterdir())[0].read_bytes()), 128)
-    before = geometry.cell_fraction(model_input_mask(image))
-    for scale in (0.6, 1.4):
-        view = geometry.rescaled_view(image, scale)
-        assert view.shape == image.shape and view.dtype == np.uint8
-        assert geometry.cell_fraction(model_input_mask(view)) == pytest.approx(before * scale, rel=0.15)

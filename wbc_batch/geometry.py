@@ -126,22 +126,6 @@ def model_input(rgb: np.ndarray, image_size: int) -> ModelInput:
     return ModelInput(image, mask, zoom)
 
 
-def rescaled_view(image: np.ndarray, scale: float) -> np.ndarray:
-    """A model input with its content shown ``scale`` times as large, same size: a centre crop or a padded view.
-
-    ``adapt`` shows the replayed cells of the first lab at the new lab's
-    scale too (``wbc_batch.training.adapt``).
-    """
-    size = image.shape[0]
-    if scale >= 1.0:
-        side = max(1, int(round(size / scale)))
-        top = (size - side) // 2
-        image = image[top : top + side, top : top + side]
-    else:
-        image = zoom_out(image, scale)
-    return resize_for_model(image, size)
-
-
 def relative_cell_size(new_fractions: np.ndarray, new_labels: np.ndarray, ref_fractions: np.ndarray,
                        ref_labels: np.ndarray, min_cells: int = 3) -> tuple[float | None, dict[int, float]]:
     """How much larger a new lab's cells look than the reference's: the median over classes of the median ratio.

@@ -21,14 +21,13 @@ Why it is built this way:
   temperature is refitted on the base's validation images of the replay data
   (never trained on), and every cell needs review (:data:`~wbc_batch.metrics.ALWAYS_REVIEW`)
   until the lab calibrates on its own verified cells (``wbc-batch calibrate``).
-* A lab that photographs its cells at another scale (a wider field, so
-  smaller cells) cannot teach the network that scale from ten cells per
-  class. ``adapt`` measures the new lab's cells against the replayed ones,
-  class by class (:func:`~wbc_batch.geometry.relative_cell_size`), and when
-  they differ by more than :data:`SCALE_TOLERANCE`, every other replayed cell
-  is shown at the new lab's scale (:func:`~wbc_batch.geometry.rescaled_view`),
-  so the first lab's many cells teach the classes at that scale too, and
-  the rest keep the first lab's own scale. Nothing changes at inference.
+* ``adapt`` measures how large the new lab's cells look against the
+  replayed ones, class by class (:func:`~wbc_batch.geometry.relative_cell_size`),
+  and records it: a lab at another magnification adapts worse (on Chula
+  shown at 0.64x, 55.9% and 50.0% against 61.0% and 75.8%). Showing half the
+  replayed cells at the new lab's scale was measured and not kept: no gain
+  on the new lab (55.2% against 55.9%) and 1.9 points lost on the first
+  (MODEL_CARD.md, "Other labs").
 * The OOD statistics are refitted so that the new lab is in distribution:
   the Gaussians see the replayed training cells plus the eight dihedral views
   of every new cell, and the threshold is set on the replay validation cells
@@ -60,8 +59,6 @@ log = logging.getLogger("wbc_batch.training")
 
 NEW_LAB, REPLAY = 1, 0
 AUGMENTED_VIEWS_FOR_THRESHOLD = 4
-SCALE_TOLERANCE = 1.15  # new-lab cells this much larger or smaller than the replayed ones: replay at both scales
-SCALE_LIMITS = (0.4, 2.5)  # beyond these the segmentation is more likely wrong than the lab
 
 
 @dataclass
@@ -245,33 +242,15 @@ def _read_replay(config: AdaptConfig, base_uri: str, size: int, class_index: dic
 
 
 def lab_scale(new: dict[str, np.ndarray], replay: dict[str, np.ndarray], classes: list[str]) -> dict[str, Any]:
-    """The new lab's cell size against the replayed cells', and whether replay is shown at both scales."""
+    """The new lab's cell size against the replayed cells', overall and per class (None without replay)."""
     from wbc_batch.geometry import relative_cell_size
 
     if len(replay["label_index"]) == 0:
-        return {"ratio": None, "per_class": {}, "replay_rescaled": False, "reason": "no replay data"}
+        return {"ratio": None, "per_class": {}}
     ratio, per_class = relative_cell_size(new["cell_fraction"], new["label_index"], replay["cell_fraction"],
                                           replay["label_index"])
-    out: dict[str, Any] = {"ratio": None if ratio is None else round(ratio, 3),
-                           "per_class": {classes[k]: round(v, 3) for k, v in per_class.items()},
-                           "replay_rescaled": False}
-    if ratio is None:
-        out["reason"] = "too few segmented cells per class"
-    elif not SCALE_LIMITS[0] <= ratio <= SCALE_LIMITS[1]:
-        out["reason"] = f"ratio outside {SCALE_LIMITS}: the segmentation is not trusted"
-    else:
-        out["replay_rescaled"] = not 1 / SCALE_TOLERANCE <= ratio <= SCALE_TOLERANCE
-    return out
-
-
-def replay_at_both_scales(replay: dict[str, np.ndarray], scale: float) -> dict[str, np.ndarray]:
-    """The replay set with every other image shown ``scale`` times as large (same count, same labels)."""
-    from wbc_batch.geometry import rescaled_view
-
-    images = replay["image"].copy()
-    for i in range(1, len(images), 2):
-        images[i] = rescaled_view(images[i], scale)
-    return {**replay, "image": images}
+    return {"ratio": None if ratio is None else round(ratio, 3),
+            "per_class": {classes[k]: round(v, 3) for k, v in per_class.items()}}
 
 
 def _mixed_dataset(new: dict[str, np.ndarray], replay: dict[str, np.ndarray], repeats: int) -> Any:
@@ -389,8 +368,6 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
     replay_train, replay_val = _read_replay(config, base.uri, size, class_index, label_map)
     scale = lab_scale(new, replay_train, classes)
     log.info("new lab's cells against the replayed cells: %s", scale)
-    if scale["replay_rescaled"]:
-        replay_train = replay_at_both_scales(replay_train, float(scale["ratio"]))
     repeats = _repeats(len(new["label_index"]), len(replay_train["label_index"]), config.new_lab_share)
     train_ds = _mixed_dataset(new, replay_train, repeats)
 
