@@ -37,8 +37,6 @@ MAX_CELL_FRACTION = 0.56
 TARGET_CELL_FRACTION = 0.387
 """The median PBC white cell (equivalent diameter over the tile's side, validation split)."""
 
-ZOOM_ROUNDS = 2
-
 
 @dataclass(frozen=True)
 class ModelInput:
@@ -111,19 +109,21 @@ def model_input(rgb: np.ndarray, image_size: int) -> ModelInput:
     """
     from wbc_batch.localisation import model_input_mask
 
-    image = resize_for_model(rgb, image_size)
-    mask, zoom = model_input_mask(image), 1.0
-    for _ in range(ZOOM_ROUNDS):
-        step = zoom_for(cell_fraction(mask))
-        if step == 1.0:
-            break
-        cut = touches_border(mask)
-        zoom *= step
-        image = resize_for_model(zoom_out(rgb, zoom), image_size)
-        mask = model_input_mask(image)
-        if not cut:
-            break
-    return ModelInput(image, mask, zoom)
+    def seen_at(zoom: float) -> ModelInput:
+        image = resize_for_model(rgb if zoom == 1.0 else zoom_out(rgb, zoom), image_size)
+        return ModelInput(image, model_input_mask(image), zoom)
+
+    seen = seen_at(1.0)
+    zoom = zoom_for(cell_fraction(seen.cell_mask))
+    if zoom == 1.0:
+        return seen
+    cut = touches_border(seen.cell_mask)
+    seen = seen_at(zoom)
+    if cut:
+        again = zoom_for(cell_fraction(seen.cell_mask))
+        if again != 1.0:
+            seen = seen_at(zoom * again)
+    return seen
 
 
 def relative_cell_size(new_fractions: np.ndarray, new_labels: np.ndarray, ref_fractions: np.ndarray,
