@@ -66,7 +66,8 @@ def _loop_whose_last_worker_dies_after_epoch_0(cfg: dict[str, Any]) -> None:
 
 @pytest.fixture(scope="module")
 def trained(ray_local: None, data_with_junk: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Two CPU workers, 2 epochs at 32 px with the on-cell loss; the last worker dies after epoch 0 and the run resumes."""
+    """Two CPU workers, 2 epochs at 32 px with the on-cell loss and a weight average; the last worker dies after
+    epoch 0 and the run resumes."""
     out = tmp_path_factory.mktemp("train")
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
@@ -80,6 +81,7 @@ def trained(ray_local: None, data_with_junk: Path, tmp_path_factory: pytest.Temp
             training.TrainConfig(
                 data_uri=str(data_with_junk), model_out=str(out / "candidate"), workers=2, epochs=2, image_size=32,
                 batch_size=16, storage_path=str(out / "checkpoints"), version="0.0.1-test", on_cell_weight=1.0,
+                weight_average=0.5,
             ),
             train_loop=_loop_whose_last_worker_dies_after_epoch_0,
         )
@@ -99,6 +101,8 @@ def test_two_workers_stay_in_sync_and_resume_after_a_worker_dies(trained: dict[s
     assert sorted(digests) == ["0", "1"]
     # different data shards on each worker: identical weights only if the gradients were all-reduced
     assert digests["0"] == digests["1"] == last["trainable_sha256"]
+    averages = trained["replica_average_sha256"]  # each rank keeps its own average, restored on resume
+    assert averages["0"] == averages["1"] == last["average_sha256"] != last["trainable_sha256"]
     assert 0.0 <= last["outside_share"] <= 1.0  # the on-cell term was in the loss
 
 
@@ -201,6 +205,22 @@ def test_label_smoothing_puts_its_share_of_the_target_on_every_class() -> None:
         training.TrainConfig(data_uri="d", model_out="m", label_smoothing=1.0)
 
 
+def test_weight_average_follows_the_network_early_and_averages_its_last_steps_late() -> None:
+    from wbc_batch.training.recipe import WeightAverage, average_decay
+
+    assert average_decay(0.998, 1) == pytest.approx(2 / 11)  # the random start fades at once
+    assert average_decay(0.998, 10_000) == 0.998
+    avg = WeightAverage(0.9, [np.zeros(3, np.float32), np.ones((2, 2), np.float32)])
+    avg.update([np.full(3, 10.0), np.zeros((2, 2))], step=1)
+    np.testing.assert_allclose(avg.values[0], np.full(3, 10 * (1 - 2 / 11)), rtol=1e-6)
+    avg.values = [np.zeros(3, np.float32)]
+    for step in range(1000, 1100):  # late in a run: a constant signal is reached geometrically at the decay
+        avg.update([np.ones(3)], step=step)
+    np.testing.assert_allclose(avg.values[0], 1 - 0.9**100, rtol=1e-5)
+    with pytest.raises(ValueError, match="weight average"):
+        training.TrainConfig(data_uri="d", model_out="m", weight_average=1.0)
+
+
 def test_auto_precision_is_bfloat16_only_where_it_is_faster() -> None:
     assert training.resolve_precision("auto", use_gpu=True) == "mixed_bfloat16"
     amx = "flags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n"
@@ -261,9 +281,13 @@ def test_artifact_holds_the_trained_weights_split_and_calibration(trained: dict[
     images = np.full((2, 32, 32, 3), 200, np.uint8)
     scores, flags = scorer.score(np.zeros((2, scorer.embedding_dim), np.float32), images)
     assert scores.shape == (2,) and np.isfinite(scores).all() and flags.dtype == bool
-    ckpt = np.load(Path(trained["checkpoint"]) / training.WEIGHTS_FILE)
-    for saved, loaded in zip((ckpt[k] for k in sorted(ckpt.files)), art.model.get_weights()):
+    # the run kept a weight average: that is the model, not the last step's weights
+    assert meta.training["weight_average"] == 0.5
+    average = np.load(Path(trained["checkpoint"]) / training.AVERAGE_FILE)
+    for saved, loaded in zip((average[k] for k in sorted(average.files)), art.model.get_weights()):
         np.testing.assert_array_equal(saved, loaded)
+    last = np.load(Path(trained["checkpoint"]) / training.WEIGHTS_FILE)
+    assert any(not np.array_equal(last[k], average[k]) for k in last.files)
     rows = (Path(trained["model_out"]) / SPLIT_FILE).read_text().splitlines()
     assert rows[0] == "sha256,label,split,uri" and len(rows) == 65
     assert {r.split(",")[2] for r in rows[1:]} == {"train", "val", "test"}
@@ -284,7 +308,7 @@ def test_keras3_artifact_computes_the_logits_of_the_trained_tf_keras_network(
     from wbc_batch import imaging
     from wbc_batch.architecture import build_classifier
 
-    ckpt = np.load(Path(trained["checkpoint"]) / training.WEIGHTS_FILE)
+    ckpt = np.load(Path(trained["checkpoint"]) / training.AVERAGE_FILE)
     trained_net = build_classifier(tf_keras, 7, image_size=32)
     trained_net.set_weights([ckpt[k] for k in sorted(ckpt.files)])
     paths = [sorted((samples_dir / c).iterdir())[0] for c in ("basophil", "monocyte", "platelet")]

@@ -349,6 +349,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "(0 = off, the default; 1.0 made the shipped model 1.1.0 by fine-tuning, see MODEL_CARD.md)")
     p.add_argument("--label-smoothing", type=float, default=0.0,
                    help="share of the target spread evenly over all classes (0 = off, the default; see MODEL_CARD.md)")
+    p.add_argument("--weight-average", metavar="DECAY", type=float, default=0.0,
+                   help="keep an exponential moving average of the weights (decay per step) and write it as the "
+                        "model: 0 = off, the default; 0.998 averages over about the last 500 steps")
     p.add_argument("--init-from", metavar="MODEL", default=None,
                    help="start from this artifact's weights (fine-tuning; same classes and image size); images it "
                         "held out for validation or test stay held out")

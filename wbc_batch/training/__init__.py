@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from wbc_batch.training.augment import AUGMENT, AUGMENT_PRESETS, LIGHT, AugmentSpec, augment, preset
 from wbc_batch.training.config import (
+    AVERAGE_FILE,
     MATURE_CLASSES,
     OPTIMIZER_FILE,
     STATE_FILE,
@@ -51,7 +52,7 @@ from wbc_batch.training.recipe import balanced_class_weights, scaled_class_weigh
 from wbc_batch.training.worker import train_loop_per_worker, weights_sha256
 
 __all__ = [
-    "AUGMENT", "AUGMENT_PRESETS", "AugmentSpec", "LIGHT", "MATURE_CLASSES", "OPTIMIZER_FILE", "STATE_FILE",
+    "AUGMENT", "AUGMENT_PRESETS", "AVERAGE_FILE", "AugmentSpec", "LIGHT", "MATURE_CLASSES", "OPTIMIZER_FILE", "STATE_FILE",
     "TrainConfig", "TrainingError", "WEIGHTS_FILE", "augment", "balanced_class_weights", "calibrate",
     "calibration_from_val", "cell_grid", "collect_logits", "data_fingerprint", "evaluate", "fit_ood_statistics",
     "format_summary", "initial_weights", "keep_earlier_split", "list_labelled_files", "on_cell_model",

@@ -25,6 +25,9 @@ OPTIMIZER_FILE = "optimizer.npz"
 STATE_FILE = "state.json"
 
 
+AVERAGE_FILE = "average.npz"  # the running average of the weights, in a run that keeps one (--weight-average)
+
+
 PRECISIONS: tuple[str, ...] = ("auto", "float32", "mixed_bfloat16")
 
 
@@ -81,6 +84,7 @@ class TrainConfig:
     seed: int = 1234
     on_cell_weight: float = 0.0
     label_smoothing: float = 0.0
+    weight_average: float = 0.0
     init_from: str | None = None
     precision: str = "auto"
     input_norm: str = "rescale"
@@ -107,6 +111,8 @@ class TrainConfig:
             raise ValueError(f"on-cell weight must be >= 0, got {self.on_cell_weight}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0 <= self.weight_average < 1:
+            raise ValueError(f"weight average decay must be in [0, 1), got {self.weight_average}")
         for name, factor in self.class_weight_factors.items():
             if factor <= 0:
                 raise ValueError(f"class weight factor of {name} must be > 0, got {factor}")
@@ -131,6 +137,7 @@ class TrainConfig:
             version=args.version,
             on_cell_weight=args.on_cell_weight,
             label_smoothing=args.label_smoothing,
+            weight_average=args.weight_average,
             init_from=args.init_from,
             precision=args.precision,
             input_norm=args.input_norm,

@@ -35,6 +35,7 @@ from wbc_batch.model import ModelMetadata
 from wbc_batch.training import recipe
 from wbc_batch.training.augment import preset
 from wbc_batch.training.config import (
+    AVERAGE_FILE,
     LEGACY_KERAS_ENV,
     MATURE_CLASSES,
     STATE_FILE,
@@ -129,7 +130,8 @@ def _run_name(config: TrainConfig, fingerprint: str) -> str:
         str(v)
         for v in (c.image_size, c.epochs, c.batch_size, c.learning_rate, c.workers, c.seed, c.on_cell_weight,
                   sorted(c.class_weight_factors.items()), c.init_from, c.weight_decay, c.precision, c.input_norm, c.augment)
-        + ((c.label_smoothing,) if c.label_smoothing else ())  # runs without it keep their names (resume)
+        + ((c.label_smoothing,) if c.label_smoothing else ())  # runs without these keep their names (resume)
+        + ((f"avg{c.weight_average}",) if c.weight_average else ())
     )
     return config.run_name or f"wbc-train-{fingerprint[:12]}-{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
 
@@ -188,20 +190,20 @@ def provenance(config: TrainConfig, t_start: float, revision: dict[str, Any]) ->
     }
 
 
-def _read_replica_digests(checkpoint_dir: Path) -> dict[str, str]:
-    return {
-        str(json.loads(p.read_text())["rank"]): json.loads(p.read_text())["trainable_sha256"]
-        for p in sorted(checkpoint_dir.glob("replica-*.json"))
-    }
+def _read_replica_digests(checkpoint_dir: Path, key: str = "trainable_sha256") -> dict[str, str]:
+    """Each rank's digest ``key`` from the checkpoint's ``replica-<rank>.json`` files (ranks without it left out)."""
+    replicas = [json.loads(p.read_text()) for p in sorted(checkpoint_dir.glob("replica-*.json"))]
+    return {str(r["rank"]): r[key] for r in replicas if key in r}
 
 
 @dataclass
 class FitResult:
     """What a Ray Train run leaves: the final weights and the evidence of how they were made."""
 
-    weights: list[np.ndarray]
+    weights: list[np.ndarray]  # the running average where the run kept one, else the last step's
     final_state: dict[str, Any]
     replica_digests: dict[str, str]
+    replica_average_digests: dict[str, str]
     checkpoint_path: str
     seconds: float
 
@@ -246,6 +248,7 @@ def fit_on_ray(
             "cpus_per_worker": config.cpus_per_worker,
             "on_cell_weight": config.on_cell_weight,
             "label_smoothing": config.label_smoothing,
+            "weight_average": config.weight_average,
             "initial_weights": init_weights,
             "precision": precision,
             "input_norm": config.input_norm,
@@ -270,11 +273,12 @@ def fit_on_ray(
     if result.checkpoint is None:
         raise WbcError(f"training run {run_name} ended without a checkpoint (error: {result.error})")
     with result.checkpoint.as_directory() as d:
-        saved = np.load(Path(d, WEIGHTS_FILE))
+        saved = np.load(Path(d, AVERAGE_FILE if config.weight_average else WEIGHTS_FILE))
         return FitResult(
             weights=[saved[k] for k in sorted(saved.files)],
             final_state=json.loads(Path(d, STATE_FILE).read_text()),
             replica_digests=_read_replica_digests(Path(d)),
+            replica_average_digests=_read_replica_digests(Path(d), "average_sha256"),
             checkpoint_path=result.checkpoint.path,
             seconds=seconds,
         )
@@ -337,6 +341,7 @@ def run_training(
         "final_epoch": final_state,
         "on_cell_weight": config.on_cell_weight,
         "label_smoothing": config.label_smoothing,
+        "weight_average": config.weight_average,
         **({"init_from": init_origin} if init_origin else {}),
     }, init_origin)
     test_report = _test_report(model, data, meta)
@@ -353,6 +358,7 @@ def run_training(
         "metrics": test_report,
         "final_epoch": final_state,
         "replica_trainable_sha256": fit.replica_digests,
+        "replica_average_sha256": fit.replica_average_digests,
         "checkpoint": fit.checkpoint_path,
         "run_name": run_name,
         "train_seconds": train_seconds,

@@ -20,7 +20,14 @@ import numpy as np
 
 from wbc_batch.training import recipe
 from wbc_batch.training.augment import augment, preset
-from wbc_batch.training.config import LEGACY_KERAS_ENV, OPTIMIZER_FILE, STATE_FILE, WEIGHTS_FILE, TrainingError
+from wbc_batch.training.config import (
+    AVERAGE_FILE,
+    LEGACY_KERAS_ENV,
+    OPTIMIZER_FILE,
+    STATE_FILE,
+    WEIGHTS_FILE,
+    TrainingError,
+)
 from wbc_batch.training.loss import cross_entropy, on_cell_model
 
 
@@ -104,12 +111,16 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         if cfg.get("initial_weights") is not None:  # fine-tuning (--init-from); a checkpoint below overrides it
             model.set_weights(list(cfg["initial_weights"]))
 
-    start_epoch = _restore_checkpoint(ray.train.get_checkpoint(), model, optimizer)
+    decay = float(cfg.get("weight_average", 0.0))
+    average = recipe.WeightAverage(decay, model.get_weights()) if decay > 0 else None
+    start_epoch = _restore_checkpoint(ray.train.get_checkpoint(), model, optimizer, average)
     for epoch in range(start_epoch, epochs):
         t0 = time.time()
         # fit() builds a new dataset from the creator on every call: one per epoch, with that epoch's order
         creator = tf_keras.utils.experimental.DatasetCreator(dataset_fn_for(epoch))
-        hist = fitter.fit(creator, epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=steps, verbose=0)
+        callbacks = [] if average is None else [_averaging_callback(tf_keras, model, average, epoch * steps)]
+        hist = fitter.fit(creator, epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=steps, verbose=0,
+                          callbacks=callbacks)
         # every rank must read the weights: BatchNormalization's moving statistics are
         # sync-on-read variables, and reading them is an all-reduce (the mean over workers)
         weights = model.get_weights()
@@ -126,7 +137,22 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         }
         if "outside" in hist.history:  # the on-cell term: share of the true class's evidence outside the cell
             epoch_metrics["outside_share"] = float(hist.history["outside"][-1])
-        _report_epoch(epoch_metrics, rank, weights, opt_state)
+        if average is not None:
+            epoch_metrics["average_sha256"] = weights_sha256(average.values)
+        _report_epoch(epoch_metrics, rank, weights, opt_state, None if average is None else average.values)
+
+
+def _averaging_callback(tf_keras: Any, model: Any, average: recipe.WeightAverage, steps_before: int) -> Any:
+    """A callback that folds the weights after every optimizer step of this epoch into ``average``.
+
+    Every rank keeps its own copy: the replicas hold identical weights, so the
+    copies agree (each epoch's ``average_sha256`` shows it), and reading the
+    weights is a collective every rank must join anyway.
+    """
+    def after_step(batch: int, logs: Any = None) -> None:
+        average.update(model.get_weights(), steps_before + batch + 1)
+
+    return tf_keras.callbacks.LambdaCallback(on_train_batch_end=after_step)
 
 
 def shuffle_seed(seed: int, rank: int, epoch: int) -> int:
@@ -192,32 +218,49 @@ def _compiled_fitter(tf_keras: Any, model: Any, optimizer: Any, on_cell: float, 
     return model
 
 
-def _restore_checkpoint(checkpoint: Any, model: Any, optimizer: Any) -> int:
-    """Weights and optimizer state from Ray Train's latest checkpoint; the epoch to start from (0 without one)."""
+def _restore_checkpoint(checkpoint: Any, model: Any, optimizer: Any,
+                        average: recipe.WeightAverage | None = None) -> int:
+    """Weights, optimizer state and weight average from Ray Train's latest checkpoint; the epoch to start from
+    (0 without one)."""
     if checkpoint is None:
         return 0
     with checkpoint.as_directory() as d:
         state = json.loads(Path(d, STATE_FILE).read_text())
-        saved = np.load(Path(d, WEIGHTS_FILE))
-        model.set_weights([saved[k] for k in sorted(saved.files)])
+        model.set_weights(_load_arrays(Path(d, WEIGHTS_FILE)))
         saved_opt = np.load(Path(d, OPTIMIZER_FILE))
         for var, key in zip(optimizer.variables, sorted(saved_opt.files)):
             var.assign(saved_opt[key])
+        if average is not None:
+            average.values = _load_arrays(Path(d, AVERAGE_FILE))
     return int(state["epoch"]) + 1
 
 
+def _load_arrays(path: Path) -> list[np.ndarray]:
+    """The arrays of an ``.npz`` written by :func:`_save_arrays`, in order."""
+    saved = np.load(path)
+    return [saved[k] for k in sorted(saved.files)]
+
+
+def _save_arrays(path: Path, arrays: list[Any]) -> None:
+    np.savez(path, **{f"w{i:04d}": a for i, a in enumerate(arrays)})
+
+
 def _report_epoch(epoch_metrics: dict[str, Any], rank: int, weights: list[Any],
-                  opt_state: list[Any]) -> None:
+                  opt_state: list[Any], average: list[np.ndarray] | None = None) -> None:
     """``ray.train.report`` with checkpoint ``epoch-NNNN``: the replica digest (every rank), the state (rank 0)."""
     import ray.train
 
     epoch = int(epoch_metrics["epoch"])
     with tempfile.TemporaryDirectory() as d:
         replica = {"rank": rank, "epoch": epoch, "trainable_sha256": epoch_metrics["trainable_sha256"]}
+        if "average_sha256" in epoch_metrics:
+            replica["average_sha256"] = epoch_metrics["average_sha256"]
         Path(d, f"replica-{rank}.json").write_text(json.dumps(replica))
         if rank == 0:
-            np.savez(Path(d, WEIGHTS_FILE), **{f"w{i:04d}": a for i, a in enumerate(weights)})
+            _save_arrays(Path(d, WEIGHTS_FILE), weights)
             np.savez(Path(d, OPTIMIZER_FILE), **{f"v{i:04d}": a for i, a in enumerate(opt_state)})
+            if average is not None:
+                _save_arrays(Path(d, AVERAGE_FILE), average)
             Path(d, STATE_FILE).write_text(json.dumps(epoch_metrics))
         ray.train.report(
             epoch_metrics,
