@@ -103,6 +103,7 @@ def _night_table(night: int, n: int, schema, work: Path, out: str, retry: list[s
         "image_height": masked(np.full(m, 363, np.int32), pa.int32()),
         "cam_in_cell": masked(rng.uniform(0.4, 1.0, m).astype(np.float32), pa.float32()),
         "cam_peak_in_cell": masked(~suspect, pa.bool_()),
+        "input_zoom": masked(np.ones(m, np.float32), pa.float32()),
         "cell_area_share": masked(rng.uniform(0.1, 0.5, m).astype(np.float32), pa.float32()),
         "explanation_suspect": masked(suspect, pa.bool_()),
         "ood_score": masked(np.where(ood, 9.0, rng.uniform(0.5, 3.0, m)).astype(np.float32), pa.float32()),
