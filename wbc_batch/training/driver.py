@@ -55,7 +55,7 @@ from wbc_batch.training.data import (
 from wbc_batch.training.evaluation import calibration_from_val, fit_ood_statistics, predict_logits
 from wbc_batch.training.publishing import publish
 from wbc_batch.training.recipe import balanced_class_weights, scaled_class_weights
-from wbc_batch.training.worker import train_loop_per_worker
+from wbc_batch.training.worker import load_arrays, train_loop_per_worker
 
 log = logging.getLogger("wbc_batch.training")
 
@@ -273,9 +273,8 @@ def fit_on_ray(
     if result.checkpoint is None:
         raise WbcError(f"training run {run_name} ended without a checkpoint (error: {result.error})")
     with result.checkpoint.as_directory() as d:
-        saved = np.load(Path(d, AVERAGE_FILE if config.weight_average else WEIGHTS_FILE))
         return FitResult(
-            weights=[saved[k] for k in sorted(saved.files)],
+            weights=load_arrays(Path(d, AVERAGE_FILE if config.weight_average else WEIGHTS_FILE)),
             final_state=json.loads(Path(d, STATE_FILE).read_text()),
             replica_digests=_read_replica_digests(Path(d)),
             replica_average_digests=_read_replica_digests(Path(d), "average_sha256"),

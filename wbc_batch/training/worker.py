@@ -226,22 +226,22 @@ def _restore_checkpoint(checkpoint: Any, model: Any, optimizer: Any,
         return 0
     with checkpoint.as_directory() as d:
         state = json.loads(Path(d, STATE_FILE).read_text())
-        model.set_weights(_load_arrays(Path(d, WEIGHTS_FILE)))
-        saved_opt = np.load(Path(d, OPTIMIZER_FILE))
-        for var, key in zip(optimizer.variables, sorted(saved_opt.files)):
-            var.assign(saved_opt[key])
+        model.set_weights(load_arrays(Path(d, WEIGHTS_FILE)))
+        for var, value in zip(optimizer.variables, load_arrays(Path(d, OPTIMIZER_FILE))):
+            var.assign(value)
         if average is not None:
-            average.values = _load_arrays(Path(d, AVERAGE_FILE))
+            average.values = load_arrays(Path(d, AVERAGE_FILE))
     return int(state["epoch"]) + 1
 
 
-def _load_arrays(path: Path) -> list[np.ndarray]:
-    """The arrays of an ``.npz`` written by :func:`_save_arrays`, in order."""
+def load_arrays(path: Path) -> list[np.ndarray]:
+    """The arrays of a checkpoint ``.npz`` (weights, optimizer state or average), in the order they were saved."""
     saved = np.load(path)
     return [saved[k] for k in sorted(saved.files)]
 
 
 def _save_arrays(path: Path, arrays: list[Any]) -> None:
+    """Numbered so that :func:`load_arrays` gives them back in order."""
     np.savez(path, **{f"w{i:04d}": a for i, a in enumerate(arrays)})
 
 
@@ -258,7 +258,7 @@ def _report_epoch(epoch_metrics: dict[str, Any], rank: int, weights: list[Any],
         Path(d, f"replica-{rank}.json").write_text(json.dumps(replica))
         if rank == 0:
             _save_arrays(Path(d, WEIGHTS_FILE), weights)
-            np.savez(Path(d, OPTIMIZER_FILE), **{f"v{i:04d}": a for i, a in enumerate(opt_state)})
+            _save_arrays(Path(d, OPTIMIZER_FILE), opt_state)
             if average is not None:
                 _save_arrays(Path(d, AVERAGE_FILE), average)
             Path(d, STATE_FILE).write_text(json.dumps(epoch_metrics))
