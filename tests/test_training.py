@@ -205,6 +205,57 @@ def test_label_smoothing_puts_its_share_of_the_target_on_every_class() -> None:
         training.TrainConfig(data_uri="d", model_out="m", label_smoothing=1.0)
 
 
+def test_distillation_is_the_softened_divergence_from_the_teacher_times_t_squared() -> None:
+    import tensorflow as tf
+
+    from wbc_batch.training.loss import distillation
+
+    teacher = np.array([[4.0, 1.0, -2.0], [0.0, 3.0, 0.5]], np.float32)
+    student = np.array([[1.0, 2.0, 0.0], [0.0, 3.0, 0.5]], np.float32)
+
+    def softened(z: np.ndarray, t: float) -> np.ndarray:
+        e = np.exp(z / t - (z / t).max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    for t in (1.0, 4.0):
+        p, q = softened(teacher, t), softened(student, t)
+        expected = (p * np.log(p / q)).sum(axis=1) * t * t
+        np.testing.assert_allclose(distillation(tf, teacher, student, t).numpy(), expected, rtol=1e-5, atol=1e-7)
+    # the second student agrees with its teacher: nothing to learn there
+    assert distillation(tf, teacher, student, 4.0).numpy()[1] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="distillation weight"):
+        training.TrainConfig(data_uri="d", model_out="m", distill_weight=0.0)
+
+
+def test_a_student_that_answers_as_its_teacher_gets_no_gradient_from_pure_distillation() -> None:
+    """distill_weight 1: the loss is the divergence alone, so logits equal to the teacher's leave the weights be,
+    and other teacher logits move them."""
+    import tf_keras
+
+    from wbc_batch.architecture import CAM_LAYER, LOGITS_LAYER, build_classifier
+
+    tf_keras.utils.set_random_seed(0)
+    model = build_classifier(tf_keras, 3, image_size=32, dropout=0.0)  # training mode then equals inference mode
+    fitter = training.recipe_model(tf_keras, model, CAM_LAYER, LOGITS_LAYER, on_cell_weight=0.0,
+                                   distill_weight=1.0, distill_temperature=4.0)
+    images = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+    own = model.predict_on_batch(images)  # inference mode, as the teacher's logits are computed
+    for layer in model.layers:  # so that training mode gives the same logits: BatchNorm on its moving statistics
+        if isinstance(layer, tf_keras.layers.BatchNormalization):
+            layer.trainable = False
+    fitter.compile(optimizer=tf_keras.optimizers.SGD(0.1))
+    before = [w.copy() for w in model.get_weights()]
+    targets = {"label": np.zeros(8, np.int64), "teacher_logits": own}
+    logs = fitter.train_on_batch(images, targets, sample_weight=np.ones(8, np.float32), return_dict=True)
+    assert logs["distill"] == pytest.approx(0.0, abs=1e-5)
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    other = {"label": np.zeros(8, np.int64), "teacher_logits": np.tile(np.float32([[5.0, -5.0, 0.0]]), (8, 1))}
+    logs = fitter.train_on_batch(images, other, sample_weight=np.ones(8, np.float32), return_dict=True)
+    assert logs["distill"] > 0.1
+    assert not np.allclose(before[-2], model.get_weights()[-2])  # the logits layer moved towards the teacher
+
+
 def test_weight_average_follows_the_network_early_and_averages_its_last_steps_late() -> None:
     from wbc_batch.training.recipe import WeightAverage, average_decay
 
@@ -328,18 +379,21 @@ def test_fine_tuning_keeps_the_earlier_models_held_out_images_out_of_training() 
     assert training.keep_earlier_split(fresh, None) == fresh
 
 
+def _one_epoch_at_32px(data: Path, model_out: Path, **settings: Any) -> dict[str, Any]:
+    """One worker, one epoch of a 32 px network on ``data``: a run that differs from the fixture's by ``settings``."""
+    return training.run_training(training.TrainConfig(
+        data_uri=str(data), model_out=str(model_out), workers=1, epochs=1, image_size=32, batch_size=16,
+        storage_path=str(model_out.parent / f"{model_out.name}-checkpoints"), **settings,
+    ))
+
+
 @pytest.mark.slow
 def test_fine_tuning_starts_from_the_given_model(
     trained: dict[str, Any], data_with_junk: Path, tmp_path: Path
 ) -> None:
     """--init-from loads the artifact's weights: at learning rate 0 the trainable weights come out unchanged."""
-    summary = training.run_training(
-        training.TrainConfig(
-            data_uri=str(data_with_junk), model_out=str(tmp_path / "tuned"), workers=1, epochs=1, image_size=32,
-            batch_size=16, learning_rate=0.0, init_from=trained["model_out"], class_weight_factors={"non_wbc": 2.0},
-            storage_path=str(tmp_path / "checkpoints"), version="0.0.2-test",
-        )
-    )
+    summary = _one_epoch_at_32px(data_with_junk, tmp_path / "tuned", version="0.0.2-test", learning_rate=0.0,
+                                 init_from=trained["model_out"], class_weight_factors={"non_wbc": 2.0})
     before, after = load_artifact(trained["model_out"]), load_artifact(summary["model_out"])
     for a, b in zip(before.model.trainable_weights, after.model.trainable_weights):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -350,6 +404,41 @@ def test_fine_tuning_starts_from_the_given_model(
     assert weights["ig"] == pytest.approx(balanced["ig"], abs=1e-4)
     assert "fine-tuned from 0.0.1-test" in after.meta.changelog[0]
     assert (Path(summary["model_out"]) / SPLIT_FILE).read_text() == (Path(trained["model_out"]) / SPLIT_FILE).read_text()
+
+
+@pytest.mark.slow
+def test_teacher_logits_are_the_teachers_answer_for_each_training_image(trained: dict[str, Any]) -> None:
+    import ray
+
+    from wbc_batch.training.evaluation import predict_logits
+    from wbc_batch.training.teacher import TEACHER_COLUMN, load_teacher, with_teacher_logits
+
+    images = np.random.default_rng(1).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    ds = ray.data.from_items([{"image": im, "label_index": i % 7} for i, im in enumerate(images)])
+    rows = with_teacher_logits(ds, trained["model_out"], CLASSES, 32).take_all()
+    teacher = load_artifact(trained["model_out"]).model
+    got = np.stack([r[TEACHER_COLUMN] for r in rows])
+    want = predict_logits(teacher, np.stack([r["image"] for r in rows]))
+    assert got.shape == (40, 7)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(training.TrainingError, match="--distill-from model has classes"):  # the driver's check
+        load_teacher(trained["model_out"], CLASSES[:6], 32)
+    with pytest.raises(training.TrainingError, match="takes 32 px images, this run 64 px"):
+        load_teacher(trained["model_out"], CLASSES, 64)
+
+
+@pytest.mark.slow
+def test_training_with_a_teacher_records_it_and_its_term(
+    trained: dict[str, Any], data_with_junk: Path, tmp_path: Path
+) -> None:
+    summary = _one_epoch_at_32px(data_with_junk, tmp_path / "student", version="0.0.3-test", augment="light",
+                                 distill_from=trained["model_out"], distill_weight=0.7, distill_temperature=3.0)
+    teacher, student = load_artifact(trained["model_out"]), load_artifact(summary["model_out"])
+    kd = student.meta.training["distillation"]
+    assert kd["digest"] == teacher.digest and kd["version"] == "0.0.1-test"
+    assert (kd["weight"], kd["temperature"]) == (0.7, 3.0)
+    assert np.isfinite(summary["final_epoch"]["distill"]) and summary["final_epoch"]["distill"] >= 0
+    assert "kd" not in trained["run_name"] and summary["run_name"] != trained["run_name"]
 
 
 @pytest.mark.slow

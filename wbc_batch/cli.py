@@ -352,6 +352,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-average", metavar="DECAY", type=float, default=0.0,
                    help="keep an exponential moving average of the weights (decay per step) and write it as the "
                         "model: 0 = off, the default; 0.998 averages over about the last 500 steps")
+    p.add_argument("--distill-from", metavar="TEACHER", default=None,
+                   help="also learn from this artifact's answers (same classes and image size): its logits of each "
+                        "training image, softened, join the loss; default: none")
+    p.add_argument("--distill-weight", type=float, default=0.5,
+                   help="share of the loss that is distillation, with --distill-from (default 0.5)")
+    p.add_argument("--distill-temperature", type=float, default=4.0,
+                   help="temperature that softens teacher and student alike, with --distill-from (default 4)")
     p.add_argument("--init-from", metavar="MODEL", default=None,
                    help="start from this artifact's weights (fine-tuning; same classes and image size); images it "
                         "held out for validation or test stay held out")

@@ -46,7 +46,7 @@ from wbc_batch.training.evaluation import (
     predict_embeddings,
     predict_logits,
 )
-from wbc_batch.training.loss import on_cell_model, outside_share
+from wbc_batch.training.loss import distillation, outside_share, recipe_model
 from wbc_batch.training.publishing import publish
 from wbc_batch.training.recipe import balanced_class_weights, scaled_class_weights
 from wbc_batch.training.worker import train_loop_per_worker, weights_sha256
@@ -54,9 +54,9 @@ from wbc_batch.training.worker import train_loop_per_worker, weights_sha256
 __all__ = [
     "AUGMENT", "AUGMENT_PRESETS", "AVERAGE_FILE", "AugmentSpec", "LIGHT", "MATURE_CLASSES", "OPTIMIZER_FILE", "STATE_FILE",
     "TrainConfig", "TrainingError", "WEIGHTS_FILE", "augment", "balanced_class_weights", "calibrate",
-    "calibration_from_val", "cell_grid", "collect_logits", "data_fingerprint", "evaluate", "fit_ood_statistics",
-    "format_summary", "initial_weights", "keep_earlier_split", "list_labelled_files", "on_cell_model",
-    "outside_share", "predict_embeddings", "predict_logits", "preset", "publish", "read_split_csv",
+    "calibration_from_val", "cell_grid", "collect_logits", "data_fingerprint", "distillation", "evaluate", "fit_ood_statistics",
+    "format_summary", "initial_weights", "keep_earlier_split", "list_labelled_files",
+    "outside_share", "predict_embeddings", "predict_logits", "preset", "publish", "read_split_csv", "recipe_model",
     "resolve_precision", "run_training", "scaled_class_weights", "split_csv_text", "train_loop_per_worker",
     "weights_sha256",
 ]

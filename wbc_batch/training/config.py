@@ -86,6 +86,9 @@ class TrainConfig:
     label_smoothing: float = 0.0
     weight_average: float = 0.0
     init_from: str | None = None
+    distill_from: str | None = None  # a teacher artifact whose logits of each training image join the loss
+    distill_weight: float = 0.5
+    distill_temperature: float = 4.0
     precision: str = "auto"
     input_norm: str = "rescale"
     augment: str = "strong"
@@ -113,6 +116,10 @@ class TrainConfig:
             raise ValueError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0 <= self.weight_average < 1:
             raise ValueError(f"weight average decay must be in [0, 1), got {self.weight_average}")
+        if not 0 < self.distill_weight <= 1:
+            raise ValueError(f"distillation weight must be in (0, 1], got {self.distill_weight}")
+        if not self.distill_temperature > 0:
+            raise ValueError(f"distillation temperature must be > 0, got {self.distill_temperature}")
         for name, factor in self.class_weight_factors.items():
             if factor <= 0:
                 raise ValueError(f"class weight factor of {name} must be > 0, got {factor}")
@@ -139,6 +146,9 @@ class TrainConfig:
             label_smoothing=args.label_smoothing,
             weight_average=args.weight_average,
             init_from=args.init_from,
+            distill_from=args.distill_from,
+            distill_weight=args.distill_weight,
+            distill_temperature=args.distill_temperature,
             precision=args.precision,
             input_norm=args.input_norm,
             augment=args.augment,

@@ -55,6 +55,7 @@ from wbc_batch.training.data import (
 from wbc_batch.training.evaluation import calibration_from_val, fit_ood_statistics, predict_logits
 from wbc_batch.training.publishing import publish
 from wbc_batch.training.recipe import balanced_class_weights, scaled_class_weights
+from wbc_batch.training.teacher import load_teacher, with_teacher_logits
 from wbc_batch.training.worker import load_arrays, train_loop_per_worker
 
 log = logging.getLogger("wbc_batch.training")
@@ -123,6 +124,22 @@ def initial_weights(config: TrainConfig, classes: list[str]) -> tuple[list[np.nd
     return [np.asarray(w) for w in artifact.model.get_weights()], origin
 
 
+def held_out_by_parents(config: TrainConfig) -> dict[str, str] | None:
+    """The splits of the models this run learns from (``--init-from``, ``--distill-from``); held out wins.
+
+    Why the teacher's too: the student is compared with its teacher on the
+    teacher's validation and test images, so it must not train on them
+    either; when the splits agree (one dataset, hashed the same way) this
+    changes nothing.
+    """
+    merged: dict[str, str] = {}
+    for parent in (config.init_from, config.distill_from):
+        for sha, split in ((read_split_csv(parent) or {}) if parent else {}).items():
+            if merged.get(sha) not in ("val", "test"):
+                merged[sha] = split
+    return merged or None
+
+
 def _run_name(config: TrainConfig, fingerprint: str) -> str:
     """Same data and settings give the same name, so re-running a killed job resumes it."""
     c = config
@@ -132,6 +149,7 @@ def _run_name(config: TrainConfig, fingerprint: str) -> str:
                   sorted(c.class_weight_factors.items()), c.init_from, c.weight_decay, c.precision, c.input_norm, c.augment)
         + ((c.label_smoothing,) if c.label_smoothing else ())  # runs without these keep their names (resume)
         + ((f"avg{c.weight_average}",) if c.weight_average else ())
+        + ((f"kd{c.distill_from}:{c.distill_weight}:{c.distill_temperature}",) if c.distill_from else ())
     )
     return config.run_name or f"wbc-train-{fingerprint[:12]}-{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
 
@@ -226,7 +244,7 @@ def fit_on_ray(
     train_loop: Callable[[dict[str, Any]], None] = train_loop_per_worker,
 ) -> FitResult:
     """Run the Ray Train job over ``train_ds`` (columns ``image``, ``label_index``, optional
-    ``cell_grid`` and ``sample_weight``) and read back its last checkpoint.
+    ``cell_grid``, ``sample_weight`` and ``teacher_logits``) and read back its last checkpoint.
 
     ``train_loop`` is the worker body; callers other than the tests keep the default.
     """
@@ -249,6 +267,8 @@ def fit_on_ray(
             "on_cell_weight": config.on_cell_weight,
             "label_smoothing": config.label_smoothing,
             "weight_average": config.weight_average,
+            "distill_weight": config.distill_weight if config.distill_from else 0.0,
+            "distill_temperature": config.distill_temperature,
             "initial_weights": init_weights,
             "precision": precision,
             "input_norm": config.input_norm,
@@ -305,11 +325,16 @@ def run_training(
 
     t_start, revision = time.time(), source_revision()
     _ensure_ray(config.ray_address)
-    data = prepare_data(config, read_split_csv(config.init_from) if config.init_from else None)
+    data = prepare_data(config, held_out_by_parents(config))
     classes: list[str] = data["classes"]
     init_weights, init_origin = initial_weights(config, classes)
     train_ds = data["labelled"].map_batches(only_split, fn_kwargs={"split": "train"}, batch_format="numpy")
     train_ds = train_ds.materialize()
+    distill_origin: dict[str, Any] = {}
+    if config.distill_from:
+        distill_origin = {**load_teacher(config.distill_from, classes, config.image_size)[1],
+                          "weight": config.distill_weight, "temperature": config.distill_temperature}
+        train_ds = with_teacher_logits(train_ds, config.distill_from, classes, config.image_size)
     class_weights = scaled_class_weights(
         classes, balanced_class_weights([data["train_label_counts"][c] for c in classes]), config.class_weight_factors
     )
@@ -342,6 +367,7 @@ def run_training(
         "label_smoothing": config.label_smoothing,
         "weight_average": config.weight_average,
         **({"init_from": init_origin} if init_origin else {}),
+        **({"distillation": distill_origin} if distill_origin else {}),
     }, init_origin)
     test_report = _test_report(model, data, meta)
     meta.metrics = {"split": "test", **test_report, "calibration": calibration} if test_report else {

@@ -1,4 +1,9 @@
-"""The on-cell loss term: class evidence outside the segmented cell costs."""
+"""The training loss: cross-entropy (optionally smoothed), the on-cell term and distillation from a teacher.
+
+The on-cell term makes class evidence outside the segmented cell cost; the
+distillation term pulls the network's softened class probabilities towards a
+teacher's, precomputed for each training image.
+"""
 
 from __future__ import annotations
 
@@ -34,30 +39,52 @@ def cross_entropy(tf: Any, labels: Any, logits: Any, smoothing: float = 0.0) -> 
     return (1.0 - smoothing) * nll - smoothing * tf.reduce_mean(logp, axis=-1)
 
 
-def on_cell_model(tf_keras: Any, classifier: Any, cam_layer: str, logits_layer: str, weight: float,
-                  label_smoothing: float = 0.0) -> Any:
-    """Wrap a classifier so ``fit`` adds the on-cell term to the loss.
+def distillation(tf: Any, teacher_logits: Any, logits: Any, temperature: float) -> Any:
+    """(B,) Kullback-Leibler divergence of the student's softened probabilities from the teacher's, times T^2.
 
-    Why: with global average pooling before one dense layer, the map
-    ``relu(A @ w_c)`` on the last stage is exactly each location's
+    Why softened: at ``temperature`` T > 1 the teacher's probabilities of the
+    wrong classes (how much an ig looks like a neutrophil, a large lymphocyte
+    like a monocyte) become large enough to learn from; that is what a hard
+    label cannot say. The T^2 factor keeps the term's gradients on the scale
+    of the cross-entropy's whatever T is (Hinton et al., 2015).
+    """
+    t = float(temperature)
+    teacher = tf.nn.log_softmax(tf.cast(teacher_logits, tf.float32) / t)
+    student = tf.nn.log_softmax(tf.cast(logits, tf.float32) / t)
+    return tf.reduce_sum(tf.exp(teacher) * (teacher - student), axis=-1) * (t * t)
+
+
+def recipe_model(tf_keras: Any, classifier: Any, cam_layer: str, logits_layer: str, on_cell_weight: float,
+                 label_smoothing: float = 0.0, distill_weight: float = 0.0, distill_temperature: float = 1.0) -> Any:
+    """Wrap a classifier so ``fit`` trains it on the recipe's loss.
+
+    Per image: ``(1 - distill_weight) * cross_entropy + distill_weight *
+    distillation``, weighted by the image's sample weight, plus
+    ``on_cell_weight`` times the batch's mean on-cell share.
+
+    Why the on-cell term: with global average pooling before one dense layer,
+    the map ``relu(A @ w_c)`` on the last stage is exactly each location's
     contribution to the logit of ``c`` (what Grad-CAM shows). The term is the
     share of the true class's map outside the segmented cell, so the network
     learns to take its evidence from the cell rather than its surroundings
     (docs/EXPLANATIONS.md; the shipped model trains with it at weight 1.0).
-    The wrapper shares the classifier's variables; data are
-    ``(image, (label, cell_grid), sample_weight)``.
+
+    The wrapper shares the classifier's variables; data are ``(image, targets,
+    sample_weight)`` with ``targets`` a dict: ``label`` always, ``cell_grid``
+    when ``on_cell_weight > 0``, ``teacher_logits`` when ``distill_weight > 0``.
     """
     import tensorflow as tf
 
     view = tf_keras.Model(classifier.inputs, [classifier.get_layer(cam_layer).output, classifier.output])
     dense = classifier.get_layer(logits_layer)
 
-    class OnCell(tf_keras.Model):
+    class RecipeModel(tf_keras.Model):
         def __init__(self) -> None:
             super().__init__()
             self.classifier = classifier
             self.loss_tracker = tf_keras.metrics.Mean(name="loss")
             self.outside_tracker = tf_keras.metrics.Mean(name="outside")
+            self.distill_tracker = tf_keras.metrics.Mean(name="distill")
             self.acc = tf_keras.metrics.SparseCategoricalAccuracy(name="accuracy")
 
         def call(self, inputs: Any, training: bool = False) -> Any:
@@ -65,23 +92,33 @@ def on_cell_model(tf_keras: Any, classifier: Any, cam_layer: str, logits_layer: 
 
         @property
         def metrics(self) -> list[Any]:
-            return [self.loss_tracker, self.outside_tracker, self.acc]
+            tracked = [self.loss_tracker, self.acc]
+            tracked += [self.outside_tracker] if on_cell_weight > 0 else []
+            return tracked + ([self.distill_tracker] if distill_weight > 0 else [])
 
         def train_step(self, data: Any) -> dict[str, Any]:
-            images, (labels, cells), weights = data
+            images, targets, weights = data
+            labels = targets["label"]
             with tf.GradientTape() as tape:
                 feats, logits = view(images, training=True)
                 per_image = cross_entropy(tf, labels, logits, label_smoothing)
-                ce = tf.reduce_sum(per_image * weights) / tf.maximum(tf.reduce_sum(weights), 1e-6)
-                outside = tf.reduce_mean(outside_share(tf, feats, dense.kernel, labels, cells))
-                loss = ce + weight * outside
+                if distill_weight > 0:
+                    kd = distillation(tf, targets["teacher_logits"], logits, distill_temperature)
+                    per_image = (1.0 - distill_weight) * per_image + distill_weight * kd
+                loss = tf.reduce_sum(per_image * weights) / tf.maximum(tf.reduce_sum(weights), 1e-6)
+                if on_cell_weight > 0:
+                    outside = tf.reduce_mean(outside_share(tf, feats, dense.kernel, labels, targets["cell_grid"]))
+                    loss = loss + on_cell_weight * outside
                 # MirroredStrategy sums gradients over replicas: scale as Keras does for its own losses
                 scaled = loss / tf.distribute.get_strategy().num_replicas_in_sync
             grads = tape.gradient(scaled, classifier.trainable_variables)
             self.optimizer.apply_gradients(zip(grads, classifier.trainable_variables))
             self.loss_tracker.update_state(loss)
-            self.outside_tracker.update_state(outside)
             self.acc.update_state(labels, logits)
+            if on_cell_weight > 0:
+                self.outside_tracker.update_state(outside)
+            if distill_weight > 0:
+                self.distill_tracker.update_state(tf.reduce_mean(kd))
             return {m.name: m.result() for m in self.metrics}
 
-    return OnCell()
+    return RecipeModel()

@@ -28,7 +28,7 @@ from wbc_batch.training.config import (
     WEIGHTS_FILE,
     TrainingError,
 )
-from wbc_batch.training.loss import cross_entropy, on_cell_model
+from wbc_batch.training.loss import cross_entropy, recipe_model
 
 
 def weights_sha256(arrays: list[np.ndarray]) -> str:
@@ -40,10 +40,11 @@ def weights_sha256(arrays: list[np.ndarray]) -> str:
 
 
 def _load_shard(shard: Any) -> dict[str, np.ndarray]:
-    """This worker's shard as arrays: ``image``, ``label_index`` and, when present, ``cell_grid``, ``sample_weight``."""
+    """This worker's shard as arrays: ``image``, ``label_index`` and, when present, ``cell_grid``,
+    ``sample_weight`` and ``teacher_logits``."""
     parts: dict[str, list[np.ndarray]] = {}
     for batch in shard.iter_batches(batch_size=256, batch_format="numpy"):
-        for key in ("image", "label_index", "cell_grid", "sample_weight"):
+        for key in ("image", "label_index", "cell_grid", "sample_weight", "teacher_logits"):
             if key in batch:
                 parts.setdefault(key, []).append(batch[key])
     if not parts.get("image"):
@@ -93,10 +94,14 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     on_cell = float(cfg.get("on_cell_weight", 0.0))
     if on_cell > 0 and shard.get("cell_grid") is None:
         raise TrainingError("the on-cell loss needs cell grids in the training data")
+    distill = float(cfg.get("distill_weight", 0.0))
+    if distill > 0 and shard.get("teacher_logits") is None:
+        raise TrainingError("distillation needs the teacher's logits in the training data")
     steps, epochs = int(cfg["steps_per_epoch"]), int(cfg["epochs"])
 
     def dataset_fn_for(epoch: int) -> Any:
-        return _augmented_dataset_fn(tf, shard, cfg, rank, threads, with_cells=on_cell > 0, epoch=epoch)
+        return _augmented_dataset_fn(tf, shard, cfg, rank, threads, with_cells=on_cell > 0, epoch=epoch,
+                                     with_teacher=distill > 0)
 
     with strategy.scope():
         model = build_classifier(tf_keras, int(cfg["num_classes"]), image_size=int(cfg["image_size"]),
@@ -106,7 +111,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         optimizer = recipe.make_optimizer(
             tf_keras, float(cfg["learning_rate"]), float(cfg["weight_decay"]), epochs, steps
         )
-        fitter = _compiled_fitter(tf_keras, model, optimizer, on_cell, float(cfg.get("label_smoothing", 0.0)))
+        fitter = _compiled_fitter(tf_keras, model, optimizer, on_cell, float(cfg.get("label_smoothing", 0.0)),
+                                  distill, float(cfg.get("distill_temperature", 1.0)))
         optimizer.build(model.trainable_variables)
         if cfg.get("initial_weights") is not None:  # fine-tuning (--init-from); a checkpoint below overrides it
             model.set_weights(list(cfg["initial_weights"]))
@@ -137,6 +143,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         }
         if "outside" in hist.history:  # the on-cell term: share of the true class's evidence outside the cell
             epoch_metrics["outside_share"] = float(hist.history["outside"][-1])
+        if "distill" in hist.history:  # the distillation term: divergence from the teacher, times T^2
+            epoch_metrics["distill"] = float(hist.history["distill"][-1])
         if average is not None:
             epoch_metrics["average_sha256"] = weights_sha256(average.values)
         _report_epoch(epoch_metrics, rank, weights, opt_state, None if average is None else average.values)
@@ -166,12 +174,15 @@ def shuffle_seed(seed: int, rank: int, epoch: int) -> int:
 
 
 def _augmented_dataset_fn(tf: Any, shard: dict[str, np.ndarray], cfg: dict[str, Any], rank: int, threads: int,
-                          with_cells: bool, epoch: int = 0) -> Any:
+                          with_cells: bool, epoch: int = 0, with_teacher: bool = False) -> Any:
     """The ``DatasetCreator`` function of one epoch: this worker's shard, shuffled, augmented and batched per replica.
 
     Per-image weights come from the driver when it sets them (adapt: lab
     share x class balance), else from the class rule. With the on-cell loss
-    each element carries its cell grid, moved with the same geometry.
+    each element carries its cell grid, moved with the same geometry; with
+    distillation, the teacher's logits of the un-augmented image (the
+    augmentation changes neither the class nor, for a teacher trained on
+    the same rotations and flips, its answer).
     """
     x, y = shard["image"], shard["label_index"].astype(np.int64)
     w = shard.get("sample_weight")
@@ -181,15 +192,27 @@ def _augmented_dataset_fn(tf: Any, shard: dict[str, np.ndarray], cfg: dict[str, 
     global_batch, seed = int(cfg["batch_size"]), int(cfg["seed"])
     spec = preset(str(cfg.get("augment", "strong")))
 
-    def view(im: Any, lab: Any, wt: Any, *cell: Any) -> Any:
-        if not cell:
+    wrapped = with_cells or with_teacher  # the recipe wrapper reads a dict of targets
+
+    def view(im: Any, lab: Any, wt: Any, extra: dict[str, Any]) -> Any:
+        if not wrapped:
             return augment(tf, tf.cast(im, tf.float32), spec=spec), lab, wt
-        im, grid = augment(tf, tf.cast(im, tf.float32), mask=cell[0], spec=spec)
-        return im, (lab, grid), wt  # the on-cell wrapper reads (label, cell grid)
+        targets = {"label": lab}
+        if with_cells:
+            im, targets["cell_grid"] = augment(tf, tf.cast(im, tf.float32), mask=extra["cell_grid"], spec=spec)
+        else:
+            im = augment(tf, tf.cast(im, tf.float32), spec=spec)
+        if with_teacher:
+            targets["teacher_logits"] = extra["teacher_logits"]
+        return im, targets, wt
+
+    extra = {k: shard[k] for k, on in (("cell_grid", with_cells), ("teacher_logits", with_teacher)) if on}
+    if not extra:
+        extra = {"none": np.zeros(len(x), np.int8)}  # from_tensor_slices needs a non-empty structure
 
     def dataset_fn(input_context: Any) -> Any:
         per_replica = input_context.get_per_replica_batch_size(global_batch)
-        ds = tf.data.Dataset.from_tensor_slices((x, y, w, shard["cell_grid"]) if with_cells else (x, y, w))
+        ds = tf.data.Dataset.from_tensor_slices((x, y, w, extra))
         ds = ds.shuffle(len(x), seed=shuffle_seed(seed, rank, epoch), reshuffle_each_iteration=True).repeat()
         ds = ds.map(view, num_parallel_calls=threads)
         ds = ds.batch(per_replica, drop_remainder=True).prefetch(2)
@@ -200,12 +223,15 @@ def _augmented_dataset_fn(tf: Any, shard: dict[str, np.ndarray], cfg: dict[str, 
     return dataset_fn
 
 
-def _compiled_fitter(tf_keras: Any, model: Any, optimizer: Any, on_cell: float, smoothing: float = 0.0) -> Any:
-    """What ``fit`` runs: the model with the on-cell loss wrapper, or the model with weighted cross-entropy alone."""
-    if on_cell > 0:
+def _compiled_fitter(tf_keras: Any, model: Any, optimizer: Any, on_cell: float, smoothing: float = 0.0,
+                     distill: float = 0.0, temperature: float = 1.0) -> Any:
+    """What ``fit`` runs: the recipe's loss wrapper (on-cell term, distillation), or the model with weighted
+    cross-entropy alone."""
+    if on_cell > 0 or distill > 0:
         from wbc_batch.architecture import CAM_LAYER, LOGITS_LAYER
 
-        fitter = on_cell_model(tf_keras, model, CAM_LAYER, LOGITS_LAYER, on_cell, label_smoothing=smoothing)
+        fitter = recipe_model(tf_keras, model, CAM_LAYER, LOGITS_LAYER, on_cell, label_smoothing=smoothing,
+                              distill_weight=distill, distill_temperature=temperature)
         fitter.compile(optimizer=optimizer)
         return fitter
     import tensorflow as tf
