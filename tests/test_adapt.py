@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import cv2
@@ -152,6 +153,45 @@ def test_adapt_measures_a_lab_at_half_the_magnification_as_half_the_size(samples
     assert 0.4 <= scale["ratio"] <= 0.6, scale
     assert set(scale["per_class"]) == set(LAB_CLASSES)
     assert lab_scale(replay, replay, classes)["ratio"] == 1.0  # the same lab
+
+
+def test_replay_distillation_marks_the_replayed_rows_only(ray_local: None) -> None:
+    from wbc_batch.training.adapt import _mixed_dataset
+
+    new = {"image": np.zeros((2, 4, 4, 3), np.uint8), "label_index": np.array([0, 1])}
+    replay = {"image": np.ones((3, 4, 4, 3), np.uint8), "label_index": np.array([0, 1, 1])}
+    teacher = np.arange(9, dtype=np.float32).reshape(3, 3)
+    rows = _mixed_dataset(new, replay, repeats=2, replay_teacher=teacher).take_all()
+    replayed = [r for r in rows if r["image"].max() == 1]
+    assert len(rows) == 7 and len(replayed) == 3
+    assert all(r["distill_mask"] == 1.0 for r in replayed)
+    assert all(r["distill_mask"] == 0.0 for r in rows if r["image"].max() == 0)
+    assert sorted(tuple(r["teacher_logits"]) for r in replayed) == sorted(tuple(t) for t in teacher)
+    assert "teacher_logits" not in _mixed_dataset(new, replay, repeats=2).take(1)[0]
+    with pytest.raises(ValueError, match="needs --replay"):
+        AdaptConfig(data_uri="d", model_out="m", replay_distill=0.5)
+
+
+@pytest.mark.slow
+def test_adapt_with_replay_distillation_records_it_and_its_term(
+    ray_local: None, synthetic_lab: dict[str, Path], samples_dir: Path, tmp_path: Path
+) -> None:
+    base = tmp_path / "base"
+    shutil.copytree(shipped_model_dir(), base)
+    # the bundled samples are the shipped model's test images; this copy calls them its training and
+    # validation images, so that --replay has cells to replay
+    rels = sorted(str(p.relative_to(samples_dir)) for p in samples_dir.rglob("*.jpg"))
+    lines = [f"{'0' * 64},{rel.split('/')[0]},{'val' if i % 4 == 0 else 'train'},{rel}" for i, rel in enumerate(rels)]
+    (base / "split.csv").write_text("sha256,label,split,uri\n" + "\n".join(lines) + "\n")
+    summary = run_adaptation(AdaptConfig(
+        data_uri=str(synthetic_lab["adapt"]), model_out=str(tmp_path / "model"), base=str(base),
+        replay_uri=str(samples_dir), replay_per_class=4, replay_distill=0.5, epochs=1, batch_size=8,
+        storage_path=str(tmp_path / "checkpoints"), version="test-lwf",
+    ))
+    assert sum(summary["replay_counts"].values()) > 0
+    assert np.isfinite(summary["final_epoch"]["distill"]) and summary["final_epoch"]["distill"] >= 0
+    info = load_artifact(summary["model_out"]).meta.training["adaptation"]
+    assert info["replay_distill"] == {"weight": 0.5, "temperature": 4.0}
 
 
 def test_dihedral_views_are_the_eight_rotations_and_flips() -> None:

@@ -254,6 +254,16 @@ def test_a_student_that_answers_as_its_teacher_gets_no_gradient_from_pure_distil
     logs = fitter.train_on_batch(images, other, sample_weight=np.ones(8, np.float32), return_dict=True)
     assert logs["distill"] > 0.1
     assert not np.allclose(before[-2], model.get_weights()[-2])  # the logits layer moved towards the teacher
+    # a zero mask (adapt's new-lab rows): the teacher's logits are not taught, the label alone is
+    import tensorflow as tf
+
+    from wbc_batch.training.loss import cross_entropy
+
+    labels = np.arange(8) % 3
+    plain = float(tf.reduce_mean(cross_entropy(tf, labels, model.predict_on_batch(images))))
+    masked = {**other, "label": labels, "distill_mask": np.zeros(8, np.float32)}
+    logs = fitter.train_on_batch(images, masked, sample_weight=np.ones(8, np.float32), return_dict=True)
+    assert logs["loss"] == pytest.approx(plain, rel=1e-4)
 
 
 def test_weight_average_follows_the_network_early_and_averages_its_last_steps_late() -> None:

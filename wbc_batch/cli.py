@@ -446,6 +446,10 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="global batch size (default 32)")
     p.add_argument("--freeze-norm", action="store_true",
                    help="keep the base's BatchNormalization statistics (layers in inference mode)")
+    p.add_argument("--replay-distill", metavar="W", type=float, default=0.0,
+                   help="with --replay: share W of the replayed cells' loss is the base's own answers (its "
+                        "softened logits) instead of their labels, so the first lab keeps the base's view of "
+                        "them; 0 = off, the default")
     _augment_option(p, "light")
     p.add_argument("--lab", default=None, help="the lab's name in model.json (default: DATA's folder name)")
     p.add_argument("--version", default=None, help="version of the new artifact (default: BASE+LAB.timestamp)")
@@ -465,6 +469,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
         data_uri=args.data, model_out=args.model_out, base=args.base, replay_uri=args.replay,
         replay_per_class=args.replay_per_class, new_lab_share=args.new_lab_share, epochs=args.epochs,
         learning_rate=args.learning_rate, batch_size=args.batch_size, freeze_norm=args.freeze_norm,
+        replay_distill=args.replay_distill,
         augment=args.augment, workers=args.workers,
         cpus_per_worker=args.cpus_per_worker, use_gpu=args.use_gpu, storage_path=args.storage_path,
         ray_address=args.ray_address, version=args.version, lab=args.lab, precision=args.precision,

@@ -28,6 +28,11 @@ Why it is built this way:
   replayed cells at the new lab's scale was measured and not kept here: on
   the new lab 55.2% and 64.0% against 55.9% and 50.0%, on the first lab 1.8
   points lost (MODEL_CARD.md, "Other labs").
+* ``--replay-distill W`` also teaches the replayed cells the base's own
+  answers (its logits, softened, with share W of their loss; learning
+  without forgetting, Li and Hoiem 2016), not only their labels: the
+  first lab's cells then keep the base's view of them, ambiguities included,
+  while the new lab's cells are taught by their labels alone.
 * The OOD statistics are refitted so that the new lab is in distribution:
   the Gaussians see the replayed training cells plus the eight dihedral views
   of every new cell, and the threshold is set on the replay validation cells
@@ -76,6 +81,7 @@ class AdaptConfig:
     batch_size: int = 32
     weight_decay: float = 5e-4
     freeze_norm: bool = False
+    replay_distill: float = 0.0  # share of the replayed cells' loss that is the base's own answers (0 = labels only)
     augment: str = "light"  # PBC kept 2.5 points better than with strong, Chula the same (MODEL_CARD)
     workers: int = 1
     cpus_per_worker: float | None = None  # None: the cluster's CPUs shared by the workers (at most 8 each)
@@ -97,13 +103,17 @@ class AdaptConfig:
             raise ValueError(f"replay per class must be >= 1, got {self.replay_per_class}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if not 0.0 <= self.replay_distill <= 1.0:
+            raise ValueError(f"replay distillation must lie in [0, 1], got {self.replay_distill}")
+        if self.replay_distill and not self.replay_uri:
+            raise ValueError("--replay-distill teaches the replayed cells the base's answers: it needs --replay")
         preset(self.augment)  # an unknown preset fails here, not after the data are read
 
     def lab_name(self) -> str:
         """The lab's name in ``model.json`` (default: DATA's last folder)."""
         return self.lab or str(self.data_uri).rstrip("/").rsplit("/", 1)[-1] or "new-lab"
 
-    def train_config(self, image_size: int, cluster_cpus: float, input_norm: str) -> TrainConfig:
+    def train_config(self, image_size: int, cluster_cpus: float, input_norm: str, base_uri: str) -> TrainConfig:
         """The :class:`TrainConfig` the shared Ray Train job runs with.
 
         Why the CPU default: adaptation is a short single-worker job, and a
@@ -118,6 +128,8 @@ class AdaptConfig:
             storage_path=self.storage_path, max_failures=self.max_failures, ray_address=self.ray_address,
             seed=self.seed, precision=self.precision, command=self.command, input_norm=input_norm,
             freeze_norm=self.freeze_norm, augment=self.augment,
+            distill_from=base_uri if self.replay_distill else None,  # the base's logits come precomputed
+            distill_weight=self.replay_distill or 0.5,
         )
 
 
@@ -253,17 +265,28 @@ def lab_scale(new: dict[str, np.ndarray], replay: dict[str, np.ndarray], classes
             "per_class": {classes[k]: round(v, 3) for k, v in per_class.items()}}
 
 
-def _mixed_dataset(new: dict[str, np.ndarray], replay: dict[str, np.ndarray], repeats: int) -> Any:
-    """Replay images plus each new cell ``repeats`` times, weighted so each group's classes are balanced."""
+def _mixed_dataset(new: dict[str, np.ndarray], replay: dict[str, np.ndarray], repeats: int,
+                   replay_teacher: np.ndarray | None = None) -> Any:
+    """Replay images plus each new cell ``repeats`` times, weighted so each group's classes are balanced.
+
+    With ``replay_teacher`` (the base's logits of the replayed images) every
+    row also carries ``teacher_logits`` and ``distill_mask``: 1 on replayed
+    rows, 0 on the new lab's (whose teacher logits are zeros, never read).
+    """
     import ray
 
     x = np.concatenate([replay["image"], np.repeat(new["image"], repeats, axis=0)])
     y = np.concatenate([replay["label_index"], np.repeat(new["label_index"], repeats)])
     groups = [REPLAY] * len(replay["label_index"]) + [NEW_LAB] * (len(new["label_index"]) * repeats)
     weights = np.asarray(balanced_within_groups([int(v) for v in y], groups), np.float32)
-    return ray.data.from_items(
-        [{"image": im, "label_index": int(lab), "sample_weight": float(w)} for im, lab, w in zip(x, y, weights)]
-    ).materialize()
+    rows: list[dict[str, Any]] = [{"image": im, "label_index": int(lab), "sample_weight": float(w)}
+                                  for im, lab, w in zip(x, y, weights)]
+    if replay_teacher is not None:
+        n_new, k = len(y) - len(replay_teacher), replay_teacher.shape[1]
+        teacher = np.concatenate([replay_teacher, np.zeros((n_new, k), np.float32)]).astype(np.float32)
+        for row, logits, group in zip(rows, teacher, groups):
+            row["teacher_logits"], row["distill_mask"] = logits, float(group == REPLAY)
+    return ray.data.from_items(rows).materialize()
 
 
 def _calibrate_on_replay(model: Any, base: Any, replay_val: dict[str, np.ndarray]
@@ -330,7 +353,8 @@ def _adapted_metadata(meta: Any, config: AdaptConfig, version: str, adaptation: 
 def _run_name(config: AdaptConfig, fingerprint: str, base_sha256: str) -> str:
     """Checkpoints' name: the new cells' fingerprint and every setting, so a rerun resumes only itself."""
     settings = f"{config.epochs}-{config.learning_rate}-{config.batch_size}-{config.replay_per_class}-" \
-               f"{config.new_lab_share}-{config.seed}-{config.freeze_norm}-{config.augment}-{base_sha256}"
+               f"{config.new_lab_share}-{config.seed}-{config.freeze_norm}-{config.augment}-{base_sha256}" \
+               + (f"-kd{config.replay_distill}" if config.replay_distill else "")
     return f"wbc-adapt-{fingerprint[:12]}-{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
 
 
@@ -369,9 +393,10 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
     scale = lab_scale(new, replay_train, classes)
     log.info("new lab's cells against the replayed cells: %s", scale)
     repeats = _repeats(len(new["label_index"]), len(replay_train["label_index"]), config.new_lab_share)
-    train_ds = _mixed_dataset(new, replay_train, repeats)
+    replay_teacher = predict_logits(base.model, replay_train["image"]) if config.replay_distill else None
+    train_ds = _mixed_dataset(new, replay_train, repeats, replay_teacher)
 
-    tc = config.train_config(size, ray.cluster_resources().get("CPU", 1.0), input_norm_of(base.model))
+    tc = config.train_config(size, ray.cluster_resources().get("CPU", 1.0), input_norm_of(base.model), str(base.uri))
     precision = resolve_precision(config.precision, config.use_gpu)
     fingerprint = hashlib.sha256("".join(sorted(new["sha256"])).encode()).hexdigest()
     fit = fit_on_ray(tc, train_ds, len(classes), [1.0] * len(classes),
@@ -401,6 +426,8 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
         "epochs": config.epochs,
         "optimizer": f"AdamW lr {config.learning_rate}, weight decay {config.weight_decay}, batch {config.batch_size}",
         "batch_norm": "frozen (inference mode)" if config.freeze_norm else "trained",
+        "replay_distill": ({"weight": config.replay_distill, "temperature": tc.distill_temperature}
+                           if config.replay_distill else None),
         "augmentation": config.augment,
         "precision": precision,
         "train_seconds": round(fit.seconds, 1),

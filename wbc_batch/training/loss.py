@@ -71,7 +71,10 @@ def recipe_model(tf_keras: Any, classifier: Any, cam_layer: str, logits_layer: s
 
     The wrapper shares the classifier's variables; data are ``(image, targets,
     sample_weight)`` with ``targets`` a dict: ``label`` always, ``cell_grid``
-    when ``on_cell_weight > 0``, ``teacher_logits`` when ``distill_weight > 0``.
+    when ``on_cell_weight > 0``, ``teacher_logits`` when ``distill_weight > 0``,
+    and optionally ``distill_mask`` (1 where the teacher's answer is taught, 0
+    where only the label is: ``adapt`` distils the base's answers on the
+    replayed cells, not on the new lab's, where the base is wrong).
     """
     import tensorflow as tf
 
@@ -104,7 +107,8 @@ def recipe_model(tf_keras: Any, classifier: Any, cam_layer: str, logits_layer: s
                 per_image = cross_entropy(tf, labels, logits, label_smoothing)
                 if distill_weight > 0:
                     kd = distillation(tf, targets["teacher_logits"], logits, distill_temperature)
-                    per_image = (1.0 - distill_weight) * per_image + distill_weight * kd
+                    share = distill_weight * tf.cast(targets.get("distill_mask", 1.0), tf.float32)
+                    per_image = (1.0 - share) * per_image + share * kd
                 loss = tf.reduce_sum(per_image * weights) / tf.maximum(tf.reduce_sum(weights), 1e-6)
                 if on_cell_weight > 0:
                     outside = tf.reduce_mean(outside_share(tf, feats, dense.kernel, labels, targets["cell_grid"]))

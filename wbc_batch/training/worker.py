@@ -41,10 +41,10 @@ def weights_sha256(arrays: list[np.ndarray]) -> str:
 
 def _load_shard(shard: Any) -> dict[str, np.ndarray]:
     """This worker's shard as arrays: ``image``, ``label_index`` and, when present, ``cell_grid``,
-    ``sample_weight`` and ``teacher_logits``."""
+    ``sample_weight``, ``teacher_logits`` and ``distill_mask``."""
     parts: dict[str, list[np.ndarray]] = {}
     for batch in shard.iter_batches(batch_size=256, batch_format="numpy"):
-        for key in ("image", "label_index", "cell_grid", "sample_weight", "teacher_logits"):
+        for key in ("image", "label_index", "cell_grid", "sample_weight", "teacher_logits", "distill_mask"):
             if key in batch:
                 parts.setdefault(key, []).append(batch[key])
     if not parts.get("image"):
@@ -204,9 +204,12 @@ def _augmented_dataset_fn(tf: Any, shard: dict[str, np.ndarray], cfg: dict[str, 
             im = augment(tf, tf.cast(im, tf.float32), spec=spec)
         if with_teacher:
             targets["teacher_logits"] = extra["teacher_logits"]
+            if "distill_mask" in extra:
+                targets["distill_mask"] = extra["distill_mask"]
         return im, targets, wt
 
-    extra = {k: shard[k] for k, on in (("cell_grid", with_cells), ("teacher_logits", with_teacher)) if on}
+    wanted = (("cell_grid", with_cells), ("teacher_logits", with_teacher), ("distill_mask", with_teacher))
+    extra = {k: np.asarray(shard[k]) for k, on in wanted if on and shard.get(k) is not None}
     if not extra:
         extra = {"none": np.zeros(len(x), np.int8)}  # from_tensor_slices needs a non-empty structure
 
