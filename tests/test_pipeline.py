@@ -202,6 +202,21 @@ def test_gpu_actors_are_scheduled_on_a_declared_gpu(samples_dir: Path, tmp_path:
     assert json.loads((tmp_path / "out" / "runs" / "gpu.json").read_text())["counts"]["ok"] == 2
 
 
+def test_the_plan_lets_render_tasks_run_beside_the_model_actors(ray_local, tmp_path: Path) -> None:
+    """Ray Data's per-operator reservations held renders back until the actors finished (BENCHMARKS.md): off for
+    this plan only, never for the caller's other datasets."""
+    import ray.data
+
+    from wbc_batch.model import verify_artifact
+    from wbc_batch.pipeline import ClassifyConfig, _classify_dataset
+
+    checked = verify_artifact(None)
+    config = ClassifyConfig(input_uri=str(tmp_path), output_uri=str(tmp_path / "out"))
+    ds = _classify_dataset(config, checked.meta, ["/x/s1/a.jpg"], "run", checked.digest, (1, 0.0, 1.5))
+    assert ds.context.op_resource_reservation_enabled is False
+    assert ray.data.DataContext.get_current().op_resource_reservation_enabled is True
+
+
 @pytest.mark.slow
 def test_five_class_model_classifies_end_to_end(ray_local, small_input: Path, tmp_path: Path) -> None:
     """A model trained on the 5 mature classes only (the notebook's setting) works in classify and query."""

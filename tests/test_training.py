@@ -264,6 +264,7 @@ def test_a_student_that_answers_as_its_teacher_gets_no_gradient_from_pure_distil
     masked = {**other, "label": labels, "distill_mask": np.zeros(8, np.float32)}
     logs = fitter.train_on_batch(images, masked, sample_weight=np.ones(8, np.float32), return_dict=True)
     assert logs["loss"] == pytest.approx(plain, rel=1e-4)
+    assert logs["distill"] == 0.0  # and the reported term counts only the images taught the teacher's answer
 
 
 def test_weight_average_follows_the_network_early_and_averages_its_last_steps_late() -> None:

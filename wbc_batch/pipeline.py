@@ -536,6 +536,12 @@ def _classify_dataset(config: ClassifyConfig, meta: Any, uris: list[str], run_id
     items = [{"image_uri": u, "sample_id": sample_id_for(u, config.sample_id_regex)} for u in uris]
     blocks = max(1, min(len(items) // config.batch_size + 1, 512))
     ds: Any = ray.data.from_items(items, override_num_blocks=blocks)
+    # Ray Data's per-operator reservations split the CPUs the model actors leave over between the read and
+    # render stages; on 2 cores that held the render tasks back until the actors had nearly finished, so rows
+    # reached the driver near the end of the run. Without them the first row of a 2,500-image run came 2-75 s
+    # earlier in each of four A/B pairs; the run's total time did not move beyond the noise (BENCHMARKS.md,
+    # "Per-run fixed costs"). Set on this plan's copy of the context only.
+    ds.context.op_resource_reservation_enabled = False
     ds = ds.map_batches(partial(load_images, image_size=meta.image_size, with_quality=bool(meta.ood)),
                         batch_size=config.batch_size, num_cpus=0.5)
     ds = ds.map_batches(

@@ -107,8 +107,8 @@ def recipe_model(tf_keras: Any, classifier: Any, cam_layer: str, logits_layer: s
                 per_image = cross_entropy(tf, labels, logits, label_smoothing)
                 if distill_weight > 0:
                     kd = distillation(tf, targets["teacher_logits"], logits, distill_temperature)
-                    share = distill_weight * tf.cast(targets.get("distill_mask", 1.0), tf.float32)
-                    per_image = (1.0 - share) * per_image + share * kd
+                    taught = tf.cast(targets.get("distill_mask", tf.ones_like(kd)), tf.float32)
+                    per_image = (1.0 - distill_weight * taught) * per_image + distill_weight * taught * kd
                 loss = tf.reduce_sum(per_image * weights) / tf.maximum(tf.reduce_sum(weights), 1e-6)
                 if on_cell_weight > 0:
                     outside = tf.reduce_mean(outside_share(tf, feats, dense.kernel, labels, targets["cell_grid"]))
@@ -122,7 +122,8 @@ def recipe_model(tf_keras: Any, classifier: Any, cam_layer: str, logits_layer: s
             if on_cell_weight > 0:
                 self.outside_tracker.update_state(outside)
             if distill_weight > 0:
-                self.distill_tracker.update_state(tf.reduce_mean(kd))
+                # the mean over the images taught the teacher's answer: a masked row's teacher logits mean nothing
+                self.distill_tracker.update_state(kd, sample_weight=taught)
             return {m.name: m.result() for m in self.metrics}
 
     return RecipeModel()
