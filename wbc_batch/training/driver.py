@@ -41,7 +41,6 @@ from wbc_batch.training.config import (
     STATE_FILE,
     WEIGHTS_FILE,
     TrainConfig,
-    TrainingError,
     resolve_precision,
 )
 from wbc_batch.training.data import (
@@ -55,7 +54,7 @@ from wbc_batch.training.data import (
 from wbc_batch.training.evaluation import calibration_from_val, fit_ood_statistics, predict_logits
 from wbc_batch.training.publishing import publish
 from wbc_batch.training.recipe import balanced_class_weights, scaled_class_weights
-from wbc_batch.training.teacher import load_teacher, with_teacher_logits
+from wbc_batch.training.teacher import load_parent, load_teacher, with_teacher_logits
 from wbc_batch.training.worker import load_arrays, train_loop_per_worker
 
 log = logging.getLogger("wbc_batch.training")
@@ -108,19 +107,10 @@ def initial_weights(config: TrainConfig, classes: list[str]) -> tuple[list[np.nd
     """
     if not config.init_from:
         return None, {}
-    from wbc_batch.model import load_artifact
-
-    artifact = load_artifact(config.init_from, allow_untrusted=True)
-    meta = artifact.meta
-    if list(meta.class_names) != list(classes):
-        raise TrainingError(f"--init-from model has classes {meta.class_names}, the data has {classes}")
-    if int(meta.image_size) != config.image_size:
-        raise TrainingError(f"--init-from model takes {meta.image_size} px images, this run {config.image_size} px")
     from wbc_batch.architecture import input_norm_of
 
+    artifact, origin = load_parent(config.init_from, "--init-from", classes, config.image_size)
     config.input_norm = input_norm_of(artifact.model)  # a fine-tune keeps its parent's first layer
-    origin = {"uri": str(config.init_from), "version": meta.version, "model_sha256": meta.model_sha256,
-              "digest": artifact.digest}
     return [np.asarray(w) for w in artifact.model.get_weights()], origin
 
 

@@ -20,11 +20,11 @@ from wbc_batch.training.config import TrainingError
 TEACHER_COLUMN = "teacher_logits"
 
 
-def load_teacher(uri: str, classes: list[str], image_size: int) -> tuple[Any, dict[str, Any]]:
-    """The verified teacher artifact and its provenance for ``model.json``.
+def load_parent(uri: str, option: str, classes: list[str], image_size: int) -> tuple[Any, dict[str, Any]]:
+    """A model a run learns from (``--init-from``, ``--distill-from``), verified, and its provenance.
 
     Raises:
-        TrainingError: the teacher has other classes (or another order) or
+        TrainingError: the model has other classes (or another order) or
             another input size than the run.
     """
     from wbc_batch.model import load_artifact
@@ -32,11 +32,16 @@ def load_teacher(uri: str, classes: list[str], image_size: int) -> tuple[Any, di
     artifact = load_artifact(uri, allow_untrusted=True)
     meta = artifact.meta
     if list(meta.class_names) != list(classes):
-        raise TrainingError(f"--distill-from model has classes {meta.class_names}, the data has {classes}")
+        raise TrainingError(f"{option} model has classes {meta.class_names}, the data has {classes}")
     if int(meta.image_size) != image_size:
-        raise TrainingError(f"--distill-from model takes {meta.image_size} px images, this run {image_size} px")
+        raise TrainingError(f"{option} model takes {meta.image_size} px images, this run {image_size} px")
     origin = {"uri": str(uri), "version": meta.version, "model_sha256": meta.model_sha256, "digest": artifact.digest}
     return artifact, origin
+
+
+def load_teacher(uri: str, classes: list[str], image_size: int) -> tuple[Any, dict[str, Any]]:
+    """The verified ``--distill-from`` artifact and its provenance for ``model.json``."""
+    return load_parent(uri, "--distill-from", classes, image_size)
 
 
 class TeacherLogits:
