@@ -319,6 +319,20 @@ def test_light_preset_keeps_the_stain_and_the_cli_offers_every_preset() -> None:
         training.TrainConfig(data_uri="d", model_out="m", augment="none")
 
 
+def test_train_with_no_options_runs_the_recipe_and_a_class_weight_replaces_its_factors() -> None:
+    from wbc_batch.cli import build_parser
+    from wbc_batch.training import recipe
+
+    plain = training.TrainConfig.from_args(build_parser().parse_args(["train", "DATA", "OUT"]))
+    assert (plain.epochs, plain.batch_size, plain.augment, plain.on_cell_weight) == (75, 128, "light", 1.0)
+    assert plain.class_weight_factors == recipe.RECIPE_CLASS_WEIGHT_FACTORS == {"non_wbc": 2.0}
+    plain.class_weight_factors["non_wbc"] = 9.0  # a run's copy: the recipe itself stays as it is
+    assert recipe.RECIPE_CLASS_WEIGHT_FACTORS == {"non_wbc": 2.0}
+    given = build_parser().parse_args(["train", "DATA", "OUT", "--class-weight", "ig=1.5", "--augment", "strong"])
+    config = training.TrainConfig.from_args(given)
+    assert config.class_weight_factors == {"ig": 1.5} and config.augment == "strong"
+
+
 @pytest.mark.slow
 def test_non_images_are_skipped_with_a_warning(trained: dict[str, Any]) -> None:
     joined = "\n".join(trained["warnings"])

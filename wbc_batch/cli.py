@@ -333,20 +333,30 @@ def _augment_option(p: argparse.ArgumentParser, default: str) -> None:
                         f"rotations, flips, small zoom and tint); default {default}; see MODEL_CARD.md")
 
 
+def _factors_text(factors: dict[str, float]) -> str:
+    """``non_wbc=2`` for ``{"non_wbc": 2.0}``: class-weight factors as ``--class-weight`` takes them."""
+    return " ".join(f"{name}={factor:g}" for name, factor in factors.items()) or "none"
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
+    from wbc_batch.training import recipe
+
     p = sub.add_parser("train", help="train a classifier on Ray Train and write a model artifact",
                        description="Train on a class-folder layout (DATA/<class>/<image>), calibrate on the validation "
-                                   "split, evaluate on the test split and write the artifact to MODEL_OUT.")
+                                   "split, evaluate on the test split and write the artifact to MODEL_OUT. The "
+                                   "defaults are the job's best recipe from scratch so far (docs/TRAINING_RUNS.md).")
     p.add_argument("data", metavar="DATA", help="local folder or s3://bucket/prefix with one folder per class")
     p.add_argument("model_out", metavar="MODEL_OUT", help="local folder or s3:// prefix for the candidate artifact")
     p.add_argument("--workers", type=int, default=2, help="data-parallel training workers (default 2)")
-    p.add_argument("--epochs", type=int, default=30, help="training epochs (default 30)")
+    p.add_argument("--epochs", type=int, default=recipe.RECIPE_EPOCHS,
+                   help=f"training epochs (default {recipe.RECIPE_EPOCHS})")
     p.add_argument("--image-size", type=int, default=128, help="model input side in pixels (default 128)")
-    p.add_argument("--batch-size", type=int, default=64, help="global batch size over all workers (default 64)")
+    p.add_argument("--batch-size", type=int, default=recipe.RECIPE_BATCH_SIZE,
+                   help=f"global batch size over all workers (default {recipe.RECIPE_BATCH_SIZE})")
     p.add_argument("--learning-rate", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
-    p.add_argument("--on-cell-weight", type=float, default=0.0,
+    p.add_argument("--on-cell-weight", type=float, default=recipe.RECIPE_ON_CELL_WEIGHT,
                    help="weight of the loss term that charges class evidence outside the segmented cell "
-                        "(0 = off, the default; 1.0 made the shipped model 1.1.0 by fine-tuning, see MODEL_CARD.md)")
+                        f"(0 = off; default {recipe.RECIPE_ON_CELL_WEIGHT:g})")
     p.add_argument("--label-smoothing", type=float, default=0.0,
                    help="share of the target spread evenly over all classes (0 = off, the default; see MODEL_CARD.md)")
     p.add_argument("--weight-average", metavar="DECAY", type=float, default=0.0,
@@ -363,12 +373,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="start from this artifact's weights (fine-tuning; same classes and image size); images it "
                         "held out for validation or test stay held out")
     p.add_argument("--class-weight", metavar="CLASS=FACTOR", type=_class_weight, action="append", default=None,
-                   help="multiply the balanced weight of CLASS by FACTOR (repeatable; e.g. non_wbc=2)")
+                   help="multiply the balanced weight of CLASS by FACTOR (repeatable; given at all, it replaces the "
+                        f"default {_factors_text(recipe.RECIPE_CLASS_WEIGHT_FACTORS)})")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="AdamW weight decay (default 5e-4)")
     p.add_argument("--input-norm", choices=["rescale", "stain"], default="rescale",
                    help="first layer: rescale (divide by 255, as the shipped model) or stain (standardise each "
                         "channel of each image); --init-from keeps its model's")
-    _augment_option(p, "strong")
+    _augment_option(p, recipe.RECIPE_AUGMENT)
     p.add_argument("--seed", type=int, default=1234, help="random seed of initialisation and augmentation")
     _ray_train_options(p, cpus_default=1.0, cpus_help="(default 1)")
     p.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from (default 2)")

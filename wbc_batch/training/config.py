@@ -127,6 +127,8 @@ class TrainConfig:
     @classmethod
     def from_args(cls, args: Any) -> TrainConfig:
         """Build from the ``wbc-batch train`` namespace."""
+        from wbc_batch.training.recipe import RECIPE_CLASS_WEIGHT_FACTORS  # recipe imports this module
+
         return cls(
             data_uri=args.data,
             model_out=args.model_out,
@@ -155,7 +157,8 @@ class TrainConfig:
             command=getattr(args, "command_line", ""),
             weight_decay=args.weight_decay,
             seed=args.seed,
-            class_weight_factors=dict(args.class_weight or {}),
+            # no --class-weight at all: the recipe's factors; any given replace them
+            class_weight_factors=dict(RECIPE_CLASS_WEIGHT_FACTORS if args.class_weight is None else args.class_weight),
         )
 
     def checkpoint_root(self) -> str:
