@@ -333,11 +333,6 @@ def _augment_option(p: argparse.ArgumentParser, default: str) -> None:
                         f"rotations, flips, small zoom and tint); default {default}; see MODEL_CARD.md")
 
 
-def _factors_text(factors: dict[str, float]) -> str:
-    """``non_wbc=2`` for ``{"non_wbc": 2.0}``: class-weight factors as ``--class-weight`` takes them."""
-    return " ".join(f"{name}={factor:g}" for name, factor in factors.items()) or "none"
-
-
 def _add_train(sub: argparse._SubParsersAction) -> None:
     from wbc_batch.training import recipe
 
@@ -374,7 +369,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "held out for validation or test stay held out")
     p.add_argument("--class-weight", metavar="CLASS=FACTOR", type=_class_weight, action="append", default=None,
                    help="multiply the balanced weight of CLASS by FACTOR (repeatable; given at all, it replaces the "
-                        f"default {_factors_text(recipe.RECIPE_CLASS_WEIGHT_FACTORS)})")
+                        "default " + " ".join(f"{c}={f:g}" for c, f in recipe.RECIPE_CLASS_WEIGHT_FACTORS.items()) + ")")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="AdamW weight decay (default 5e-4)")
     p.add_argument("--input-norm", choices=["rescale", "stain"], default="rescale",
                    help="first layer: rescale (divide by 255, as the shipped model) or stain (standardise each "
