@@ -13,8 +13,10 @@ from wbc_batch.explain import GradCam
 from wbc_batch.faithfulness import (
     RETENTION_PERCENTS,
     deletion_insertion,
+    faithfulness_records,
     faithfulness_summary,
     pixel_ranks,
+    summarise_faithfulness,
 )
 from wbc_batch.geometry import model_inputs
 
@@ -54,6 +56,27 @@ def test_summary_beats_random_and_is_json(explained) -> None:
     for name in ("gradcam", "random"):
         curve = summary["deletion_curve"][name]
         assert len(curve) == 9 and all(0.0 <= v <= 1.0 for v in curve)
+
+
+def test_an_image_record_does_not_depend_on_its_batch_and_records_join_into_the_summary(explained) -> None:
+    """Classify measures its sample a few images per actor batch; the driver joins the records."""
+    art, images, cb = explained
+    t = art.meta.temperature
+    together = faithfulness_records(art.model, images[:3], cb.cams[:3], cb.targets[:3], t, [0, 1, 2], steps=4)
+    alone = faithfulness_records(art.model, images[2:3], cb.cams[2:3], cb.targets[2:3], t, [2], steps=4)
+    assert json.loads(json.dumps(together)) == together  # they travel as JSON in the result batches
+    for key in ("deletion_auc", "insertion_auc"):
+        for name in ("gradcam", "random"):
+            assert together[2][key][name] == pytest.approx(alone[0][key][name], abs=1e-5)
+    assert together[2]["retention"]["random"]["kept"] == alone[0]["retention"]["random"]["kept"]
+    joined = summarise_faithfulness(together[:2] + alone, t, 0, 4)
+    whole = faithfulness_summary(art.model, images[:3], cb.cams[:3], cb.targets[:3], t, seed=0, steps=4)
+    assert joined["n_images"] == 3
+    assert joined["deletion_auc"] == pytest.approx(whole["deletion_auc"], abs=1e-4)
+    for column in ("accuracy", "probability"):
+        assert joined["retention"]["gradcam"][column] == pytest.approx(whole["retention"]["gradcam"][column], abs=1e-4)
+    with pytest.raises(ValueError, match="one seed per image"):
+        faithfulness_records(art.model, images[:2], cb.cams[:2], cb.targets[:2], t, [0])
 
 
 def test_curve_endpoints_are_the_full_and_the_baseline_image(explained) -> None:

@@ -186,6 +186,41 @@ print(json.dumps(m["resources"]))
 """
 
 
+DRIVER_SCRIPT = """
+import json, sys, ray
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+from wbc_batch.pipeline import ClassifyConfig, run_classify
+m = run_classify(ClassifyConfig(input_uri=sys.argv[1], output_uri=sys.argv[2], run_id="lean", batch_size=2,
+                                faithfulness_sample=3))
+print(json.dumps({"tensorflow": "tensorflow" in sys.modules, "keras": "keras" in sys.modules,
+                  "faithfulness": m["faithfulness"]}))
+"""
+
+
+@pytest.mark.slow
+def test_the_driver_never_imports_tensorflow_and_the_actors_measure_the_first_listed_images(
+        samples_dir: Path, tmp_path: Path) -> None:
+    """The model runs in the actors only (#18: TensorFlow's import and a second model load cost the driver
+    about 3 s of CPU before the first row); the faithfulness sample is the listing's first images that
+    decode, whatever block reaches the driver first."""
+    src = tmp_path / "in" / "s1"
+    src.mkdir(parents=True)
+    picks = [sorted((samples_dir / c).iterdir())[0] for c in ("basophil", "eosinophil", "lymphocyte", "monocyte")]
+    (src / "a-corrupt.jpg").write_bytes(b"not a jpeg")  # first in the listing: left out of the sample
+    for i, p in enumerate(picks):
+        shutil.copy(p, src / f"b{i}-{p.name}")
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", DRIVER_SCRIPT, str(tmp_path / "in"), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["tensorflow"] is False and got["keras"] is False
+    faithfulness = got["faithfulness"]
+    listed = sorted(str(p) for p in src.iterdir())
+    assert faithfulness["image_uris"] == listed[1:3] and faithfulness["n_images"] == 2
+    assert faithfulness["deletion_auc"]["gradcam"] < faithfulness["deletion_auc"]["random"]
+
+
 @pytest.mark.slow
 def test_gpu_actors_are_scheduled_on_a_declared_gpu(samples_dir: Path, tmp_path: Path) -> None:
     """Prove the GPU scheduling path on CPU: a local Ray that declares one GPU."""
@@ -212,7 +247,9 @@ def test_the_plan_lets_render_tasks_run_beside_the_model_actors(ray_local, tmp_p
 
     checked = verify_artifact(None)
     config = ClassifyConfig(input_uri=str(tmp_path), output_uri=str(tmp_path / "out"))
-    ds = _classify_dataset(config, checked.meta, ["/x/s1/a.jpg"], "run", checked.digest, (1, 0.0, 1.5))
+    uris = ["/x/s1/a.jpg"]
+    ds = _classify_dataset(config, checked.meta, uris, "run", checked.digest, (1, 0.0, 1.5),
+                           FaithfulnessSample(uris, 8))
     assert ds.context.op_resource_reservation_enabled is False
     assert ray.data.DataContext.get_current().op_resource_reservation_enabled is True
 
@@ -278,19 +315,27 @@ def test_shifted_batch_raises_domain_shift(ray_local, samples_dir: Path, tmp_pat
     assert not diff["other-lab"] and diff["our-lab"]
 
 
-def test_faithfulness_sample_starts_once_full_and_keeps_the_first_images(samples_dir: Path) -> None:
+def test_faithfulness_sample_joins_the_actors_records_in_listing_order(samples_dir: Path) -> None:
+    from wbc_batch.explain import GradCam
+    from wbc_batch.faithfulness import faithfulness_records, faithfulness_summary
+    from wbc_batch.geometry import model_inputs
+    from wbc_batch.imaging import decode_image
+
     uris = [str(p) for p in sorted(samples_dir.glob("*/*.jpg"))[:4]]
     artifact = load_artifact(None)
-    sample = FaithfulnessSample(artifact, 2)
-    sample.offer([])
-    sample.offer(uris[:1])
-    assert sample.future is None  # not full yet: nothing runs
-    sample.offer(uris[1:])
-    assert sample.future is not None and sample.uris == uris[:2]
-    sample.offer(uris[3:])  # later batches change nothing
-    summary = sample.result()
+    images = model_inputs([decode_image(Path(u).read_bytes()) for u in uris[:2]], artifact.meta.image_size)[0]
+    cam = GradCam(artifact.model, artifact.meta.gradcam_layer)(images)
+    records = faithfulness_records(artifact.model, images, cam.cams, cam.targets, artifact.meta.temperature, [0, 1])
+    sample = FaithfulnessSample(uris, 2)
+    assert sample.positions == {uris[0]: 0, uris[1]: 1}
+    assert sample.summary(artifact.meta.temperature) is None  # nothing measured yet
+    # the second image's batch reaches the driver first; rows outside the sample carry ""
+    sample.add({"image_uri": np.array([uris[3], uris[1]], dtype=object),
+                "faithfulness_record": np.array(["", json.dumps(records[1])], dtype=object)})
+    sample.add({"image_uri": np.array([uris[0]], dtype=object),
+                "faithfulness_record": np.array([json.dumps(records[0])], dtype=object)})
+    summary = sample.summary(artifact.meta.temperature)
     assert summary is not None and summary["image_uris"] == uris[:2]
-    short = FaithfulnessSample(artifact, 8)
-    short.offer(uris[:1])
-    assert short.future is None and short.result()["image_uris"] == uris[:1]  # fewer ok images than the size
-    assert FaithfulnessSample(artifact, 0).result() is None
+    whole = faithfulness_summary(artifact.model, images, cam.cams, cam.targets, artifact.meta.temperature)
+    assert summary["deletion_auc"] == pytest.approx(whole["deletion_auc"], abs=1e-4)
+    assert FaithfulnessSample(uris, 0).positions == {}

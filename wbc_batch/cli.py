@@ -624,8 +624,9 @@ def _error_message(exc: BaseException) -> tuple[str, int]:
     return f"failed: {type(exc).__name__}: {first}", EXIT_FAILED
 
 
-# commands that run the network, so import TensorFlow (and its absl lines) anyway
-NETWORK_COMMANDS = frozenset({"adapt", "calibrate", "classify", "evaluate", "explain", "nightly", "train"})
+# commands that run the network in this process, so import TensorFlow (and its absl lines) anyway; classify
+# and nightly load the model only in their Ray actors, and in the driver only to explain a failed run
+NETWORK_COMMANDS = frozenset({"adapt", "calibrate", "evaluate", "explain", "train"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

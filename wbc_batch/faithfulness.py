@@ -207,14 +207,109 @@ def _r(x: float) -> float:
     return round(float(x), 4)
 
 
+def faithfulness_records(
+    model: Any, images: np.ndarray, cams: np.ndarray, targets: np.ndarray, temperature: float,
+    seeds: Any, steps: int = DEFAULT_STEPS, run: Any = None,
+) -> list[dict[str, Any]]:
+    """Per-image deletion, insertion and retention figures, for the real map and a random one.
+
+    Each image is measured with its own seed (``seeds[i]`` breaks its ties and
+    draws its random map), so an image's record does not depend on which
+    images share its batch: classify measures its sample inside the model
+    actors, a few images per batch, and :func:`summarise_faithfulness` joins
+    the records in the driver.
+
+    Returns:
+        One JSON-serialisable dict per image: ``image_size``, ``cam_shape``, ``deletion_auc`` and
+        ``insertion_auc`` ({"gradcam", "random"} floats), ``deletion_curve``
+        and ``insertion_curve`` ({"gradcam", "random"} lists of ``steps`` + 1
+        points) and ``retention``
+        ({"gradcam", "random"}: ``probability`` and ``kept`` per
+        :data:`RETENTION_PERCENTS`).
+
+    Raises:
+        ValueError: mismatched shapes, no images, or a non-positive temperature.
+    """
+    images, cams, targets = _as_arrays(images, cams, targets)
+    if not temperature > 0:
+        raise ValueError(f"expected a positive temperature, got {temperature}")
+    seeds = [int(s) for s in seeds]
+    if len(seeds) != len(images):
+        raise ValueError(f"expected one seed per image ({len(images)}), got {len(seeds)}")
+    run = run or _forward(model)
+    records = []
+    for i, seed in enumerate(seeds):
+        one = (images[i:i + 1], targets[i:i + 1])
+        maps = {"gradcam": cams[i:i + 1], "random": random_maps(cams[i:i + 1].shape, seed + 1)}
+        di = {name: deletion_insertion(model, one[0], m, one[1], temperature, steps, seed, run)
+              for name, m in maps.items()}
+        ret = {name: pixel_retention(model, one[0], m, one[1], temperature, seed=seed, run=run)
+               for name, m in maps.items()}
+        record: dict[str, Any] = {"image_size": int(images.shape[1]), "cam_shape": [int(d) for d in cams.shape[1:]]}
+        for key in ("deletion", "insertion"):
+            record[f"{key}_auc"] = {name: float(di[name][f"{key}_auc"][0]) for name in maps}
+            record[f"{key}_curve"] = {name: [float(v) for v in di[name][key][0]] for name in maps}
+        record["retention"] = {name: {"probability": [float(v) for v in r["probability"][0]],
+                                      "kept": [bool(v) for v in r["kept"][0]]} for name, r in ret.items()}
+        records.append(record)
+    return records
+
+
+def summarise_faithfulness(records: list[dict[str, Any]], temperature: float, seed: int, steps: int) -> dict[str, Any]:
+    """The summary of :func:`faithfulness_records`: means, shares and mean curves (:func:`faithfulness_summary`).
+
+    Raises:
+        ValueError: no records.
+    """
+    if not records:
+        raise ValueError("expected at least one faithfulness record, got 0")
+    fractions = np.linspace(0.0, 1.0, steps + 1)
+    image_size, cam_shape = records[0]["image_size"], records[0]["cam_shape"]
+    out: dict[str, Any] = {
+        "n_images": len(records),
+        "steps": steps,
+        "temperature": _r(temperature),
+        "seed": seed,
+        "score": "softmax(logits / temperature) of the explained class",
+        "deletion_baseline": "image mean colour",
+        "insertion_baseline": f"gaussian blur, sigma {BLUR_SIGMA} px of the {image_size} px input",
+        "random_map": f"uniform random at the map's resolution {list(cam_shape)}, upsampled as the real map",
+        "fractions": [_r(f) for f in fractions],
+    }
+    for key, better in (("deletion", np.less), ("insertion", np.greater)):
+        real = np.array([r[f"{key}_auc"]["gradcam"] for r in records])
+        rnd = np.array([r[f"{key}_auc"]["random"] for r in records])
+        out[f"{key}_auc"] = {
+            "gradcam": _r(real.mean()),
+            "random": _r(rnd.mean()),
+            "gradcam_beats_random_share": _r(better(real, rnd).mean()),
+        }
+        out[f"{key}_curve"] = {name: [_r(v) for v in np.mean([r[f"{key}_curve"][name] for r in records], axis=0)]
+                               for name in ("gradcam", "random")}
+    out["retention"] = {
+        "keep_percent": [int(p) for p in RETENTION_PERCENTS],
+        "baseline": "image mean colour",
+        **{
+            name: {
+                "accuracy": [_r(v) for v in np.mean([r["retention"][name]["kept"] for r in records], axis=0)],
+                "probability": [_r(v) for v in np.mean([r["retention"][name]["probability"] for r in records],
+                                                       axis=0)],
+            }
+            for name in ("gradcam", "random")
+        },
+    }
+    return out
+
+
 def faithfulness_summary(
     model: Any, images: np.ndarray, cams: np.ndarray, targets: np.ndarray, temperature: float, seed: int = 0,
     steps: int = DEFAULT_STEPS,
 ) -> dict[str, Any]:
-    """Deletion/insertion AUC and pixel retention for the maps and for random maps.
+    """Deletion/insertion AUC and pixel retention for the maps and for random maps, summarised.
 
-    Called once per run on a sample of images; the result goes into the run
-    manifest under ``"faithfulness"``.
+    :func:`faithfulness_records` with image ``i`` seeded ``seed + i``, then
+    :func:`summarise_faithfulness`; the explanation measurements of a model
+    (``tools/measure_explanations.py``) use it on one array of images.
 
     Args:
         model: Keras model, (B, S, S, 3) float32 in [0, 255] -> logits.
@@ -235,46 +330,6 @@ def faithfulness_summary(
         ValueError: mismatched shapes, no images, or a non-positive temperature.
     """
     images, cams, targets = _as_arrays(images, cams, targets)
-    if not temperature > 0:
-        raise ValueError(f"expected a positive temperature, got {temperature}")
-    run = _forward(model)
-    rand = random_maps(cams.shape, seed + 1)
-    di = {
-        "gradcam": deletion_insertion(model, images, cams, targets, temperature, steps, seed, run),
-        "random": deletion_insertion(model, images, rand, targets, temperature, steps, seed, run),
-    }
-    ret = {
-        "gradcam": pixel_retention(model, images, cams, targets, temperature, seed=seed, run=run),
-        "random": pixel_retention(model, images, rand, targets, temperature, seed=seed, run=run),
-    }
-    out: dict[str, Any] = {
-        "n_images": len(images),
-        "steps": steps,
-        "temperature": _r(temperature),
-        "seed": seed,
-        "score": "softmax(logits / temperature) of the explained class",
-        "deletion_baseline": "image mean colour",
-        "insertion_baseline": f"gaussian blur, sigma {BLUR_SIGMA} px of the {images.shape[1]} px input",
-        "random_map": f"uniform random at the map's resolution {list(cams.shape[1:])}, upsampled as the real map",
-        "fractions": [_r(f) for f in di["gradcam"]["fractions"]],
-    }
-    for key, better in (("deletion", np.less), ("insertion", np.greater)):
-        real, rnd = di["gradcam"][f"{key}_auc"], di["random"][f"{key}_auc"]
-        out[f"{key}_auc"] = {
-            "gradcam": _r(real.mean()),
-            "random": _r(rnd.mean()),
-            "gradcam_beats_random_share": _r(better(real, rnd).mean()),
-        }
-        out[f"{key}_curve"] = {name: [_r(v) for v in di[name][key].mean(axis=0)] for name in di}
-    out["retention"] = {
-        "keep_percent": [int(p) for p in RETENTION_PERCENTS],
-        "baseline": "image mean colour",
-        **{
-            name: {
-                "accuracy": [_r(v) for v in r["kept"].mean(axis=0)],
-                "probability": [_r(v) for v in r["probability"].mean(axis=0)],
-            }
-            for name, r in ret.items()
-        },
-    }
-    return out
+    records = faithfulness_records(model, images, cams, targets, temperature,
+                                   [seed + i for i in range(len(images))], steps)
+    return summarise_faithfulness(records, temperature, seed, steps)

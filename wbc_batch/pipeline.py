@@ -3,13 +3,17 @@
 Reads top to bottom::
 
     from_items(uris) -> map_batches(load_images)              tasks: fetch bytes, hash, decode, resize, quality
-                     -> map_batches(BatchClassifier, actors)  one forward + one backward per batch
+                     -> map_batches(BatchClassifier, actors)  one forward + one backward per batch,
+                                                              faithfulness of the run's sample images
                      -> map_batches(render_explanations)      tasks: localisation, heatmap JPEGs
                      -> iter_batches -> PartWriter            driver: Parquet parts, then manifest
 
 Decoding and heatmap rendering run in tasks so that the model actors (a GPU
 each when the cluster has GPUs) do nothing but the model. Every input URI
 yields exactly one row: a failure to read or decode becomes an error row.
+The driver never loads the Keras model (nor imports TensorFlow) on a run
+that succeeds: it checks the artifact without Keras, and only a failed run
+loads it there, to say why the actors could not.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from wbc_batch.model import load_artifact, pinned_digest, verify_artifact
 log = logging.getLogger(__name__)
 
 DEFAULT_SUSPECT_BELOW = 0.5
-OVERLAP_MODEL_LOAD = False  # the driver's model load beside Ray's start: no gain measured on 2 cores (#18)
+FAITHFULNESS_SEED = 0  # image i of the run's sample is measured with seed FAITHFULNESS_SEED + i
 
 
 @dataclass
@@ -209,7 +213,8 @@ class BatchClassifier:
     """A Ray Data callable class: loads the model once, then classifies and explains batches."""
 
     def __init__(self, model_uri: str | None, allow_untrusted: bool, review_threshold: float | None,
-                 run_id: str, intra_op_threads: int | None = None, expected_digest: str | None = None) -> None:
+                 run_id: str, intra_op_threads: int | None = None, expected_digest: str | None = None,
+                 faithfulness_sample: dict[str, int] | None = None) -> None:
         import tensorflow as tf
 
         if intra_op_threads:
@@ -220,6 +225,8 @@ class BatchClassifier:
         artifact = load_artifact(model_uri, allow_untrusted=allow_untrusted, expected_digest=expected_digest)
         self.meta = artifact.meta
         self.digest = artifact.digest
+        self.model = artifact.model
+        self.sample = dict(faithfulness_sample or {})  # URI -> its place in the run's faithfulness sample
         self.cam = GradCam(artifact.model, self.meta.gradcam_layer, self.meta.embedding_layer)
         self.classes = np.array(self.meta.class_names, dtype=object)
         self.threshold = self.meta.review_threshold if review_threshold is None else review_threshold
@@ -240,9 +247,11 @@ class BatchClassifier:
         cams = np.zeros((n, *cam_shape), dtype=np.float32)
         ood_score = np.full(n, np.nan, dtype=np.float32)
         ood_flag = np.zeros(n, dtype=bool)
+        records = np.full(n, "", dtype=object)
         if ok.any():
             images = batch["model_input"][ok]
             result = self.cam(images.astype(np.float32))
+            records[ok] = self._faithfulness_records(batch["image_uri"][ok], images, result)
             probs[ok] = metrics.softmax(result.logits, self.meta.temperature)
             cams[ok] = result.cams
             if self.ood is not None:
@@ -266,9 +275,32 @@ class BatchClassifier:
             model_digest=np.full(n, self.digest, dtype=object),
             run_id=np.full(n, self.run_id, dtype=object),
             processed_at=np.full(n, np.datetime64(datetime.now(timezone.utc).replace(tzinfo=None), "us")),
+            faithfulness_record=records,
         )
         for j, name in enumerate(self.meta.class_names):
             out[f"p_{name}"] = probs[:, j]
+        return out
+
+    def _faithfulness_records(self, uris: np.ndarray, images: np.ndarray, result: Any) -> np.ndarray:
+        """For the batch's images in the run's sample, their faithfulness record as JSON ("" for the rest).
+
+        Why here: the actor holds the model, the maps and the inputs already;
+        measuring in the driver made every run import TensorFlow and load the
+        model a second time (about 3 s of CPU before the first row).
+        """
+        out = np.full(len(uris), "", dtype=object)
+        picked = [i for i, u in enumerate(uris) if u in self.sample]
+        if not picked:
+            return out
+        import json
+
+        from wbc_batch.faithfulness import faithfulness_records
+
+        seeds = [FAITHFULNESS_SEED + self.sample[uris[i]] for i in picked]
+        records = faithfulness_records(self.model, images[picked].astype(np.float32), result.cams[picked],
+                                       result.targets[picked], self.meta.temperature, seeds)
+        for i, record in zip(picked, records):
+            out[i] = json.dumps(record)
         return out
 
 
@@ -388,109 +420,69 @@ def _domain_shift(meta: Any, counts: results.RunCounts) -> dict[str, Any]:
     return {"evaluated": True, **summary}
 
 
-def _faithfulness_on_sample(artifact: Any, uris: list[str]) -> dict[str, Any] | None:
-    """Deletion/insertion AUC and pixel retention on a few of the run's images (in the driver).
-
-    About 80 forward passes per image, so the sample is small by default.
-    """
-    if not uris:
-        return None
-    from wbc_batch.explain import GradCam
-    from wbc_batch.faithfulness import faithfulness_summary
-    from wbc_batch.geometry import model_input
-
-    images = []
-    for uri in uris:
-        try:
-            images.append(model_input(decode_image(storage.read_bytes(uri)), artifact.meta.image_size).image)
-        except (ImageDecodeError, OSError, storage.StorageError) as exc:
-            log.warning("faithfulness sample: skipping %s: %s", uri, exc)
-    if not images:
-        return None
-    batch = np.stack(images).astype(np.float32)
-    cam = GradCam(artifact.model, artifact.meta.gradcam_layer, artifact.meta.embedding_layer)(batch)
-    summary = faithfulness_summary(artifact.model, batch, cam.cams, cam.targets, artifact.meta.temperature)
-    summary["image_uris"] = uris[: len(images)]
-    return summary
-
-
 class FaithfulnessSample:
-    """The first ``size`` ok images of a run, measured by :func:`_faithfulness_on_sample` in a driver thread.
+    """The run's faithfulness sample: its first ``size`` images, measured by the model actors.
 
-    Why a thread: the measurement takes about 3 s of CPU for 8 images. Run
-    after the stream it is pure wall time on an idle cluster; started as soon
-    as the sample is complete it overlaps the rest of the stream, which
-    leaves part of the CPU idle between stages. Errors surface from
-    :meth:`result`, as they did when it ran inline.
-
-    ``artifact`` is a loaded :class:`~wbc_batch.model.ModelArtifact` or a
-    future of one (classify loads the model in the background, off the path
-    to the first row); the thread waits for it only when the sample is full.
+    Which images: the first ``size`` URIs of the run (its listing's order), so
+    the sample does not depend on which block reaches the driver first; those
+    that do not decode are left out, and ``n_images`` in the summary says how
+    many were measured. The actors send one record per sample image with its
+    row (:meth:`BatchClassifier._faithfulness_records`); :meth:`summary`
+    joins them in the sample's order.
     """
 
-    def __init__(self, artifact: Any, size: int) -> None:
-        from concurrent.futures import ThreadPoolExecutor
+    def __init__(self, uris: list[str], size: int) -> None:
+        self.positions = {u: i for i, u in enumerate(dict.fromkeys(uris[:size]))}
+        self.records: dict[int, dict[str, Any]] = {}
 
-        self.artifact, self.size = artifact, size
-        self.uris: list[str] = []
-        self.future: Any = None
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="faithfulness")
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        """Keep the records a result batch carries (rows outside the sample carry "")."""
+        import json
 
-    def offer(self, uris: list[str]) -> None:
-        """Take ok images until the sample is full, then start measuring."""
-        if self.future is not None:
-            return
-        self.uris.extend(uris[: self.size - len(self.uris)])
-        if self.size and len(self.uris) >= self.size:
-            self.future = self.pool.submit(self._measure, list(self.uris))
+        for uri, record in zip(batch["image_uri"], batch.get("faithfulness_record", ())):
+            if record and uri in self.positions:
+                self.records[self.positions[uri]] = json.loads(record)
 
-    def _measure(self, uris: list[str]) -> dict[str, Any] | None:
-        artifact = self.artifact.result() if hasattr(self.artifact, "result") else self.artifact
-        return _faithfulness_on_sample(artifact, uris)
+    def summary(self, temperature: float) -> dict[str, Any] | None:
+        """The manifest's ``faithfulness`` (None when no sample image was measured)."""
+        if not self.records:
+            return None
+        from wbc_batch.faithfulness import DEFAULT_STEPS, summarise_faithfulness
 
-    def result(self) -> dict[str, Any] | None:
-        """The summary (None without ok images or with ``size`` 0), once measured."""
-        try:
-            if self.future is None:
-                return self._measure(list(self.uris)) if self.size else None
-            return self.future.result()
-        finally:
-            self.pool.shutdown(wait=True)
+        order = sorted(self.records)
+        summary = summarise_faithfulness([self.records[i] for i in order], temperature, FAITHFULNESS_SEED,
+                                         DEFAULT_STEPS)
+        by_position = {i: u for u, i in self.positions.items()}
+        summary["image_uris"] = [by_position[i] for i in order]
+        return summary
 
 
-class _ModelLoader:
-    """:func:`~wbc_batch.model.load_artifact` in a background thread; ``future`` resolves to the artifact."""
+def _model_error(config: ClassifyConfig, digest: str | None) -> Exception | None:
+    """Load the model in the driver to learn why it failed in the actors; None when it loads.
 
-    def __init__(self, model_uri: str | None, allow_untrusted: bool, digest: str) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.seconds = 0.0
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-load")
-        self.future = pool.submit(self._load, model_uri, allow_untrusted, digest)
-        pool.shutdown(wait=False)
-
-    def _load(self, model_uri: str | None, allow_untrusted: bool, digest: str) -> Any:
-        t = time.perf_counter()
-        try:
-            # the digest the driver verified: the model it loads is the artifact the manifest names
-            return load_artifact(model_uri, allow_untrusted=allow_untrusted, expected_digest=digest)
-        finally:
-            self.seconds = time.perf_counter() - t
-
-    def raise_first(self) -> None:
-        """Wait for the load and raise its error, if any (a model Keras refuses: ``safe_mode``, output count)."""
-        self.future.result()
+    Only a failed run pays for this: a model Keras refuses (``safe_mode``,
+    output count) reaches the driver from a dead actor as Ray's
+    ``ActorDiedError`` with the reason as text only, and the person should
+    read the model error (exit 4) instead.
+    """
+    if config.quiet:
+        console.import_tensorflow_quietly()  # TF's absl lines at import ignore TF_CPP_MIN_LOG_LEVEL (console.py)
+    try:
+        load_artifact(config.model_uri, allow_untrusted=config.allow_untrusted_model, expected_digest=digest)
+    except Exception as exc:  # noqa: BLE001 - returned to be raised in place of the run's own error
+        return exc
+    return None
 
 
 def _write_batch(batch: dict[str, np.ndarray], schema: Any, listing: Any, position: dict[str, int],
                  counts: results.RunCounts, writer: results.PartWriter, sample: FaithfulnessSample) -> None:
-    """One block from the stream: rows to the part writer and the counts, ok images to the faithfulness sample."""
+    """One block from the stream: rows to the part writer and the counts, faithfulness records to the sample."""
     table = results.batch_to_table(batch, schema)
     if listing is not None:
         table = results.attach_source(table, listing, position)
     counts.add(table)
     writer.add(table)
-    sample.offer([u for u, st in zip(batch["image_uri"], batch["status"]) if st == "ok"])
+    sample.add(batch)
 
 
 def _list_input(config: ClassifyConfig) -> tuple[Any, list[str], dict[str, int]]:
@@ -528,7 +520,7 @@ def _connect_cluster(config: ClassifyConfig, uris: list[str]) -> list[str]:
 
 
 def _classify_dataset(config: ClassifyConfig, meta: Any, uris: list[str], run_id: str, model_digest: str,
-                      plan: tuple[int, float, float]) -> Any:
+                      plan: tuple[int, float, float], sample: FaithfulnessSample) -> Any:
     """The Ray Data plan of a run: read tasks -> model actors -> render tasks (the module docstring)."""
     import ray.data
 
@@ -553,6 +545,7 @@ def _classify_dataset(config: ClassifyConfig, meta: Any, uris: list[str], run_id
             "run_id": run_id,
             "intra_op_threads": None if gpus_per > 0 else max(1, math.ceil(cpus_per) + 1),
             "expected_digest": model_digest,
+            "faithfulness_sample": sample.positions,
         },
         batch_size=config.batch_size,
         compute=ray.data.ActorPoolStrategy(size=workers),
@@ -614,26 +607,16 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
         storage.StorageError: INPUT or OUTPUT unreachable or not writable.
         ModelArtifactError: the model is missing, tampered with or untrusted.
     """
-    import ray.data  # noqa: F401  # before the model-load thread imports TensorFlow: no two threads importing shared modules
-
     config.validate()
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     phases: dict[str, float] = {}
     run_id = config.run_id or new_run_id()
-    # The driver needs the model's metadata and digest at once, but the Keras model only for the
-    # faithfulness sample: every check that needs no Keras runs here, and TensorFlow's import and the
-    # model load (about 3 s of CPU) run in a thread. Overlapping them with the listing, Ray's start and
-    # the actors' warm-up measured no earlier first row and a slower run on 2 loaded cores (BENCHMARKS.md,
-    # "Per-run fixed costs"), so the driver waits for the load here unless OVERLAP_MODEL_LOAD is set.
+    # The driver needs the model's metadata and digest, not the Keras model: the actors load it and
+    # measure the faithfulness sample (BENCHMARKS.md, "Per-run fixed costs").
     checked = verify_artifact(config.model_uri, allow_untrusted=config.allow_untrusted_model,
                               expected_digest=config.model_digest)
     meta, model_digest = checked.meta, checked.digest
-    if config.quiet:
-        console.import_tensorflow_quietly()  # TF's absl lines at import ignore TF_CPP_MIN_LOG_LEVEL (console.py)
-    loader = _ModelLoader(config.model_uri, config.allow_untrusted_model, model_digest)
-    if not OVERLAP_MODEL_LOAD:
-        loader.raise_first()
     phases["verify_model_s"] = time.perf_counter() - t0
     warnings: list[str] = []
     try:
@@ -645,7 +628,9 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
             warnings = _connect_cluster(config, uris)
             phases["ray_connect_s"] = time.perf_counter() - t_connect
     except Exception:
-        loader.raise_first()  # a model Keras refuses was reported before any input error; it still is
+        model_error = _model_error(config, model_digest)  # a model Keras refuses is reported before input errors
+        if model_error is not None:
+            raise model_error from None
         raise
     results.discard_previous_attempt(config.output_uri, run_id)
     schema = results.prediction_schema(meta.class_names)
@@ -653,25 +638,26 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
     writer = results.PartWriter(config.output_uri, run_date, run_id, schema)
     counts = results.RunCounts()
     plan = (0, 0.0, 0.0)
-    faithfulness_sample = FaithfulnessSample(loader.future, config.faithfulness_sample)
+    faithfulness_sample = FaithfulnessSample(uris, config.faithfulness_sample)
     first_row: float | None = None
     if uris:
         _quiet_ray_data(config.quiet)
         plan = _plan_resources(config)
-        ds = _classify_dataset(config, meta, uris, run_id, model_digest, plan)
+        ds = _classify_dataset(config, meta, uris, run_id, model_digest, plan, faithfulness_sample)
         try:
             first = _stream_rows(ds, partial(_write_batch, schema=schema, listing=listing, position=position,
                                              counts=counts, writer=writer, sample=faithfulness_sample),
                                  len(uris), config.quiet)
-        except Exception:
-            loader.raise_first()  # the actors failed on the model: the driver's own error says why, as before
-            raise
+        except Exception as exc:
+            # the actors died on the model: the driver's own load says why (exit 4), not Ray's wrapper
+            model_error = _model_error(config, model_digest)
+            if model_error is None:
+                raise
+            raise model_error from exc
         first_row = None if first is None else first - t0
     files = writer.close()
     elapsed = time.perf_counter() - t0
-    faithfulness = faithfulness_sample.result()
-    loader.raise_first()  # the model the manifest names loaded in the driver too (safe_mode, output count)
-    phases["driver_model_load_s"] = loader.seconds
+    faithfulness = faithfulness_sample.summary(meta.temperature)
     timings = results.RunTimings(seconds=round(elapsed, 3),
                                  images_per_second=round(counts.total / elapsed, 3) if elapsed else 0.0,
                                  first_row_seconds=None if first_row is None else round(first_row, 3),
