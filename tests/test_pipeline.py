@@ -198,15 +198,15 @@ print(json.dumps({"tensorflow": "tensorflow" in sys.modules, "keras": "keras" in
 
 
 @pytest.mark.slow
-def test_the_driver_never_imports_tensorflow_and_the_actors_measure_the_first_listed_images(
+def test_the_driver_never_imports_tensorflow_and_the_actors_measure_a_sample_spread_over_the_listing(
         samples_dir: Path, tmp_path: Path) -> None:
     """The model runs in the actors only (#18: TensorFlow's import and a second model load cost the driver
-    about 3 s of CPU before the first row); the faithfulness sample is the listing's first images that
-    decode, whatever block reaches the driver first."""
+    about 3 s of CPU before the first row); the faithfulness sample is spread over the listing, images that
+    do not decode left out, whatever block reaches the driver first."""
     src = tmp_path / "in" / "s1"
     src.mkdir(parents=True)
     picks = [sorted((samples_dir / c).iterdir())[0] for c in ("basophil", "eosinophil", "lymphocyte", "monocyte")]
-    (src / "a-corrupt.jpg").write_bytes(b"not a jpeg")  # first in the listing: left out of the sample
+    (src / "a-corrupt.jpg").write_bytes(b"not a jpeg")  # in the sample (listed 0, 2, 4 of 5) but left out
     for i, p in enumerate(picks):
         shutil.copy(p, src / f"b{i}-{p.name}")
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
@@ -217,7 +217,7 @@ def test_the_driver_never_imports_tensorflow_and_the_actors_measure_the_first_li
     assert got["tensorflow"] is False and got["keras"] is False
     faithfulness = got["faithfulness"]
     listed = sorted(str(p) for p in src.iterdir())
-    assert faithfulness["image_uris"] == listed[1:3] and faithfulness["n_images"] == 2
+    assert faithfulness["image_uris"] == [listed[2], listed[4]] and faithfulness["n_images"] == 2
     assert faithfulness["deletion_auc"]["gradcam"] < faithfulness["deletion_auc"]["random"]
 
 
@@ -315,7 +315,7 @@ def test_shifted_batch_raises_domain_shift(ray_local, samples_dir: Path, tmp_pat
     assert not diff["other-lab"] and diff["our-lab"]
 
 
-def test_faithfulness_sample_joins_the_actors_records_in_listing_order(samples_dir: Path) -> None:
+def test_faithfulness_sample_is_spread_over_the_listing_and_joins_the_actors_records_in_its_order(samples_dir: Path) -> None:
     from wbc_batch.explain import GradCam
     from wbc_batch.faithfulness import faithfulness_records, faithfulness_summary
     from wbc_batch.geometry import model_inputs
@@ -323,19 +323,21 @@ def test_faithfulness_sample_joins_the_actors_records_in_listing_order(samples_d
 
     uris = [str(p) for p in sorted(samples_dir.glob("*/*.jpg"))[:4]]
     artifact = load_artifact(None)
-    images = model_inputs([decode_image(Path(u).read_bytes()) for u in uris[:2]], artifact.meta.image_size)[0]
+    picked = [uris[1], uris[3]]  # the middles of the listing's two halves
+    images = model_inputs([decode_image(Path(u).read_bytes()) for u in picked], artifact.meta.image_size)[0]
     cam = GradCam(artifact.model, artifact.meta.gradcam_layer)(images)
     records = faithfulness_records(artifact.model, images, cam.cams, cam.targets, artifact.meta.temperature, [0, 1])
     sample = FaithfulnessSample(uris, 2)
-    assert sample.positions == {uris[0]: 0, uris[1]: 1}
+    assert sample.positions == {uris[1]: 0, uris[3]: 1}
+    assert FaithfulnessSample(uris[:3], 8).positions == {u: i for i, u in enumerate(uris[:3])}  # a short run: all
     assert sample.summary(artifact.meta.temperature) is None  # nothing measured yet
-    # the second image's batch reaches the driver first; rows outside the sample carry ""
-    sample.add({"image_uri": np.array([uris[3], uris[1]], dtype=object),
+    # the later image's batch reaches the driver first; rows outside the sample carry ""
+    sample.add({"image_uri": np.array([uris[2], uris[3]], dtype=object),
                 "faithfulness_record": np.array(["", json.dumps(records[1])], dtype=object)})
-    sample.add({"image_uri": np.array([uris[0]], dtype=object),
+    sample.add({"image_uri": np.array([uris[1]], dtype=object),
                 "faithfulness_record": np.array([json.dumps(records[0])], dtype=object)})
     summary = sample.summary(artifact.meta.temperature)
-    assert summary is not None and summary["image_uris"] == uris[:2]
+    assert summary is not None and summary["image_uris"] == picked
     whole = faithfulness_summary(artifact.model, images, cam.cams, cam.targets, artifact.meta.temperature)
     assert summary["deletion_auc"] == pytest.approx(whole["deletion_auc"], abs=1e-4)
     assert FaithfulnessSample(uris, 0).positions == {}

@@ -71,7 +71,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="regex with a named group 'sample' applied to the URI (default: parent folder name)")
     _ray_address_option(p)
     p.add_argument("--faithfulness-sample", type=int, default=8,
-                   help="images per run for the deletion/insertion and pixel-retention checks (0: off; default 8)")
+                   help="N images spread over the run's listing get the deletion/insertion and pixel-retention "
+                        "checks, measured in the model actors (0: off; default 8)")
 
 
 def _cmd_classify(args: argparse.Namespace) -> int:
