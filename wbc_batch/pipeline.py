@@ -578,8 +578,7 @@ def _stream_rows(ds: Any, on_batch: Any, total: int, quiet: bool) -> float | Non
     """Feed every block of ``ds`` to ``on_batch`` as it comes; the ``perf_counter`` of the first one.
 
     Whole blocks as they come (the writer buffers rows into parts), so the
-    first rows, and the faithfulness sample, reach the driver after one batch
-    rather than after 1024 rows.
+    first rows reach the driver after one batch rather than after 1024 rows.
     """
     progress = console.Progress(total) if quiet else None  # -v: Ray Data's own bars instead
     first: float | None = None
