@@ -67,8 +67,12 @@ def _as_arrays(images: Any, cams: Any, targets: Any) -> tuple[np.ndarray, np.nda
     return images, cams, targets
 
 
-def _forward(model: Any) -> Any:
-    """A compiled inference function returning logits as numpy, called in fixed chunks."""
+def compiled_forward(model: Any) -> Any:
+    """A compiled inference function returning logits as numpy, called in fixed chunks.
+
+    Build it once per model and pass it as ``run``: each build is a new
+    ``tf.function`` that traces again on its first call.
+    """
     import tensorflow as tf
 
     fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
@@ -160,7 +164,7 @@ def deletion_insertion(
         probability curves, ``deletion_auc`` and ``insertion_auc`` (N,).
     """
     images, cams, targets = _as_arrays(images, cams, targets)
-    run = run or _forward(model)
+    run = run or compiled_forward(model)
     size = images.shape[1]
     ranks = pixel_ranks(cams, size, np.random.default_rng(seed))
     fractions = np.linspace(0.0, 1.0, steps + 1)
@@ -189,7 +193,7 @@ def pixel_retention(
         ``kept`` (N, P) bool: the explained class is still the top class.
     """
     images, cams, targets = _as_arrays(images, cams, targets)
-    run = run or _forward(model)
+    run = run or compiled_forward(model)
     size = images.shape[1]
     ranks = pixel_ranks(cams, size, np.random.default_rng(seed))
     counts = [int(round(p / 100 * size * size)) for p in percents]
@@ -236,7 +240,7 @@ def faithfulness_records(
     seeds = [int(s) for s in seeds]
     if len(seeds) != len(images):
         raise ValueError(f"expected one seed per image ({len(images)}), got {len(seeds)}")
-    run = run or _forward(model)
+    run = run or compiled_forward(model)
     records = []
     for i, seed in enumerate(seeds):
         one = (images[i:i + 1], targets[i:i + 1])

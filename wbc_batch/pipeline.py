@@ -227,6 +227,7 @@ class BatchClassifier:
         self.digest = artifact.digest
         self.model = artifact.model
         self.sample = dict(faithfulness_sample or {})  # URI -> its place in the run's faithfulness sample
+        self.forward: Any = None  # faithfulness' compiled forward pass, built at the first sample image
         self.cam = GradCam(artifact.model, self.meta.gradcam_layer, self.meta.embedding_layer)
         self.classes = np.array(self.meta.class_names, dtype=object)
         self.threshold = self.meta.review_threshold if review_threshold is None else review_threshold
@@ -294,11 +295,13 @@ class BatchClassifier:
             return out
         import json
 
-        from wbc_batch.faithfulness import faithfulness_records
+        from wbc_batch.faithfulness import compiled_forward, faithfulness_records
 
+        if self.forward is None:  # once per actor, not once per batch: each build traces again
+            self.forward = compiled_forward(self.model)
         seeds = [FAITHFULNESS_SEED + self.sample[uris[i]] for i in picked]
         records = faithfulness_records(self.model, images[picked].astype(np.float32), result.cams[picked],
-                                       result.targets[picked], self.meta.temperature, seeds)
+                                       result.targets[picked], self.meta.temperature, seeds, run=self.forward)
         for i, record in zip(picked, records):
             out[i] = json.dumps(record)
         return out
