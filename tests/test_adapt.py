@@ -12,6 +12,8 @@ import pytest
 
 from wbc_batch import imaging
 from wbc_batch.cli import main
+from wbc_batch.geometry import cell_fraction, model_inputs
+from wbc_batch.localisation import model_input_mask
 from wbc_batch.metrics import ALWAYS_REVIEW
 from wbc_batch.model import artifact_digest, load_artifact, shipped_model_dir
 from wbc_batch.ood import _zoom
@@ -172,8 +174,19 @@ def test_replay_distillation_marks_the_replayed_rows_only(ray_local: None) -> No
         AdaptConfig(data_uri="d", model_out="m", replay_distill=0.5)
 
 
+def test_keep_scale_is_another_run_and_the_base_scale_is_replaced() -> None:
+    from wbc_batch.training.adapt import _run_name, with_field_scale
+
+    config = AdaptConfig(data_uri="d", model_out="m")
+    assert _run_name(config, "f" * 64, "b") != _run_name(AdaptConfig("d", "m", rescale=False), "f" * 64, "b")
+    base = {"resize": "whole image", "field_scale": 1.5, "field": "the base's lab"}
+    assert with_field_scale(base, 1.0, 0.95) == {"resize": "whole image"}  # a lab at the first lab's scale
+    scaled = with_field_scale(base, 1.639, 0.61)
+    assert scaled["field_scale"] == 1.639 and "0.61x" in scaled["field"] and scaled["resize"] == "whole image"
+
+
 @pytest.mark.slow
-def test_adapt_with_replay_distillation_records_it_and_its_term(
+def test_adapt_with_replay_records_distillation_and_shows_a_half_size_lab_at_the_bases_scale(
     ray_local: None, synthetic_lab: dict[str, Path], samples_dir: Path, tmp_path: Path
 ) -> None:
     base = tmp_path / "base"
@@ -190,8 +203,24 @@ def test_adapt_with_replay_distillation_records_it_and_its_term(
     ))
     assert sum(summary["replay_counts"].values()) > 0
     assert np.isfinite(summary["final_epoch"]["distill"]) and summary["final_epoch"]["distill"] >= 0
-    info = load_artifact(summary["model_out"]).meta.training["adaptation"]
+    meta = load_artifact(summary["model_out"]).meta
+    info = meta.training["adaptation"]
     assert info["replay_distill"] == {"weight": 0.5, "temperature": 4.0}
+    # the synthetic lab is photographed at half the magnification: the adapted model magnifies every image
+    assert 0.4 <= info["cell_size"]["ratio"] <= 0.6 and info["field_scale"] == summary["field_scale"]
+    assert meta.field_scale == info["field_scale"] == pytest.approx(1 / info["cell_size"]["ratio"], abs=0.01)
+    assert "magnified" in meta.preprocessing["field"]
+    adapted_inputs, _ = model_inputs([imaging.decode_image(p.read_bytes())
+                                      for p in sorted(synthetic_lab["rest"].rglob("*.jpg"))], 128, meta.field_scale)
+    plain_inputs, _ = model_inputs([imaging.decode_image(p.read_bytes())
+                                    for p in sorted(synthetic_lab["rest"].rglob("*.jpg"))], 128)
+
+    def median_cell(batch: np.ndarray) -> float:
+        return float(np.nanmedian([cell_fraction(model_input_mask(im.astype(np.uint8))) or np.nan for im in batch]))
+
+    assert median_cell(adapted_inputs) > 1.5 * median_cell(plain_inputs)  # the lab's cells at the base's size
+    rest = evaluate(summary["model_out"], str(synthetic_lab["rest"]))["metrics"]
+    assert rest["n"] == 20
 
 
 def test_dihedral_views_are_the_eight_rotations_and_flips() -> None:

@@ -253,7 +253,7 @@ def explain_images(
                 rgbs.append(imaging.decode_image(raw))
             except imaging.ImageDecodeError as exc:
                 raise imaging.ImageDecodeError(f"{uri}: {exc}") from None
-        batch, zooms = model_inputs(rgbs, art.meta.image_size)
+        batch, zooms = model_inputs(rgbs, art.meta.image_size, art.meta.field_scale)
         attr = explainer(batch, method, np.full(len(chunk), target, np.int32))
         calibrated = metrics.softmax(attr.logits, art.meta.temperature)
         for i, (uri, raw, rgb) in enumerate(zip(chunk, raws, rgbs)):
@@ -261,7 +261,7 @@ def explain_images(
             explained = names[int(attr.targets[i])]
             stem = storage.join(out, f"{sha}-{method}-{explained}")
             storage.write_bytes(f"{stem}.npy", _npy_bytes(attr.maps[i]))
-            storage.write_bytes(f"{stem}.jpg", imaging.encode_jpeg(overlay_heatmap(view_at(rgb, float(zooms[i])), display_map(attr.maps[i]))))
+            storage.write_bytes(f"{stem}.jpg", imaging.encode_jpeg(overlay_heatmap(view_at(rgb, float(zooms[i]), art.meta.field_scale, art.meta.image_size), display_map(attr.maps[i]))))
             predicted = int(calibrated[i].argmax())
             results.append({
                 "input": uri,

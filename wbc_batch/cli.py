@@ -453,6 +453,10 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="global batch size (default 32)")
     p.add_argument("--freeze-norm", action="store_true",
                    help="keep the base's BatchNormalization statistics (layers in inference mode)")
+    p.add_argument("--keep-scale", action="store_true",
+                   help="do not rescale: by default, when the new lab's cells measure more than 15%% larger or "
+                        "smaller than the replayed ones, the adapted model magnifies every image to bring them "
+                        "to the base's scale (a crop around the cell, or a padding)")
     p.add_argument("--replay-distill", metavar="W", type=float, default=0.0,
                    help="with --replay: share W of the replayed cells' loss is the base's own answers (its "
                         "softened logits) instead of their labels, so the first lab keeps the base's view of "
@@ -477,7 +481,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
         data_uri=args.data, model_out=args.model_out, base=args.base, replay_uri=args.replay,
         replay_per_class=args.replay_per_class, new_lab_share=args.new_lab_share, epochs=args.epochs,
         learning_rate=args.learning_rate, batch_size=args.batch_size, freeze_norm=args.freeze_norm,
-        replay_distill=args.replay_distill,
+        replay_distill=args.replay_distill, rescale=not args.keep_scale,
         augment=args.augment, workers=args.workers,
         cpus_per_worker=args.cpus_per_worker, use_gpu=args.use_gpu, storage_path=args.storage_path,
         ray_address=args.ray_address, version=args.version, lab=args.lab, precision=args.precision,
@@ -486,6 +490,9 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
     counts = ", ".join(f"{c} {n}" for c, n in summary["new_lab_counts"].items())
     print(f"model {summary['version']} written to {summary['model_out']} "
           f"(adapted to {summary['lab']!r} on {counts}; train {summary['train_seconds']:.0f}s)")
+    if summary["field_scale"] != 1.0:
+        print(f"the lab's cells measured {summary['cell_size']['ratio']}x the replayed cells' size: the model "
+              f"magnifies every image {summary['field_scale']}x first")
     after = summary["replay_val"].get("after")
     if after:
         before = summary["replay_val"]["before"]

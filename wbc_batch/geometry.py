@@ -21,6 +21,14 @@ An image whose cell lies in PBC's range is left exactly as it was.
 Only zooming out is done per image. A cell that looks small could be a small
 lymphocyte, a platelet (PBC's platelets take 0.16-0.45 of the side) or a
 white cell photographed in a wider field; one image cannot tell which.
+
+A lab's labelled cells can tell: ``adapt`` measures the new lab's cells
+against the replayed ones class by class (:func:`relative_cell_size`), and
+when they differ by more than :data:`FIELD_SCALE_TOLERANCE` the adapted
+model carries a *field scale* (:func:`field_scale_for`) that every path
+applies to every image before the rule above (:func:`rescale_field`): a
+wide field is cropped around its cell, a closer one padded, so that the
+lab's cells reach the network at the size it learnt them.
 """
 
 from __future__ import annotations
@@ -36,6 +44,13 @@ MAX_CELL_FRACTION = 0.56
 
 TARGET_CELL_FRACTION = 0.387
 """The median PBC white cell (equivalent diameter over the tile's side, validation split)."""
+
+FIELD_SCALE_TOLERANCE = 0.15
+"""A lab whose cells are within 15% of the reference's size keeps its images as they are.
+
+Chula's cells measure 0.88x PBC's and are left alone; a field a third
+wider (0.64x) is rescaled.
+"""
 
 
 @dataclass(frozen=True)
@@ -97,7 +112,58 @@ def touches_border(mask: np.ndarray) -> bool:
     return bool(mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())
 
 
-def model_input(rgb: np.ndarray, image_size: int) -> ModelInput:
+def field_scale_for(ratio: float | None) -> float:
+    """The magnification that shows a lab's cells, ``ratio`` times the reference's size, at the reference's size.
+
+    1.0 when the ratio is unknown or within :data:`FIELD_SCALE_TOLERANCE`.
+    """
+    if ratio is None or not ratio > 0 or abs(ratio - 1.0) <= FIELD_SCALE_TOLERANCE:
+        return 1.0
+    return round(1.0 / ratio, 3)
+
+
+def cell_centre(rgb: np.ndarray, image_size: int, scale: float = 1.0) -> tuple[float, float]:
+    """(row, col) of the segmented cell's centroid in ``rgb``'s pixels; the image centre without a cell.
+
+    Why at S x ``scale`` px with a model input's kernels: after magnifying by
+    ``scale`` the field's cells will be S-px-input sized, so that is the
+    resolution at which the segmentation's size rules (tuned on tiles) fit them.
+    """
+    from wbc_batch.localisation import TILE_SIDE, cell_mask
+
+    h, w = rgb.shape[:2]
+    side = max(image_size, int(round(image_size * scale)))
+    mask = cell_mask(resize_for_model(rgb, side), image_size / TILE_SIDE)
+    if not mask.any():
+        return (h - 1) / 2.0, (w - 1) / 2.0
+    rows, cols = np.nonzero(mask)
+    return (rows.mean() + 0.5) * h / side - 0.5, (cols.mean() + 0.5) * w / side - 0.5
+
+
+def rescale_field(rgb: np.ndarray, scale: float, image_size: int = 128) -> np.ndarray:
+    """The image magnified ``scale`` times: a crop around its cell above 1, padded with its border below 1.
+
+    Why around the cell and not the image centre: a wider field need not
+    centre its cell, and a centred crop of 1/scale of the side would cut an
+    off-centre cell. The crop keeps the image's aspect and stays inside it
+    (shifted, not padded, near an edge), so no invented pixels enter.
+    ``image_size`` is the side at which the cell is found.
+    """
+    if scale == 1.0:
+        return rgb
+    if not scale > 0:
+        raise ValueError(f"field scale must be positive, got {scale}")
+    if scale < 1.0:
+        return zoom_out(rgb, scale)
+    h, w = rgb.shape[:2]
+    ch, cw = max(1, int(round(h / scale))), max(1, int(round(w / scale)))
+    cy, cx = cell_centre(rgb, image_size, scale)
+    top = int(np.clip(round(cy - ch / 2.0), 0, h - ch))
+    left = int(np.clip(round(cx - cw / 2.0), 0, w - cw))
+    return rgb[top : top + ch, left : left + cw]
+
+
+def model_input(rgb: np.ndarray, image_size: int, field_scale: float = 1.0) -> ModelInput:
     """The network's input for an RGB image of any size, with its cell mask (see the module docstring).
 
     Why a second look, only for a cell that touched the edge: a cell cut by
@@ -106,8 +172,12 @@ def model_input(rgb: np.ndarray, image_size: int) -> ModelInput:
     second zoom. A whole cell is measured right the first time; re-measuring
     it on a padded view only adds the segmentation's noise (on PBC it zoomed
     one monocyte to 0.38 instead of 0.64).
+
+    ``field_scale`` is the model's (:func:`rescale_field`), applied first.
     """
     from wbc_batch.localisation import model_input_mask
+
+    rgb = rescale_field(rgb, field_scale, image_size)
 
     def seen_at(zoom: float) -> ModelInput:
         image = resize_for_model(rgb if zoom == 1.0 else zoom_out(rgb, zoom), image_size)
@@ -149,16 +219,18 @@ def relative_cell_size(new_fractions: np.ndarray, new_labels: np.ndarray, ref_fr
     return float(np.median(list(per_class.values()))), per_class
 
 
-def view_at(rgb: np.ndarray, zoom: float) -> np.ndarray:
-    """The full-size image as the network saw it (zoomed out by ``zoom``), for heatmap overlays."""
+def view_at(rgb: np.ndarray, zoom: float, field_scale: float = 1.0, image_size: int = 128) -> np.ndarray:
+    """The full-size image as the network saw it (the model's field scale, then zoomed out by ``zoom``), for overlays."""
+    rgb = rescale_field(rgb, field_scale, image_size)
     return rgb if zoom >= 1.0 else zoom_out(rgb, zoom)
 
 
-def model_inputs(images: list[np.ndarray], image_size: int) -> tuple[np.ndarray, np.ndarray]:
+def model_inputs(images: list[np.ndarray], image_size: int,
+                 field_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """(N, S, S, 3) float32 batch of :func:`model_input` images (0..255, as the network takes them) and (N,) zooms."""
     batch = np.empty((len(images), image_size, image_size, 3), dtype=np.float32)
     zooms = np.ones(len(images), dtype=np.float32)
     for i, rgb in enumerate(images):
-        seen = model_input(rgb, image_size)
+        seen = model_input(rgb, image_size, field_scale)
         batch[i], zooms[i] = seen.image, seen.zoom
     return batch, zooms

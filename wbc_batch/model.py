@@ -91,6 +91,15 @@ class ModelMetadata:
     parent_version: str = ""
 
     @property
+    def field_scale(self) -> float:
+        """The magnification applied to every image before the network (:func:`wbc_batch.geometry.rescale_field`).
+
+        1.0 except for a model adapted to a lab whose cells are another size
+        than its first lab's; ``adapt`` writes it to ``preprocessing``.
+        """
+        return float(self.preprocessing.get("field_scale", 1.0))
+
+    @property
     def wbc_classes(self) -> list[str]:
         """The classes that count as white cells in a differential."""
         return [c for c in self.class_names if c not in self.non_wbc_classes]

@@ -131,7 +131,8 @@ def sample_id_for(uri: str, regex: str | None = None) -> str:
 # --- stage 1: tasks -------------------------------------------------------
 
 
-def load_images(batch: dict[str, np.ndarray], image_size: int, with_quality: bool = False) -> dict[str, np.ndarray]:
+def load_images(batch: dict[str, np.ndarray], image_size: int, with_quality: bool = False,
+                field_scale: float = 1.0) -> dict[str, np.ndarray]:
     """Fetch, hash, decode, resize and segment each image; failures become error rows.
 
     The cell is segmented once per row, on the model input
@@ -145,6 +146,7 @@ def load_images(batch: dict[str, np.ndarray], image_size: int, with_quality: boo
         with_quality: also compute the OOD image-quality features of the
             model input here, in parallel tasks, rather than in the model
             actor, where they would cost more CPU than the CNN itself.
+        field_scale: the model's (:attr:`~wbc_batch.model.ModelMetadata.field_scale`).
 
     Returns:
         The batch plus ``image_bytes``, ``image_sha256``, ``image_width``,
@@ -191,7 +193,7 @@ def load_images(batch: dict[str, np.ndarray], image_size: int, with_quality: boo
             status[i], error[i], kind[i] = "error", str(exc), "permanent"
             continue
         height[i], width[i] = rgb.shape[:2]
-        seen = model_input(rgb, image_size)
+        seen = model_input(rgb, image_size, field_scale)
         out["model_input"][i], out["cell_mask"][i], out["input_zoom"][i] = seen.image, seen.cell_mask, seen.zoom
     out.update(image_bytes=data_col, image_sha256=sha, status=status, error=error, error_kind=kind,
                image_width=width, image_height=height)
@@ -311,7 +313,7 @@ class BatchClassifier:
 
 
 def render_explanations(batch: dict[str, np.ndarray], output_uri: str, write_heatmaps: bool,
-                        suspect_below: float) -> dict[str, np.ndarray]:
+                        suspect_below: float, field_scale: float = 1.0) -> dict[str, np.ndarray]:
     """Measure where each map falls on the row's cell mask and write the heatmap overlays.
 
     Only the overlay needs the full-size image, so it is decoded only when
@@ -338,7 +340,8 @@ def render_explanations(batch: dict[str, np.ndarray], output_uri: str, write_hea
         m = cam_on_mask(cam, batch["cell_mask"][i])
         in_cell[i], peak_in[i], area[i] = m["cam_in_cell"], m["cam_peak_in_cell"], m["cell_area_share"]
         if write_heatmaps:
-            rgb = view_at(decode_image(batch["image_bytes"][i]), float(batch["input_zoom"][i]))
+            rgb = view_at(decode_image(batch["image_bytes"][i]), float(batch["input_zoom"][i]), field_scale,
+                          batch["cell_mask"][i].shape[0])
             uri = results.heatmap_uri(output_uri, batch["image_sha256"][i], batch["model_version"][i])
             try:
                 storage.write_bytes(uri, encode_jpeg(overlay_heatmap(rgb, cam), quality=85))
@@ -550,7 +553,8 @@ def _classify_dataset(config: ClassifyConfig, meta: Any, uris: list[str], run_id
     # earlier in each of four A/B pairs; the run's total time did not move beyond the noise (BENCHMARKS.md,
     # "Per-run fixed costs"). Set on this plan's copy of the context only.
     ds.context.op_resource_reservation_enabled = False
-    ds = ds.map_batches(partial(load_images, image_size=meta.image_size, with_quality=bool(meta.ood)),
+    ds = ds.map_batches(partial(load_images, image_size=meta.image_size, with_quality=bool(meta.ood),
+                                field_scale=meta.field_scale),
                         batch_size=config.batch_size, num_cpus=0.5)
     ds = ds.map_batches(
         BatchClassifier,
@@ -573,7 +577,8 @@ def _classify_dataset(config: ClassifyConfig, meta: Any, uris: list[str], run_id
     )
     suspect_below = float(meta.metrics.get("explanation_suspect_below", DEFAULT_SUSPECT_BELOW))
     return ds.map_batches(partial(render_explanations, output_uri=config.output_uri,
-                                  write_heatmaps=config.write_heatmaps, suspect_below=suspect_below),
+                                  write_heatmaps=config.write_heatmaps, field_scale=meta.field_scale,
+                                  suspect_below=suspect_below),
                           batch_size=config.batch_size, num_cpus=0.5)
 
 

@@ -23,11 +23,13 @@ Why it is built this way:
   until the lab calibrates on its own verified cells (``wbc-batch calibrate``).
 * ``adapt`` measures how large the new lab's cells look against the
   replayed ones, class by class (:func:`~wbc_batch.geometry.relative_cell_size`),
-  and records it: a lab at another magnification adapts worse (on Chula
-  shown at 0.64x, 55.9% and 50.0% against 61.0% and 75.8%). Showing half the
-  replayed cells at the new lab's scale was measured and not kept here: on
-  the new lab 55.2% and 64.0% against 55.9% and 50.0%, on the first lab 1.8
-  points lost (MODEL_CARD.md, "Other labs").
+  and when they differ by more than 15% the adapted model carries a field
+  scale (:func:`~wbc_batch.geometry.field_scale_for`) that every path applies
+  to every image first: a wider field is cropped around its cell, a closer
+  one padded, so the lab's cells reach the network at the size it learnt.
+  The new lab's cells are trained at that scale, the replayed ones at their
+  own. Measured on Chula shown at 0.64x (MODEL_CARD.md, "Other labs").
+  ``--keep-scale`` turns it off.
 * ``--replay-distill W`` also teaches the replayed cells the base's own
   answers (its logits, softened, with share W of their loss; learning
   without forgetting, Li and Hoiem 2016), not only their labels: the
@@ -55,6 +57,7 @@ from typing import Any
 import numpy as np
 
 from wbc_batch import metrics, splits, storage
+from wbc_batch.geometry import field_scale_for
 from wbc_batch.training.augment import dihedral_views, preset
 from wbc_batch.training.config import MATURE_CLASSES, TrainConfig, TrainingError, resolve_precision
 from wbc_batch.training.data import list_labelled_files, read_labelled, read_split_csv
@@ -83,6 +86,7 @@ class AdaptConfig:
     batch_size: int = 32
     weight_decay: float = 5e-4
     freeze_norm: bool = False
+    rescale: bool = True  # show a lab whose cells are another size at the base's scale (geometry.field_scale_for)
     replay_distill: float = 0.0  # share of the replayed cells' loss that is the base's own answers (0 = labels only)
     augment: str = "light"  # PBC kept 2.5 points better than with strong, Chula the same (MODEL_CARD)
     workers: int = 1
@@ -241,18 +245,14 @@ def _no_images(size: int) -> dict[str, np.ndarray]:
 
 
 def _read_replay(config: AdaptConfig, base_uri: str, size: int, class_index: dict[str, int],
-                 label_map: dict[str, str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """The base's own train and val images from ``--replay`` (its split.csv says which is which)."""
+                 label_map: dict[str, str], split: str, field_scale: float = 1.0) -> dict[str, np.ndarray]:
+    """The base's own ``split`` images from ``--replay`` (its split.csv says which is which)."""
     if not config.replay_uri:
-        return _no_images(size), _no_images(size)
+        return _no_images(size)
     base_split = read_split_csv(base_uri, key="uri")
     rows = [r for r in list_labelled_files(config.replay_uri, label_map) if r["label"] in class_index]
-
-    def images_of(split: str) -> dict[str, np.ndarray]:
-        return read_labelled(choose_replay(rows, base_split, split, config.replay_per_class, config.seed),
-                             size, class_index)
-
-    return images_of("train"), images_of("val")
+    return read_labelled(choose_replay(rows, base_split, split, config.replay_per_class, config.seed),
+                         size, class_index, field_scale=field_scale)
 
 
 def lab_scale(new: dict[str, np.ndarray], replay: dict[str, np.ndarray], classes: list[str]) -> dict[str, Any]:
@@ -291,8 +291,8 @@ def _mixed_dataset(new: dict[str, np.ndarray], replay: dict[str, np.ndarray], re
     return ray.data.from_items(rows).materialize()
 
 
-def _calibrate_on_replay(model: Any, base: Any, replay_val: dict[str, np.ndarray]
-                         ) -> tuple[dict[str, Any], dict[str, Any]]:
+def _calibrate_on_replay(model: Any, base: Any, replay_val: dict[str, np.ndarray],
+                         base_val: dict[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The adapted model's calibration entry, and the base's and its figures on the replay's val images.
 
     Ten cells per class cannot show which confident calls on the new lab
@@ -314,7 +314,7 @@ def _calibrate_on_replay(model: Any, base: Any, replay_val: dict[str, np.ndarray
     subsets: dict[str, Sequence[str]] = {"wbc": meta.wbc_classes, "mature5": list(MATURE_CLASSES)}
     report = {
         "before": metrics.classification_report(
-            predict_logits(base.model, replay_val["image"]), replay_val["label_index"], classes,
+            predict_logits(base.model, base_val["image"]), base_val["label_index"], classes,
             meta.temperature, meta.review_threshold, subsets=subsets),
         "after": metrics.classification_report(
             val_logits, replay_val["label_index"], classes, calibration["temperature"],
@@ -356,7 +356,8 @@ def _run_name(config: AdaptConfig, fingerprint: str, base_sha256: str) -> str:
     """Checkpoints' name: the new cells' fingerprint and every setting, so a rerun resumes only itself."""
     settings = f"{config.epochs}-{config.learning_rate}-{config.batch_size}-{config.replay_per_class}-" \
                f"{config.new_lab_share}-{config.seed}-{config.freeze_norm}-{config.augment}-{base_sha256}" \
-               + (f"-kd{config.replay_distill}" if config.replay_distill else "")
+               + (f"-kd{config.replay_distill}" if config.replay_distill else "") \
+               + ("" if config.rescale else "-keep-scale")
     return f"wbc-adapt-{fingerprint[:12]}-{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
 
 
@@ -365,7 +366,7 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
 
     Returns:
         A summary: ``model_out``, ``version``, ``lab``, ``new_lab_counts``,
-        ``replay_counts``, ``repeats``, ``calibration``, ``replay_val``
+        ``replay_counts``, ``repeats``, ``cell_size``, ``field_scale``, ``calibration``, ``replay_val``
         (figures on the base's validation images of the replay data, before
         and after), ``train_seconds`` and ``total_seconds``.
 
@@ -388,12 +389,18 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
     label_map = meta.training_data.get("label_map") or dict(splits.DEFAULT_LABEL_MAP)
     class_index = {c: i for i, c in enumerate(classes)}
 
-    new = read_labelled(_new_lab_rows(config, classes, label_map), size, class_index)
+    new_rows = _new_lab_rows(config, classes, label_map)
+    new = read_labelled(new_rows, size, class_index)
     if len(new["label_index"]) == 0:
         raise TrainingError(f"no decodable images under {config.data_uri}")
-    replay_train, replay_val = _read_replay(config, base.uri, size, class_index, label_map)
+    replay_train = _read_replay(config, base.uri, size, class_index, label_map, "train")
     scale = lab_scale(new, replay_train, classes)
-    log.info("new lab's cells against the replayed cells: %s", scale)
+    field_scale = field_scale_for(scale["ratio"]) if config.rescale else 1.0
+    log.info("new lab's cells against the replayed cells: %s; field scale %s", scale, field_scale)
+    if field_scale != 1.0:
+        new = read_labelled(new_rows, size, class_index, field_scale=field_scale)
+    # The model shows every image at its field scale, the first lab's too: calibrate and report on them so.
+    replay_val = _read_replay(config, base.uri, size, class_index, label_map, "val", field_scale)
     repeats = _repeats(len(new["label_index"]), len(replay_train["label_index"]), config.new_lab_share)
     replay_teacher = predict_logits(base.model, replay_train["image"]) if config.replay_distill else None
     train_ds = _mixed_dataset(new, replay_train, repeats, replay_teacher)
@@ -407,7 +414,8 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
 
     model = build_classifier(keras, len(classes), image_size=size, input_norm=tc.input_norm)
     model.set_weights(fit.weights)
-    calibration, replay_report = _calibrate_on_replay(model, base, replay_val)
+    base_val = replay_val if field_scale == 1.0 else _read_replay(config, base.uri, size, class_index, label_map, "val")
+    calibration, replay_report = _calibrate_on_replay(model, base, replay_val, base_val)
     ood = refit_ood(model, meta.embedding_layer, len(classes), new, replay_train, replay_val, config.seed)
 
     lab = config.lab_name()
@@ -424,6 +432,7 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
                    "val_counts": _counts(replay_val["label_index"], classes)} if config.replay_uri else None,
         "repeats_per_new_cell": repeats,
         "cell_size": scale,
+        "field_scale": field_scale,
         "new_lab_share": config.new_lab_share,
         "epochs": config.epochs,
         "optimizer": f"AdamW lr {config.learning_rate}, weight decay {config.weight_decay}, batch {config.batch_size}",
@@ -438,6 +447,7 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
         "provenance": provenance(tc, t_start, revision),
     }
     new_meta = _adapted_metadata(meta, config, version, adaptation, replay_report, ood)
+    new_meta.preprocessing = with_field_scale(new_meta.preprocessing, field_scale, scale["ratio"])
     save_artifact(model, new_meta, config.model_out, split_csv=_split_csv(base.uri, new))
     return {
         "model_out": config.model_out,
@@ -446,6 +456,8 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
         "new_lab_counts": new_counts,
         "replay_counts": adaptation["replay"]["train_counts"] if adaptation["replay"] else {},
         "repeats": repeats,
+        "cell_size": scale,
+        "field_scale": field_scale,
         "calibration": calibration,
         "replay_val": replay_report,
         "ood_fitted": bool(ood),
@@ -454,6 +466,17 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
         "final_epoch": fit.final_state,
         "checkpoint": fit.checkpoint_path,
     }
+
+
+def with_field_scale(preprocessing: dict[str, Any], field_scale: float, ratio: float | None) -> dict[str, Any]:
+    """The base's preprocessing record with the adapted model's field scale (the base's own is replaced)."""
+    out = {k: v for k, v in preprocessing.items() if k not in ("field_scale", "field")}
+    if field_scale != 1.0:
+        out["field_scale"] = field_scale
+        out["field"] = (f"every image magnified {field_scale}x before the resize (a crop around the segmented "
+                        f"cell above 1, a padding with the border colour below 1): this lab's cells measured "
+                        f"{ratio}x the replayed cells' size")
+    return out
 
 
 def _split_csv(base_uri: str, new: dict[str, np.ndarray]) -> str:

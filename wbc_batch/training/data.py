@@ -64,7 +64,8 @@ def cell_grid(cell_mask: np.ndarray, grid: int) -> np.ndarray:
     return cv2.resize(cell_mask.astype(np.float32), (grid, grid), interpolation=cv2.INTER_AREA)
 
 
-def decode_batch(batch: dict[str, np.ndarray], image_size: int, grid: int = 0) -> dict[str, np.ndarray]:
+def decode_batch(batch: dict[str, np.ndarray], image_size: int, grid: int = 0,
+                 field_scale: float = 1.0) -> dict[str, np.ndarray]:
     """Ray Data ``map_batches`` function: read, hash, decode and resize each file.
 
     Files that are not decodable images keep their row with ``ok=False`` and
@@ -77,6 +78,9 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, grid: int = 0) -
 
         grid: with ``grid > 0`` also ``cell_grid`` (B, grid, grid) float32,
             the cell masks the on-cell loss needs.
+        field_scale: the magnification every image gets first
+            (:func:`~wbc_batch.geometry.rescale_field`; ``adapt`` sets it for
+            a lab whose cells are another size).
 
     Returns:
         The input columns plus ``sha256``, ``ok``, ``error``, ``image``
@@ -96,7 +100,7 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: int, grid: int = 0) -
         sha[i] = splits.sha256_hex(data)
         error[i] = ""
         try:
-            seen = model_input(imaging.decode_image(data), image_size)  # classify's input, zoom included
+            seen = model_input(imaging.decode_image(data), image_size, field_scale)  # classify's input, zoom included
             images[i] = seen.image
             fraction[i] = cell_fraction(seen.cell_mask) or np.nan
             if grid:
@@ -262,7 +266,7 @@ def _decoded_columns(batch: dict[str, np.ndarray], class_index: dict[str, int]) 
 
 
 def read_labelled(rows: list[dict[str, str]], image_size: int, class_index: dict[str, int],
-                  decode_batch_size: int = 32) -> dict[str, np.ndarray]:
+                  decode_batch_size: int = 32, field_scale: float = 1.0) -> dict[str, np.ndarray]:
     """Read, hash and decode labelled files through Ray Data into arrays.
 
     Files that are not images are skipped with a warning naming each.
@@ -281,7 +285,8 @@ def read_labelled(rows: list[dict[str, str]], image_size: int, class_index: dict
     keep = [{k: r[k] for k in ("uri", "rel", "label")} for r in rows]
     ds = ray.data.from_items(keep).map_batches(
         decode_batch,  # type: ignore[arg-type]  # Ray's stubs do not model fn_kwargs
-        fn_kwargs={"image_size": image_size}, batch_size=decode_batch_size, batch_format="numpy",
+        fn_kwargs={"image_size": image_size, "field_scale": field_scale}, batch_size=decode_batch_size,
+        batch_format="numpy",
     ).materialize()
     for bad in ds.map_batches(_failed_rows, batch_format="numpy").take_all():
         log.warning("skipping %s: %s", bad["uri"], bad["error"])

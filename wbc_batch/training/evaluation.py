@@ -151,7 +151,7 @@ def collect_logits(
     both = keras.Model(artifact.model.inputs,
                        [artifact.model.output, artifact.model.get_layer(meta.embedding_layer).output])
     scorer = OodScorer.from_metadata(meta)
-    for keep, batch in _decoded_batches(chosen, meta.image_size, batch_size, skipped):
+    for keep, batch in _decoded_batches(chosen, meta.image_size, batch_size, skipped, meta.field_scale):
         out, emb = both.predict_on_batch(batch)
         if tta:
             out = dihedral_mean_logits(artifact.model, batch, identity_logits=out)
@@ -198,8 +198,8 @@ def _decode_or_reason(entry: tuple[str, int, bytes]) -> np.ndarray | str:
         return str(exc)
 
 
-def _decoded_batches(chosen: list[tuple[str, int, bytes]], size: int, batch_size: int,
-                     skipped: list[dict[str, str]]) -> Iterator[tuple[list[tuple[str, int, bytes]], np.ndarray]]:
+def _decoded_batches(chosen: list[tuple[str, int, bytes]], size: int, batch_size: int, skipped: list[dict[str, str]],
+                     field_scale: float = 1.0) -> Iterator[tuple[list[tuple[str, int, bytes]], np.ndarray]]:
     """Model-input batches of ``chosen`` (decoded 4 at a time); undecodable images go to ``skipped``."""
     with ThreadPoolExecutor(max_workers=4) as pool:
         for start in range(0, len(chosen), batch_size):
@@ -213,7 +213,7 @@ def _decoded_batches(chosen: list[tuple[str, int, bytes]], size: int, batch_size
                 images.append(rgb)
                 keep.append(entry)
             if images:
-                yield keep, model_inputs(images, size)[0]
+                yield keep, model_inputs(images, size, field_scale)[0]
 
 
 def evaluate(
