@@ -399,6 +399,8 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
     log.info("new lab's cells against the replayed cells: %s; field scale %s", scale, field_scale)
     if field_scale != 1.0:
         new = read_labelled(new_rows, size, class_index, field_scale=field_scale)
+        # every image the model sees is magnified, the first lab's too: its replayed cells are trained so
+        replay_train = _read_replay(config, base.uri, size, class_index, label_map, "train", field_scale)
     # The model shows every image at its field scale, the first lab's too: calibrate and report on them so.
     replay_val = _read_replay(config, base.uri, size, class_index, label_map, "val", field_scale)
     repeats = _repeats(len(new["label_index"]), len(replay_train["label_index"]), config.new_lab_share)
