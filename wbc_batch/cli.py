@@ -454,7 +454,7 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--freeze-norm", action="store_true",
                    help="keep the base's BatchNormalization statistics (layers in inference mode)")
     p.add_argument("--keep-scale", action="store_true",
-                   help="do not rescale: by default, when the new lab's cells measure more than 15%% larger or "
+                   help="do not rescale: by default, when the new lab's cells measure more than 25%% larger or "
                         "smaller than the replayed ones, the adapted model magnifies every image to bring them "
                         "to the base's scale (a crop around the cell, or a padding)")
     p.add_argument("--replay-distill", metavar="W", type=float, default=0.0,

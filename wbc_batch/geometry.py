@@ -45,11 +45,14 @@ MAX_CELL_FRACTION = 0.56
 TARGET_CELL_FRACTION = 0.387
 """The median PBC white cell (equivalent diameter over the tile's side, validation split)."""
 
-FIELD_SCALE_TOLERANCE = 0.15
-"""A lab whose cells are within 15% of the reference's size keeps its images as they are.
+FIELD_SCALE_TOLERANCE = 0.25
+"""A lab whose cells are within 25% of the reference's size keeps its images as they are.
 
-Chula's cells measure 0.88x PBC's and are left alone; a field a third
-wider (0.64x) is rescaled.
+Chosen on Chula: ten cells per class from two sets of its slides measured
+0.83x and 0.94x PBC's (so a ten-cell estimate moves by about 0.1 within one
+lab), and the fold rescaled by 1.21x fell from 61.0% to 52.9% after
+adapting. A difference that small is left to the fine-tuning; a field a
+third wider (0.61x) gains 10 points from the rescaling (docs/OTHER_LABS.md).
 """
 
 
