@@ -23,7 +23,8 @@ Why it is built this way:
   until the lab calibrates on its own verified cells (``wbc-batch calibrate``).
 * ``adapt`` measures how large the new lab's cells look against the
   replayed ones, class by class (:func:`~wbc_batch.geometry.relative_cell_size`),
-  and when they differ by more than 15% the adapted model carries a field
+  and when they differ by more than
+  :data:`~wbc_batch.geometry.FIELD_SCALE_TOLERANCE` the adapted model carries a field
   scale (:func:`~wbc_batch.geometry.field_scale_for`) that every path applies
   to every image first: a wider field is cropped around its cell, a closer
   one padded, so the lab's cells reach the network at the size it learnt.
@@ -241,20 +242,20 @@ def _counts(labels: np.ndarray, classes: list[str]) -> dict[str, int]:
     return {c: got[i] for i, c in enumerate(classes) if got[i]}
 
 
-def _no_images(size: int) -> dict[str, np.ndarray]:
-    """An empty labelled set: what a run without ``--replay`` mixes in."""
-    return {"image": np.zeros((0, size, size, 3), np.uint8), "label_index": np.zeros(0, np.int64)}
+def _replay_rows(config: AdaptConfig, base_uri: str, class_index: dict[str, int],
+                 label_map: dict[str, str]) -> dict[str, list[dict[str, str]]]:
+    """The base's own train and val rows from ``--replay`` (its split.csv says which is which), listed once.
 
-
-def _read_replay(config: AdaptConfig, base_uri: str, size: int, class_index: dict[str, int],
-                 label_map: dict[str, str], split: str, field_scale: float = 1.0) -> dict[str, np.ndarray]:
-    """The base's own ``split`` images from ``--replay`` (its split.csv says which is which)."""
+    Why rows and not images: with a field scale the same cells are decoded
+    at two scales, and listing the replay data (thousands of keys on S3)
+    and reading the split once serves every decode. Empty without ``--replay``.
+    """
     if not config.replay_uri:
-        return _no_images(size)
+        return {"train": [], "val": []}
     base_split = read_split_csv(base_uri, key="uri")
     rows = [r for r in list_labelled_files(config.replay_uri, label_map) if r["label"] in class_index]
-    return read_labelled(choose_replay(rows, base_split, split, config.replay_per_class, config.seed),
-                         size, class_index, field_scale=field_scale)
+    return {split: choose_replay(rows, base_split, split, config.replay_per_class, config.seed)
+            for split in ("train", "val")}
 
 
 def lab_scale(new: dict[str, np.ndarray], replay: dict[str, np.ndarray], classes: list[str]) -> dict[str, Any]:
@@ -395,16 +396,17 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
     new = read_labelled(new_rows, size, class_index)
     if len(new["label_index"]) == 0:
         raise TrainingError(f"no decodable images under {config.data_uri}")
-    replay_train = _read_replay(config, base.uri, size, class_index, label_map, "train")
+    replay_rows = _replay_rows(config, base.uri, class_index, label_map)
+    replay_train = read_labelled(replay_rows["train"], size, class_index)
     scale = lab_scale(new, replay_train, classes)
     field_scale = field_scale_for(scale["ratio"]) if config.rescale else 1.0
     log.info("new lab's cells against the replayed cells: %s; field scale %s", scale, field_scale)
     if field_scale != 1.0:
         new = read_labelled(new_rows, size, class_index, field_scale=field_scale)
         # every image the model sees is magnified, the first lab's too: its replayed cells are trained so
-        replay_train = _read_replay(config, base.uri, size, class_index, label_map, "train", field_scale)
+        replay_train = read_labelled(replay_rows["train"], size, class_index, field_scale=field_scale)
     # The model shows every image at its field scale, the first lab's too: calibrate and report on them so.
-    replay_val = _read_replay(config, base.uri, size, class_index, label_map, "val", field_scale)
+    replay_val = read_labelled(replay_rows["val"], size, class_index, field_scale=field_scale)
     repeats = _repeats(len(new["label_index"]), len(replay_train["label_index"]), config.new_lab_share)
     replay_teacher = predict_logits(base.model, replay_train["image"]) if config.replay_distill else None
     train_ds = _mixed_dataset(new, replay_train, repeats, replay_teacher)
@@ -418,7 +420,7 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
 
     model = build_classifier(keras, len(classes), image_size=size, input_norm=tc.input_norm)
     model.set_weights(fit.weights)
-    base_val = replay_val if field_scale == 1.0 else _read_replay(config, base.uri, size, class_index, label_map, "val")
+    base_val = replay_val if field_scale == 1.0 else read_labelled(replay_rows["val"], size, class_index)
     calibration, replay_report = _calibrate_on_replay(model, base, replay_val, base_val)
     ood = refit_ood(model, meta.embedding_layer, len(classes), new, replay_train, replay_val, config.seed)
 
