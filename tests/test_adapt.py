@@ -238,3 +238,27 @@ def test_adapt_refuses_class_folders_the_model_does_not_know(ray_local: None, tm
     (data / "smudge" / src.name).write_bytes(src.read_bytes())
     assert main(["adapt", str(data), str(tmp_path / "out")]) != 0
     assert "smudge" in capsys.readouterr().err
+
+
+def test_lab_colours_add_the_replay_recoloured_as_a_third_balanced_group(ray_local: None) -> None:
+    from wbc_batch.training.adapt import _mixed_dataset, _run_name, replay_in_lab_colours
+
+    rng = np.random.default_rng(0)
+    new = {"image": np.full((2, 8, 8, 3), (90, 60, 120), np.uint8), "label_index": np.array([0, 1])}
+    replay = {"image": rng.integers(0, 255, (3, 8, 8, 3), dtype=np.uint8), "label_index": np.array([0, 1, 1])}
+    recoloured = replay_in_lab_colours(new, replay, seed=1)
+    assert np.array_equal(recoloured["label_index"], replay["label_index"])
+    assert recoloured["image"].std() < replay["image"].std()  # the flat new lab's look
+    rows = _mixed_dataset(new, replay, repeats=2, recoloured=recoloured).take_all()
+    assert len(rows) == 3 + 2 * 2 + 3
+    assert sum(r["sample_weight"] for r in rows) == pytest.approx(len(rows))
+    # the recoloured group's classes weigh the same: one cell of class 0 against two of class 1
+    weights = sorted(r["sample_weight"] for r in rows if any(np.array_equal(r["image"], im)
+                                                              for im in recoloured["image"]))
+    assert weights[-1] == pytest.approx(2 * weights[0])
+    config = AdaptConfig(data_uri="d", model_out="m", replay_uri="r", lab_colours=True)
+    assert _run_name(config, "f" * 64, "b") != _run_name(AdaptConfig("d", "m", replay_uri="r"), "f" * 64, "b")
+    with pytest.raises(ValueError, match="needs --replay"):
+        AdaptConfig(data_uri="d", model_out="m", lab_colours=True)
+    with pytest.raises(ValueError, match="do not combine"):
+        AdaptConfig(data_uri="d", model_out="m", replay_uri="r", lab_colours=True, replay_distill=0.5)

@@ -329,9 +329,10 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 def _augment_option(p: argparse.ArgumentParser, default: str) -> None:
     """``--augment``: the named presets of ``wbc_batch.training.augment`` (a test keeps the lists equal)."""
-    p.add_argument("--augment", choices=["light", "strong"], default=default,
-                   help=f"augmentation preset: strong (stain, blur, noise, JPEG, zoom 0.65-1.35) or light (1.0.0's "
-                        f"rotations, flips, small zoom and tint); default {default}; see MODEL_CARD.md")
+    p.add_argument("--augment", choices=["light", "strong", "colour"], default=default,
+                   help=f"augmentation preset: strong (stain, blur, noise, JPEG, zoom 0.65-1.35), light (1.0.0's "
+                        f"rotations, flips, small zoom and tint) or colour (light's geometry, contrast down to "
+                        f"0.25, colour casts, blur, noise); default {default}; see MODEL_CARD.md")
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -462,6 +463,10 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
                         "softened logits) instead of their labels, so the first lab keeps the base's view of "
                         "them; 0 = off, the default (on Chula 0.5 kept 0.15 points more of PBC and cost the "
                         "new lab 4-6 points; MODEL_CARD.md)")
+    p.add_argument("--lab-colours", action="store_true",
+                   help="with --replay: also train every replayed cell once more in the colours of one of the "
+                        "new lab's images (CIELAB mean and spread), so the first lab's cells teach the classes "
+                        "in the new lab's look")
     _augment_option(p, "light")
     p.add_argument("--lab", default=None, help="the lab's name in model.json (default: DATA's folder name)")
     p.add_argument("--version", default=None, help="version of the new artifact (default: BASE+LAB.timestamp)")
@@ -481,7 +486,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
         data_uri=args.data, model_out=args.model_out, base=args.base, replay_uri=args.replay,
         replay_per_class=args.replay_per_class, new_lab_share=args.new_lab_share, epochs=args.epochs,
         learning_rate=args.learning_rate, batch_size=args.batch_size, freeze_norm=args.freeze_norm,
-        replay_distill=args.replay_distill, rescale=not args.keep_scale,
+        replay_distill=args.replay_distill, rescale=not args.keep_scale, lab_colours=args.lab_colours,
         augment=args.augment, workers=args.workers,
         cpus_per_worker=args.cpus_per_worker, use_gpu=args.use_gpu, storage_path=args.storage_path,
         ray_address=args.ray_address, version=args.version, lab=args.lab, precision=args.precision,

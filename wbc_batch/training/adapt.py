@@ -70,7 +70,7 @@ from wbc_batch.training.recipe import balanced_within_groups
 
 log = logging.getLogger("wbc_batch.training")
 
-NEW_LAB, REPLAY = 1, 0
+NEW_LAB, REPLAY, REPLAY_IN_LAB_COLOURS = 1, 0, 2
 AUGMENTED_VIEWS_FOR_THRESHOLD = 4
 
 
@@ -90,6 +90,7 @@ class AdaptConfig:
     weight_decay: float = 5e-4
     freeze_norm: bool = False
     rescale: bool = True  # show a lab whose cells are another size at the base's scale (geometry.field_scale_for)
+    lab_colours: bool = False  # also train the replayed cells in the new lab's colours (colour.in_the_colours_of)
     replay_distill: float = 0.0  # share of the replayed cells' loss that is the base's own answers (0 = labels only)
     augment: str = "light"  # PBC kept 2.5 points better than with strong, Chula the same (MODEL_CARD)
     workers: int = 1
@@ -116,6 +117,10 @@ class AdaptConfig:
             raise ValueError(f"replay distillation must lie in [0, 1], got {self.replay_distill}")
         if self.replay_distill and not self.replay_uri:
             raise ValueError("--replay-distill teaches the replayed cells the base's answers: it needs --replay")
+        if self.lab_colours and not self.replay_uri:
+            raise ValueError("--lab-colours recolours the replayed cells: it needs --replay")
+        if self.lab_colours and self.replay_distill:
+            raise ValueError("--lab-colours and --replay-distill do not combine")
         preset(self.augment)  # an unknown preset fails here, not after the data are read
 
     def lab_name(self) -> str:
@@ -270,19 +275,39 @@ def lab_scale(new: dict[str, np.ndarray], replay: dict[str, np.ndarray], classes
             "per_class": {classes[k]: round(v, 3) for k, v in per_class.items()}}
 
 
+def replay_in_lab_colours(new: dict[str, np.ndarray], replay: dict[str, np.ndarray],
+                          seed: int) -> dict[str, np.ndarray]:
+    """The replayed cells again, each in the colours of one of the new lab's images (``--lab-colours``).
+
+    Why: ten cells per class show the new lab's look on too few cells to
+    learn the classes in it; the first lab's hundreds of labelled cells,
+    recoloured, show it on every class (:mod:`wbc_batch.colour`).
+    """
+    from wbc_batch.colour import in_the_colours_of
+
+    if len(replay["label_index"]) == 0:
+        return replay
+    return {"image": in_the_colours_of(replay["image"], new["image"], seed), "label_index": replay["label_index"]}
+
+
 def _mixed_dataset(new: dict[str, np.ndarray], replay: dict[str, np.ndarray], repeats: int,
-                   replay_teacher: np.ndarray | None = None) -> Any:
+                   replay_teacher: np.ndarray | None = None,
+                   recoloured: dict[str, np.ndarray] | None = None) -> Any:
     """Replay images plus each new cell ``repeats`` times, weighted so each group's classes are balanced.
 
     With ``replay_teacher`` (the base's logits of the replayed images) every
     row also carries ``teacher_logits`` and ``distill_mask``: 1 on replayed
     rows, 0 on the new lab's (whose teacher logits are zeros, never read).
+    With ``recoloured`` (:func:`replay_in_lab_colours`) those images are a
+    third group, as many as the replayed ones, taught by their labels.
     """
     import ray
 
-    x = np.concatenate([replay["image"], np.repeat(new["image"], repeats, axis=0)])
-    y = np.concatenate([replay["label_index"], np.repeat(new["label_index"], repeats)])
-    groups = [REPLAY] * len(replay["label_index"]) + [NEW_LAB] * (len(new["label_index"]) * repeats)
+    extra = recoloured or {"image": replay["image"][:0], "label_index": replay["label_index"][:0]}
+    x = np.concatenate([replay["image"], np.repeat(new["image"], repeats, axis=0), extra["image"]])
+    y = np.concatenate([replay["label_index"], np.repeat(new["label_index"], repeats), extra["label_index"]])
+    groups = [REPLAY] * len(replay["label_index"]) + [NEW_LAB] * (len(new["label_index"]) * repeats) \
+        + [REPLAY_IN_LAB_COLOURS] * len(extra["label_index"])
     weights = np.asarray(balanced_within_groups([int(v) for v in y], groups), np.float32)
     rows: list[dict[str, Any]] = [{"image": im, "label_index": int(lab), "sample_weight": float(w)}
                                   for im, lab, w in zip(x, y, weights)]
@@ -360,7 +385,7 @@ def _run_name(config: AdaptConfig, fingerprint: str, base_sha256: str) -> str:
     settings = f"{config.epochs}-{config.learning_rate}-{config.batch_size}-{config.replay_per_class}-" \
                f"{config.new_lab_share}-{config.seed}-{config.freeze_norm}-{config.augment}-{base_sha256}" \
                + (f"-kd{config.replay_distill}" if config.replay_distill else "") \
-               + ("" if config.rescale else "-keep-scale")
+               + ("" if config.rescale else "-keep-scale") + ("-lab-colours" if config.lab_colours else "")
     return f"wbc-adapt-{fingerprint[:12]}-{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
 
 
@@ -409,7 +434,8 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
     replay_val = read_labelled(replay_rows["val"], size, class_index, field_scale=field_scale)
     repeats = _repeats(len(new["label_index"]), len(replay_train["label_index"]), config.new_lab_share)
     replay_teacher = predict_logits(base.model, replay_train["image"]) if config.replay_distill else None
-    train_ds = _mixed_dataset(new, replay_train, repeats, replay_teacher)
+    recoloured = replay_in_lab_colours(new, replay_train, config.seed) if config.lab_colours else None
+    train_ds = _mixed_dataset(new, replay_train, repeats, replay_teacher, recoloured)
 
     tc = config.train_config(size, ray.cluster_resources().get("CPU", 1.0), input_norm_of(base.model), str(base.uri))
     precision = resolve_precision(config.precision, config.use_gpu)
@@ -446,6 +472,7 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
         "replay_distill": ({"weight": config.replay_distill, "temperature": tc.distill_temperature}
                            if config.replay_distill else None),
         "augmentation": config.augment,
+        "replay_in_lab_colours": config.lab_colours,
         "precision": precision,
         "train_seconds": round(fit.seconds, 1),
         "final_epoch": fit.final_state,

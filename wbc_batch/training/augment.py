@@ -60,7 +60,21 @@ adapt``: there it adapted to Chula as well as :data:`AUGMENT` and kept 2.5
 points more of PBC (MODEL_CARD, "Other labs").
 """
 
-AUGMENT_PRESETS: dict[str, AugmentSpec] = {"strong": AUGMENT, "light": LIGHT}
+COLOUR = AugmentSpec(
+    zoom=(0.9, 1.1), rotate_degrees=15.0, shift=0.05, hue=0.05, saturation=(0.5, 1.4), gamma=(0.8, 1.25),
+    contrast=(0.25, 1.1), brightness=(0.8, 1.15), channel_gain=(0.85, 1.15), blur_probability=0.3,
+    blur_sigma=(0.3, 1.5), noise_probability=0.3, noise_std=(1.0, 5.0), jpeg_probability=0.2,
+    jpeg_quality=(50, 95), vignette_probability=0.3, vignette_strength=(0.1, 0.35),
+)
+"""The light preset's geometry with wide colour and contrast ranges, for fine-tuning a model to other labs' looks.
+
+Why contrast down to 0.25: the shipped model reads PBC's validation cells
+at 95% with their contrast scaled by 0.6, 5% at 0.45 and 0% at 0.3, and a
+Chula image's CIELAB lightness spread is a third of a PBC image's
+(docs/OTHER_LABS.md). Scale stays light: :mod:`wbc_batch.geometry` handles it.
+"""
+
+AUGMENT_PRESETS: dict[str, AugmentSpec] = {"strong": AUGMENT, "light": LIGHT, "colour": COLOUR}
 
 
 def preset(name: str) -> AugmentSpec:

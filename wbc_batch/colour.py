@@ -1,0 +1,47 @@
+"""Colour transfer between images in CIELAB (Reinhard et al., 2001): one lab's cells in another lab's colours.
+
+Why it matters: the shipped model reads PBC's validation cells at 98.3%,
+and the same cells with each image's CIELAB mean and standard deviation
+moved to those of a random Chula image at 11.7% (Chula itself: 8.9%). A
+lab's colour and contrast, not its cells' shapes, is most of what the
+network misreads. ``adapt`` therefore also trains the first lab's replayed
+cells in the new lab's colours (:func:`in_the_colours_of`), so the many
+labelled cells of the first lab teach the classes in the look of the new
+one (docs/OTHER_LABS.md).
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+STD_FLOOR = 1e-3  # a flat image has no spread to scale; the floor keeps the division finite
+
+
+def lab_statistics(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and standard deviation of an (H, W, 3) uint8 RGB image in OpenCV's 8-bit CIELAB."""
+    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).reshape(-1, 3).astype(np.float32)
+    return lab.mean(0), lab.std(0) + STD_FLOOR
+
+
+def transfer_colour(rgb: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """``rgb`` with its CIELAB mean and standard deviation moved to ``mean`` and ``std`` (uint8 RGB)."""
+    own_mean, own_std = lab_statistics(rgb)
+    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).astype(np.float32)
+    moved = (lab - own_mean) / own_std * std + mean
+    return cv2.cvtColor(np.clip(np.rint(moved), 0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB)
+
+
+def in_the_colours_of(images: np.ndarray, references: np.ndarray, seed: int) -> np.ndarray:
+    """Each of ``images`` (N, S, S, 3 uint8) in the colours of a reference image drawn at random.
+
+    Why one random reference per image and not the references' average:
+    a lab's images differ among themselves (Chula's casts run from pink to
+    grey to blue), and each drawn look is one the lab really shows.
+    """
+    if len(references) == 0:
+        raise ValueError("no reference images to take colours from")
+    stats = [lab_statistics(ref) for ref in references]
+    picks = np.random.default_rng(seed).integers(len(stats), size=len(images))
+    out = [transfer_colour(im, *stats[k]) for im, k in zip(images, picks)]
+    return np.stack(out) if out else np.zeros_like(images)
