@@ -34,6 +34,7 @@ import cv2
 import numpy as np
 
 from wbc_batch import imaging
+from wbc_batch.colour import lab_statistics, transfer_colour
 from wbc_batch.localisation import cell_mask
 from wbc_batch.training.evaluation import evaluate
 
@@ -74,12 +75,6 @@ def geometric(centre_on_cell: bool, zoom: float) -> Variant:
     return apply
 
 
-def lab_statistics(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and standard deviation in OpenCV's 8-bit CIELAB."""
-    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).reshape(-1, 3).astype(np.float32)
-    return lab.mean(0), lab.std(0) + 1e-6
-
-
 def reinhard(reference: list[Path]) -> Variant:
     """Colour transfer to the reference lab's average CIELAB statistics."""
     stats = [lab_statistics(imaging.decode_image(p.read_bytes())) for p in reference]
@@ -87,10 +82,7 @@ def reinhard(reference: list[Path]) -> Variant:
     sd = np.mean([s for _, s in stats], axis=0)
 
     def apply(rgb: np.ndarray, centre: Centre) -> np.ndarray:
-        m, s = lab_statistics(rgb)
-        lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).astype(np.float32)
-        moved = ((lab - m) / s * sd + mu).clip(0, 255).astype(np.uint8)
-        return cv2.cvtColor(moved, cv2.COLOR_LAB2RGB)
+        return transfer_colour(rgb, mu, sd)
     return apply
 
 
