@@ -241,21 +241,31 @@ def test_adapt_refuses_class_folders_the_model_does_not_know(ray_local: None, tm
 
 
 def test_lab_colours_add_the_replay_recoloured_as_a_third_balanced_group(ray_local: None) -> None:
-    from wbc_batch.training.adapt import _mixed_dataset, _run_name, replay_in_lab_colours
+    from wbc_batch.training.adapt import _mixed_dataset, replay_in_lab_colours
 
     rng = np.random.default_rng(0)
     new = {"image": np.full((2, 8, 8, 3), (90, 60, 120), np.uint8), "label_index": np.array([0, 1])}
-    replay = {"image": rng.integers(0, 255, (3, 8, 8, 3), dtype=np.uint8), "label_index": np.array([0, 1, 1])}
-    recoloured = replay_in_lab_colours(new, replay, seed=1)
-    assert np.array_equal(recoloured["label_index"], replay["label_index"])
+    replay = {"image": rng.integers(0, 255, (4, 8, 8, 3), dtype=np.uint8), "label_index": np.array([0, 1, 1, 1])}
+    recoloured = replay_in_lab_colours(new, replay, 3, seed=1)
+    assert len(recoloured["label_index"]) == 3 and set(recoloured["label_index"]) <= {0, 1}
     assert recoloured["image"].std() < replay["image"].std()  # the flat new lab's look
     rows = _mixed_dataset(new, replay, repeats=2, recoloured=recoloured).take_all()
-    assert len(rows) == 3 + 2 * 2 + 3
+    assert len(rows) == 4 + 2 * 2 + 3
     assert sum(r["sample_weight"] for r in rows) == pytest.approx(len(rows))
-    # the recoloured group's classes weigh the same: one cell of class 0 against two of class 1
-    weights = sorted(r["sample_weight"] for r in rows if any(np.array_equal(r["image"], im)
-                                                              for im in recoloured["image"]))
-    assert weights[-1] == pytest.approx(2 * weights[0])
+    # inside the recoloured group each class weighs the same, however many cells it has
+    labels = list(recoloured["label_index"])
+    mass = {c: sum(r["sample_weight"] for r in rows if r["label_index"] == c
+                   and any(np.array_equal(r["image"], im) for im in recoloured["image"])) for c in set(labels)}
+    assert len(set(round(m, 6) for m in mass.values())) == 1, mass
+
+
+def test_lab_colours_split_the_new_labs_share_and_keep_the_first_labs() -> None:
+    from wbc_batch.training.adapt import _run_name, lab_look_counts
+
+    assert lab_look_counts(50, 900, 0.5, lab_colours=False) == (18, 0)  # 900 new-lab images against 900
+    repeats, recoloured = lab_look_counts(50, 900, 0.5, lab_colours=True)
+    assert (repeats, recoloured) == (9, 450)  # 450 new-lab images, 450 recoloured, the 900 replayed kept
+    assert lab_look_counts(50, 0, 0.5, lab_colours=True) == (1, 0)  # nothing to recolour without replay
     config = AdaptConfig(data_uri="d", model_out="m", replay_uri="r", lab_colours=True)
     assert _run_name(config, "f" * 64, "b") != _run_name(AdaptConfig("d", "m", replay_uri="r"), "f" * 64, "b")
     with pytest.raises(ValueError, match="needs --replay"):

@@ -275,9 +275,9 @@ def lab_scale(new: dict[str, np.ndarray], replay: dict[str, np.ndarray], classes
             "per_class": {classes[k]: round(v, 3) for k, v in per_class.items()}}
 
 
-def replay_in_lab_colours(new: dict[str, np.ndarray], replay: dict[str, np.ndarray],
+def replay_in_lab_colours(new: dict[str, np.ndarray], replay: dict[str, np.ndarray], count: int,
                           seed: int) -> dict[str, np.ndarray]:
-    """The replayed cells again, each in the colours of one of the new lab's images (``--lab-colours``).
+    """``count`` replayed cells drawn at random, each in the colours of one of the new lab's images.
 
     Why: ten cells per class show the new lab's look on too few cells to
     learn the classes in it; the first lab's hundreds of labelled cells,
@@ -285,9 +285,23 @@ def replay_in_lab_colours(new: dict[str, np.ndarray], replay: dict[str, np.ndarr
     """
     from wbc_batch.colour import in_the_colours_of
 
-    if len(replay["label_index"]) == 0:
-        return replay
-    return {"image": in_the_colours_of(replay["image"], new["image"], seed), "label_index": replay["label_index"]}
+    pick = np.sort(np.random.default_rng(seed).permutation(len(replay["label_index"]))[:count])
+    return {"image": in_the_colours_of(replay["image"][pick], new["image"], seed),
+            "label_index": replay["label_index"][pick]}
+
+
+def lab_look_counts(n_new: int, n_replay: int, share: float, lab_colours: bool) -> tuple[int, int]:
+    """How often each new cell is repeated, and how many replayed cells are recoloured, per epoch.
+
+    Without ``--lab-colours`` the new lab's cells carry ``share`` of the
+    images. With it, that share is split evenly between the new lab's
+    cells and replayed cells in its colours, so the first lab's own cells
+    keep their share and an epoch is as long as without.
+    """
+    if not lab_colours or n_new == 0 or n_replay == 0:
+        return _repeats(n_new, n_replay, share), 0
+    lab_images = share / (1.0 - share) * n_replay  # as many images as the new lab alone would have had
+    return max(1, round(lab_images / 2 / n_new)), min(n_replay, round(lab_images / 2))
 
 
 def _mixed_dataset(new: dict[str, np.ndarray], replay: dict[str, np.ndarray], repeats: int,
@@ -299,7 +313,7 @@ def _mixed_dataset(new: dict[str, np.ndarray], replay: dict[str, np.ndarray], re
     row also carries ``teacher_logits`` and ``distill_mask``: 1 on replayed
     rows, 0 on the new lab's (whose teacher logits are zeros, never read).
     With ``recoloured`` (:func:`replay_in_lab_colours`) those images are a
-    third group, as many as the replayed ones, taught by their labels.
+    third group, taught by their labels.
     """
     import ray
 
@@ -432,9 +446,10 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
         replay_train = read_labelled(replay_rows["train"], size, class_index, field_scale=field_scale)
     # The model shows every image at its field scale, the first lab's too: calibrate and report on them so.
     replay_val = read_labelled(replay_rows["val"], size, class_index, field_scale=field_scale)
-    repeats = _repeats(len(new["label_index"]), len(replay_train["label_index"]), config.new_lab_share)
+    repeats, n_recoloured = lab_look_counts(len(new["label_index"]), len(replay_train["label_index"]),
+                                            config.new_lab_share, config.lab_colours)
     replay_teacher = predict_logits(base.model, replay_train["image"]) if config.replay_distill else None
-    recoloured = replay_in_lab_colours(new, replay_train, config.seed) if config.lab_colours else None
+    recoloured = replay_in_lab_colours(new, replay_train, n_recoloured, config.seed) if n_recoloured else None
     train_ds = _mixed_dataset(new, replay_train, repeats, replay_teacher, recoloured)
 
     tc = config.train_config(size, ray.cluster_resources().get("CPU", 1.0), input_norm_of(base.model), str(base.uri))
@@ -472,7 +487,7 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
         "replay_distill": ({"weight": config.replay_distill, "temperature": tc.distill_temperature}
                            if config.replay_distill else None),
         "augmentation": config.augment,
-        "replay_in_lab_colours": config.lab_colours,
+        "replay_in_lab_colours": n_recoloured,  # replayed cells also trained in the new lab's colours
         "precision": precision,
         "train_seconds": round(fit.seconds, 1),
         "final_epoch": fit.final_state,
