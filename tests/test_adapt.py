@@ -272,3 +272,10 @@ def test_lab_colours_split_the_new_labs_share_and_keep_the_first_labs() -> None:
         AdaptConfig(data_uri="d", model_out="m", lab_colours=True)
     with pytest.raises(ValueError, match="do not combine"):
         AdaptConfig(data_uri="d", model_out="m", replay_uri="r", lab_colours=True, replay_distill=0.5)
+
+
+def test_cli_lab_colours_without_replay_is_refused_before_any_work(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    assert main(["adapt", str(tmp_path / "lab"), str(tmp_path / "out"), "--lab-colours"]) != 0
+    assert "--lab-colours recolours the replayed cells: it needs --replay" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
