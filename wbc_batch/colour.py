@@ -5,10 +5,10 @@ Why it matters: the shipped model reads 400 of PBC's validation cells at
 deviation moved to those of a random Chula image at 12.5% (Chula itself:
 8.9%; ``tools/measure_colour_sensitivity.py``). A
 lab's colour and contrast, not its cells' shapes, is most of what the
-network misreads. ``adapt`` therefore also trains the first lab's replayed
-cells in the new lab's colours (:func:`in_the_colours_of`), so the many
-labelled cells of the first lab teach the classes in the look of the new
-one (docs/OTHER_LABS.md).
+network misreads. ``adapt --lab-colours`` therefore also trains replayed
+cells of the first lab in the new lab's colours (:func:`in_the_colours_of`),
+so its many labelled cells teach the classes in the look of the new one
+(docs/OTHER_LABS.md, "Colour and contrast").
 """
 
 from __future__ import annotations

@@ -40,6 +40,11 @@ Why it is built this way:
   while the new lab's cells are taught by their labels alone. Off by
   default: on Chula's two folds W = 0.5 kept 0.15 points more of PBC (97.1%
   against 96.95%) and cost the new lab 4-6 points (MODEL_CARD.md).
+* ``--lab-colours`` gives half of the new lab's share of each epoch to
+  replayed cells shown in the colours of its images (:mod:`wbc_batch.colour`):
+  the first lab's labelled cells then teach every class in the new lab's
+  look. Off by default: on Chula's two folds +4 points and none, PBC -0.7
+  to -0.9 points (docs/OTHER_LABS.md, "Colour and contrast").
 * The OOD statistics are refitted so that the new lab is in distribution:
   the Gaussians see the replayed training cells plus the eight dihedral views
   of every new cell, and the threshold is set on the replay validation cells
