@@ -26,11 +26,10 @@ import json
 import random
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from wbc_batch import splits
-from wbc_batch.colour import in_the_colours_of, lab_statistics
+from wbc_batch.colour import in_the_colours_of, lab_statistics, transfer_colour
 from wbc_batch.model import load_artifact
 from wbc_batch.training.data import list_labelled_files, read_labelled, read_split_csv
 from wbc_batch.training.evaluation import predict_logits
@@ -39,15 +38,16 @@ CONTRASTS = (0.6, 0.45, 0.3)
 
 
 def channels_moved(images: np.ndarray, references: np.ndarray, channels: list[int], seed: int) -> np.ndarray:
-    """Each image with only the given CIELAB channels moved to a random reference's statistics."""
+    """Each image with only the given CIELAB channels moved to a random reference's statistics.
+
+    The other channels keep the image's own statistics, which the transfer leaves as they are.
+    """
     picks = np.random.default_rng(seed).integers(len(references), size=len(images))
     out = []
     for rgb, k in zip(images, picks):
-        lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).astype(np.float32)
         (mean, std), (ref_mean, ref_std) = lab_statistics(rgb), lab_statistics(references[k])
-        for c in channels:
-            lab[..., c] = (lab[..., c] - mean[c]) / std[c] * ref_std[c] + ref_mean[c]
-        out.append(cv2.cvtColor(np.clip(np.rint(lab), 0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB))
+        mean[channels], std[channels] = ref_mean[channels], ref_std[channels]
+        out.append(transfer_colour(rgb, mean, std))
     return np.stack(out)
 
 

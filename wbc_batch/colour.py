@@ -19,16 +19,24 @@ import numpy as np
 STD_FLOOR = 1e-3  # a flat image has no spread to scale; the floor keeps the division finite
 
 
+def _to_lab(rgb: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).astype(np.float32)
+
+
+def _statistics(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    flat = lab.reshape(-1, 3)
+    return flat.mean(0), flat.std(0) + STD_FLOOR
+
+
 def lab_statistics(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and standard deviation of an (H, W, 3) uint8 RGB image in OpenCV's 8-bit CIELAB."""
-    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).reshape(-1, 3).astype(np.float32)
-    return lab.mean(0), lab.std(0) + STD_FLOOR
+    return _statistics(_to_lab(rgb))
 
 
 def transfer_colour(rgb: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     """``rgb`` with its CIELAB mean and standard deviation moved to ``mean`` and ``std`` (uint8 RGB)."""
-    own_mean, own_std = lab_statistics(rgb)
-    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).astype(np.float32)
+    lab = _to_lab(rgb)
+    own_mean, own_std = _statistics(lab)
     moved = (lab - own_mean) / own_std * std + mean
     return cv2.cvtColor(np.clip(np.rint(moved), 0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB)
 

@@ -184,13 +184,6 @@ def _new_lab_rows(config: AdaptConfig, classes: list[str], label_map: dict[str, 
     return rows
 
 
-def _repeats(n_new: int, n_replay: int, share: float) -> int:
-    """How often each new-lab cell is repeated per epoch so that the lab carries ``share`` of the images."""
-    if n_replay == 0 or n_new == 0:
-        return 1
-    return max(1, round(share / (1.0 - share) * n_replay / n_new))
-
-
 def augmented_views(images: np.ndarray, n: int, seed: int) -> np.ndarray:
     """``n`` random views of each image under the strong augmentation (uint8).
 
@@ -298,14 +291,16 @@ def replay_in_lab_colours(new: dict[str, np.ndarray], replay: dict[str, np.ndarr
 def lab_look_counts(n_new: int, n_replay: int, share: float, lab_colours: bool) -> tuple[int, int]:
     """How often each new cell is repeated, and how many replayed cells are recoloured, per epoch.
 
-    Without ``--lab-colours`` the new lab's cells carry ``share`` of the
-    images. With it, that share is split evenly between the new lab's
+    The new lab carries ``share`` of each epoch's images. With
+    ``--lab-colours`` that share is split evenly between the new lab's
     cells and replayed cells in its colours, so the first lab's own cells
     keep their share and an epoch is as long as without.
     """
-    if not lab_colours or n_new == 0 or n_replay == 0:
-        return _repeats(n_new, n_replay, share), 0
-    lab_images = share / (1.0 - share) * n_replay  # as many images as the new lab alone would have had
+    if n_new == 0 or n_replay == 0:
+        return 1, 0
+    lab_images = share / (1.0 - share) * n_replay
+    if not lab_colours:
+        return max(1, round(lab_images / n_new)), 0
     return max(1, round(lab_images / 2 / n_new)), min(n_replay, round(lab_images / 2))
 
 
