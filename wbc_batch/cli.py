@@ -339,10 +339,16 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     from wbc_batch.training import recipe
 
     p = sub.add_parser("train", help="train a classifier on Ray Train and write a model artifact",
-                       description="Train on a class-folder layout (DATA/<class>/<image>), calibrate on the validation "
-                                   "split, evaluate on the test split and write the artifact to MODEL_OUT. The "
-                                   "defaults are the job's best recipe from scratch so far (docs/TRAINING_RUNS.md).")
-    p.add_argument("data", metavar="DATA", help="local folder or s3://bucket/prefix with one folder per class")
+                       description="Train on one or more labs, each a class-folder layout (DATA/<class>/<image>), "
+                                   "calibrate on the validation split, evaluate on the test split and write the "
+                                   "artifact to MODEL_OUT. With several labs, each is split by its own rule "
+                                   "(--split-by) and has an equal share of every epoch; a lab's cells are scored "
+                                   "over the classes that lab has. The defaults are the job's best recipe from "
+                                   "scratch so far (docs/TRAINING_RUNS.md).")
+    p.add_argument("data", metavar="DATA", nargs="+",
+                   help="a lab: [NAME=]ROOT, ROOT a local folder or s3://bucket/prefix with one folder per class "
+                        "(NAME defaults to ROOT's last folder); repeat for several labs, e.g. pbc=data/pbc "
+                        "chula=data/chula")
     p.add_argument("model_out", metavar="MODEL_OUT", help="local folder or s3:// prefix for the candidate artifact")
     p.add_argument("--workers", type=int, default=2, help="data-parallel training workers (default 2)")
     p.add_argument("--epochs", type=int, default=recipe.RECIPE_EPOCHS,
@@ -372,6 +378,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--class-weight", metavar="CLASS=FACTOR", type=_class_weight, action="append", default=None,
                    help="multiply the balanced weight of CLASS by FACTOR (repeatable; given at all, it replaces the "
                         "default " + " ".join(f"{c}={f:g}" for c, f in recipe.RECIPE_CLASS_WEIGHT_FACTORS.items()) + ")")
+    p.add_argument("--split-by", metavar="LAB=RULE", type=_split_rule, action="append", default=None,
+                   help="how LAB is split into train/val/test (repeatable): file (by content hash, the default) "
+                        "or prefix (by the file name up to its first '_': a slide or a cell's group, never on "
+                        "both sides)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="AdamW weight decay (default 5e-4)")
     p.add_argument("--input-norm", choices=["rescale", "stain"], default="rescale",
                    help="first layer: rescale (divide by 255, as the shipped model) or stain (standardise each "
@@ -397,6 +407,16 @@ def _class_weight(text: str) -> tuple[str, float]:
     if not sep or not name or not value > 0:
         raise argparse.ArgumentTypeError(f"expected CLASS=FACTOR with FACTOR > 0, got {text!r}")
     return name, value
+
+
+def _split_rule(text: str) -> tuple[str, str]:
+    """Parse ``LAB=RULE`` for ``--split-by``."""
+    from wbc_batch.training.labs import SPLIT_RULES
+
+    name, sep, rule = text.partition("=")
+    if not sep or not name or rule not in SPLIT_RULES:
+        raise argparse.ArgumentTypeError(f"expected LAB=RULE with RULE one of {sorted(SPLIT_RULES)}, got {text!r}")
+    return name, rule
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -19,12 +19,15 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 @dataclass(frozen=True)
 class LabelledImage:
-    """One labelled file: where it is, its content hash and its class."""
+    """One labelled file: where it is (relative to its lab's root), its content hash, its class, its lab and
+    the group its lab's split keeps together (:mod:`wbc_batch.training.labs`)."""
 
     uri: str
     sha256: str
     label: str
     folder: str
+    lab: str = ""
+    group: str = ""
 
 
 def sha256_hex(data: bytes) -> str:

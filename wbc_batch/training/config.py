@@ -9,6 +9,7 @@ from typing import Any
 from wbc_batch import imaging, splits
 from wbc_batch.errors import InvalidInputError
 from wbc_batch.training.augment import preset
+from wbc_batch.training.labs import Lab, default_lab_name, labs_from
 
 MATURE_CLASSES: tuple[str, ...] = ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil")
 
@@ -97,8 +98,11 @@ class TrainConfig:
     class_weight_factors: dict[str, float] = field(default_factory=dict)
     decode_batch_size: int = 32
     label_map: dict[str, str] = field(default_factory=lambda: dict(splits.DEFAULT_LABEL_MAP))
+    labs: list[Lab] = field(default_factory=list)  # empty: DATA_URI is the one lab, split by file
 
     def __post_init__(self) -> None:
+        if not self.labs:
+            self.labs = [Lab(default_lab_name(self.data_uri), self.data_uri)]
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.epochs < 1:
@@ -129,8 +133,10 @@ class TrainConfig:
         """Build from the ``wbc-batch train`` namespace."""
         from wbc_batch.training.recipe import RECIPE_CLASS_WEIGHT_FACTORS  # recipe imports this module
 
+        labs = labs_from(list(args.data), dict(args.split_by or []))
         return cls(
-            data_uri=args.data,
+            data_uri=labs[0].uri,
+            labs=labs,
             model_out=args.model_out,
             workers=args.workers,
             epochs=args.epochs,

@@ -9,7 +9,6 @@ its parent's held-out images.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import logging
 from collections import Counter
@@ -22,6 +21,8 @@ from wbc_batch.architecture import cam_grid_size
 from wbc_batch.geometry import cell_fraction, model_input
 from wbc_batch.model import SPLIT_FILE
 from wbc_batch.training.config import TrainConfig, TrainingError
+from wbc_batch.training.labs import Lab, class_masks, group_of, lab_class_weights, lab_counts, split_by_lab
+from wbc_batch.training.labs import fingerprint as data_fingerprint
 
 log = logging.getLogger("wbc_batch.training")
 
@@ -121,16 +122,17 @@ def _failed_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def _index_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     good = batch["ok"].astype(bool)
-    return {k: batch[k][good] for k in ("uri", "rel", "label", "sha256")}
+    return {k: batch[k][good] for k in ("uri", "rel", "label", "sha256", "lab")}
 
 
 def _label_and_split(
-    batch: dict[str, np.ndarray], split_of: dict[str, str], class_index: dict[str, int]
+    batch: dict[str, np.ndarray], split_of: dict[str, str], class_index: dict[str, int], lab_index: dict[str, int]
 ) -> dict[str, np.ndarray]:
     good = batch["ok"].astype(bool)
     out = {
         "image": batch["image"][good],
         "label_index": np.array([class_index[str(c)] for c in batch["label"][good]], dtype=np.int64),
+        "lab_index": np.array([lab_index[str(lab)] for lab in batch["lab"][good]], dtype=np.int64),
         "split": np.array([split_of[str(s)] for s in batch["sha256"][good]], dtype=object),
     }
     if "cell_grid" in batch:
@@ -140,22 +142,30 @@ def _label_and_split(
 
 def only_split(batch: dict[str, np.ndarray], split: str) -> dict[str, np.ndarray]:
     keep = batch["split"] == split
-    return {k: batch[k][keep] for k in ("image", "label_index", "cell_grid") if k in batch}
+    return {k: batch[k][keep] for k in ("image", "label_index", "lab_index", "cell_grid") if k in batch}
 
 
-def data_fingerprint(items: list[splits.LabelledImage]) -> str:
-    """SHA-256 over the sorted ``sha256,label`` pairs: the same images and labels give the same value."""
-    lines = sorted(f"{i.sha256},{i.label}\n" for i in items)
-    return hashlib.sha256("".join(lines).encode()).hexdigest()
+def list_lab_files(labs: list[Lab], label_map: dict[str, str] | None = None) -> list[dict[str, str]]:
+    """Every lab's labelled files (:func:`list_labelled_files`), each row with its ``lab`` and split ``group``."""
+    rows = []
+    for lab in labs:
+        for row in list_labelled_files(lab.uri, label_map):
+            rows.append({**row, "lab": lab.name, "group": group_of(row["rel"].rsplit("/", 1)[-1], lab.split_rule)})
+    return rows
 
 
 def split_csv_text(items: list[splits.LabelledImage], split_of: dict[str, str]) -> str:
-    """The ``split.csv`` written with the model: sha256,label,split,uri (URI relative to DATA)."""
+    """The ``split.csv`` written with the model: sha256,label,split,uri,lab,group.
+
+    ``uri`` is relative to the lab's root, ``lab`` names the lab (model.json's
+    ``training_data.labs`` gives its root and rule) and ``group`` is what the
+    lab's split kept together (the file name, a slide or a cell's group).
+    """
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["sha256", "label", "split", "uri"])
-    for it in sorted(items, key=lambda i: i.uri):
-        writer.writerow([it.sha256, it.label, split_of[it.sha256], it.uri])
+    writer.writerow(["sha256", "label", "split", "uri", "lab", "group"])
+    for it in sorted(items, key=lambda i: (i.lab, i.uri)):
+        writer.writerow([it.sha256, it.label, split_of[it.sha256], it.uri, it.lab, it.group])
     return buf.getvalue()
 
 
@@ -191,7 +201,8 @@ def prepare_data(config: TrainConfig, earlier_split: dict[str, str] | None = Non
     """List, read, hash, decode and split DATA through Ray Data."""
     import ray
 
-    rows = list_labelled_files(config.data_uri, config.label_map)
+    rows = list_lab_files(config.labs, config.label_map)
+    group_of_uri = {r["uri"]: r["group"] for r in rows}
     grid = cam_grid_size(config.image_size) if config.on_cell_weight > 0 else 0
     ds = ray.data.from_items(rows).map_batches(
         decode_batch,  # type: ignore[arg-type]  # Ray's stubs do not model fn_kwargs
@@ -204,24 +215,31 @@ def prepare_data(config: TrainConfig, earlier_split: dict[str, str] | None = Non
         log.warning("skipping %s: %s", bad["uri"], bad["error"])
     index = ds.map_batches(_index_rows, batch_format="numpy").take_all()
     items = [
-        splits.LabelledImage(str(r["rel"]), str(r["sha256"]), str(r["label"]), str(r["rel"]).split("/")[0])
+        splits.LabelledImage(str(r["rel"]), str(r["sha256"]), str(r["label"]), str(r["rel"]).split("/")[0],
+                             str(r["lab"]), group_of_uri[str(r["uri"])])
         for r in index
     ]
+    where = ", ".join(lab.uri for lab in config.labs)
     if not items:
-        raise TrainingError(f"no decodable images under {config.data_uri}")
+        raise TrainingError(f"no decodable images under {where}")
     classes = sorted({it.label for it in items})
     if len(classes) < 2:
-        raise TrainingError(f"expected at least 2 classes under {config.data_uri}, got {classes}")
-    split_of = keep_earlier_split(splits.assign_splits(items), earlier_split)
+        raise TrainingError(f"expected at least 2 classes under {where}, got {classes}")
+    split_of = keep_earlier_split(split_by_lab(items, config.labs), earlier_split)
     class_index = {c: i for i, c in enumerate(classes)}
+    lab_index = {lab.name: i for i, lab in enumerate(config.labs)}
     labelled = ds.map_batches(
-        _label_and_split, fn_kwargs={"split_of": split_of, "class_index": class_index}, batch_format="numpy"
+        _label_and_split, fn_kwargs={"split_of": split_of, "class_index": class_index, "lab_index": lab_index},
+        batch_format="numpy",
     ).materialize()
     counts = Counter(split_of[it.sha256] for it in items)
     train_labels = Counter(it.label for it in items if split_of[it.sha256] == "train")
     for name in ("train", "val"):
         if counts.get(name, 0) == 0:
             raise TrainingError(f"the {name} split is empty: {len(items)} images are too few to train")
+    for lab in config.labs:
+        if not any(it.lab == lab.name and split_of[it.sha256] == "train" for it in items):
+            raise TrainingError(f"lab {lab.name!r} ({lab.uri}) has no training image: it is too small to split")
     return {
         "items": items,
         "classes": classes,
@@ -230,11 +248,27 @@ def prepare_data(config: TrainConfig, earlier_split: dict[str, str] | None = Non
         "split_counts": {s: counts.get(s, 0) for s in splits.SPLITS},
         "train_label_counts": {c: train_labels.get(c, 0) for c in classes},
         "fingerprint": data_fingerprint(items),
+        "labs": [lab_counts(items, split_of, lab) for lab in config.labs],
+        "lab_class_mask": class_masks(items, config.labs, classes),
+        "lab_class_weights": lab_class_weights(items, split_of, config.labs, classes, config.class_weight_factors),
     }
 
 
 def split_arrays(labelled: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
     return dataset_arrays(labelled.map_batches(only_split, fn_kwargs={"split": split}, batch_format="numpy"))
+
+
+def split_columns(labelled: Any, split: str) -> dict[str, np.ndarray]:
+    """``image``, ``label_index`` and ``lab_index`` of one split's images, read in one pass (rows aligned)."""
+    ds = labelled.map_batches(only_split, fn_kwargs={"split": split}, batch_format="numpy")
+    parts: dict[str, list[np.ndarray]] = {"image": [], "label_index": [], "lab_index": []}
+    for batch in ds.iter_batches(batch_size=512, batch_format="numpy"):
+        for key, values in parts.items():
+            values.append(batch[key])
+    if not parts["image"]:
+        return {"image": np.zeros((0, 1, 1, 3), np.uint8), "label_index": np.zeros(0, np.int64),
+                "lab_index": np.zeros(0, np.int64)}
+    return {k: np.concatenate(v) for k, v in parts.items()}
 
 
 def dataset_arrays(ds: Any) -> tuple[np.ndarray, np.ndarray]:

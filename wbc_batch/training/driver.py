@@ -49,6 +49,7 @@ from wbc_batch.training.data import (
     prepare_data,
     read_split_csv,
     split_arrays,
+    split_columns,
     split_csv_text,
 )
 from wbc_batch.training.evaluation import calibration_from_val, fit_ood_statistics, predict_logits
@@ -140,6 +141,7 @@ def _run_name(config: TrainConfig, fingerprint: str) -> str:
         + ((c.label_smoothing,) if c.label_smoothing else ())  # runs without these keep their names (resume)
         + ((f"avg{c.weight_average}",) if c.weight_average else ())
         + ((f"kd{c.distill_from}:{c.distill_weight}:{c.distill_temperature}",) if c.distill_from else ())
+        + ((";".join(f"{lab.name}={lab.split_rule}" for lab in c.labs),) if len(c.labs) > 1 else ())
     )
     return config.run_name or f"wbc-train-{fingerprint[:12]}-{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
 
@@ -232,10 +234,13 @@ def fit_on_ray(
     run_name: str,
     precision: str,
     train_loop: Callable[[dict[str, Any]], None] = train_loop_per_worker,
+    lab_weights: dict[str, np.ndarray] | None = None,
 ) -> FitResult:
     """Run the Ray Train job over ``train_ds`` (columns ``image``, ``label_index``, optional
-    ``cell_grid``, ``sample_weight`` and ``teacher_logits``) and read back its last checkpoint.
+    ``lab_index``, ``cell_grid``, ``sample_weight`` and ``teacher_logits``) and read back its last checkpoint.
 
+    ``lab_weights`` (a run of several labs): ``lab_class_weights`` and
+    ``lab_class_mask``, (labs, classes) each (:mod:`wbc_batch.training.labs`).
     ``train_loop`` is the worker body; callers other than the tests keep the default.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -264,6 +269,7 @@ def fit_on_ray(
             "input_norm": config.input_norm,
             "augment": config.augment,
             "freeze_norm": config.freeze_norm,
+            **{k: np.asarray(v).tolist() for k, v in (lab_weights or {}).items()},
         },
         scaling_config=ScalingConfig(
             num_workers=config.workers, use_gpu=config.use_gpu, resources_per_worker={"CPU": config.cpus_per_worker}
@@ -330,7 +336,10 @@ def run_training(
     )
     run_name = _run_name(config, data["fingerprint"])
     precision = resolve_precision(config.precision, config.use_gpu)
-    fit = fit_on_ray(config, train_ds, len(classes), class_weights, init_weights, run_name, precision, train_loop)
+    lab_weights = ({"lab_class_weights": data["lab_class_weights"], "lab_class_mask": data["lab_class_mask"]}
+                   if len(config.labs) > 1 else None)
+    fit = fit_on_ray(config, train_ds, len(classes), class_weights, init_weights, run_name, precision, train_loop,
+                     lab_weights)
     weights, final_state, train_seconds = fit.weights, fit.final_state, fit.seconds
 
     model = build_classifier(keras, len(classes), image_size=config.image_size, input_norm=config.input_norm)
@@ -351,6 +360,7 @@ def run_training(
         "precision": precision,
         "provenance": provenance(config, t_start, revision),
         "class_weights": {c: round(w, 4) for c, w in zip(classes, class_weights)},
+        **({"lab_sampling": _lab_sampling(config, classes, data)} if len(config.labs) > 1 else {}),
         "run_name": run_name,
         "final_epoch": final_state,
         "on_cell_weight": config.on_cell_weight,
@@ -359,7 +369,7 @@ def run_training(
         **({"init_from": init_origin} if init_origin else {}),
         **({"distillation": distill_origin} if distill_origin else {}),
     }, init_origin)
-    test_report = _test_report(model, data, meta)
+    test_report = _test_report(model, data, meta, config.labs)
     meta.metrics = {"split": "test", **test_report, "calibration": calibration} if test_report else {
         "calibration": calibration}
     split_text = split_csv_text(data["items"], data["split_of"])
@@ -384,21 +394,46 @@ def run_training(
     return summary
 
 
-def _test_report(model: Any, data: dict[str, Any], meta: ModelMetadata) -> dict[str, Any]:
-    """Figures on the test split (empty without test images), also re-weighted to PBC's natural class mix.
+def _lab_sampling(config: TrainConfig, classes: list[str], data: dict[str, Any]) -> dict[str, Any]:
+    """How a run of several labs drew and weighed its images, for ``model.json``."""
+    from wbc_batch.training.labs import lab_shares
+
+    return {
+        "rule": "each lab an equal share of every epoch's images (sampled); inside a lab every class it has "
+                "weighs the same, times --class-weight; a lab's cells are scored over its own classes only",
+        "shares": {lab.name: share for lab, share in zip(config.labs, lab_shares(config.labs))},
+        "class_weights": {lab.name: {c: round(float(w), 4) for c, w in zip(classes, row) if w}
+                          for lab, row in zip(config.labs, data["lab_class_weights"])},
+        "classes": {lab.name: [c for c, m in zip(classes, row) if m]
+                    for lab, row in zip(config.labs, data["lab_class_mask"])},
+    }
+
+
+def _test_report(model: Any, data: dict[str, Any], meta: ModelMetadata, labs: list[Any]) -> dict[str, Any]:
+    """Figures on the test split (empty without test images), also re-weighted to PBC's natural class mix;
+    with several labs, each lab's own figures under ``per_lab``.
 
     The white-cell classes, temperature and threshold are the artifact's own,
     as ``wbc-batch evaluate`` reads them.
     """
-    x_test, y_test = split_arrays(data["labelled"], "test")
-    if not len(y_test):
+    test = split_columns(data["labelled"], "test")
+    if not len(test["label_index"]):
         return {}
-    test_logits = predict_logits(model, x_test)
+    test_logits = predict_logits(model, test["image"])
+    report = _report_of(test_logits, test["label_index"], meta)
+    if len(labs) > 1:
+        report["per_lab"] = {lab.name: _report_of(test_logits[test["lab_index"] == i],
+                                                  test["label_index"][test["lab_index"] == i], meta)
+                             for i, lab in enumerate(labs) if np.any(test["lab_index"] == i)}
+    return report
+
+
+def _report_of(logits: np.ndarray, labels: np.ndarray, meta: ModelMetadata) -> dict[str, Any]:
     report = metrics.classification_report(
-        test_logits, y_test, meta.class_names, meta.temperature, meta.review_threshold,
+        logits, labels, meta.class_names, meta.temperature, meta.review_threshold,
         subsets={"wbc": meta.wbc_classes, "mature5": list(MATURE_CLASSES)},
     )
-    natural = metrics.natural_mix_report(test_logits, y_test, meta.class_names, meta.temperature,
+    natural = metrics.natural_mix_report(logits, labels, meta.class_names, meta.temperature,
                                          meta.review_threshold, white_cells=meta.wbc_classes)
     if natural:
         report["natural_mix"] = natural
@@ -412,6 +447,7 @@ def _trained_metadata(config: TrainConfig, version: str, data: dict[str, Any], c
     from wbc_batch.architecture import CAM_LAYER, EMBEDDING_LAYER
 
     classes: list[str] = data["classes"]
+    sources = ", ".join(f"{lab.name}={lab.uri}" if len(config.labs) > 1 else lab.uri for lab in config.labs)
     meta = ModelMetadata(
         version=version,
         class_names=classes,
@@ -423,15 +459,16 @@ def _trained_metadata(config: TrainConfig, version: str, data: dict[str, Any], c
         non_wbc_classes=[c for c in classes if c == splits.NON_WBC],
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         changelog=[
-            f"{version}: trained by wbc_batch.training on {config.data_uri}"
+            f"{version}: trained by wbc_batch.training on {sources}"
             + (f", fine-tuned from {init_origin['version']} ({init_origin['uri']})" if init_origin else "")
         ],
         training_data={
-            "source": config.data_uri,
+            "source": sources,
             "fingerprint_sha256": data["fingerprint"],
             "n_images": len(data["items"]),
             "split_counts": data["split_counts"],
             "label_map": config.label_map,
+            "labs": data["labs"],
         },
         training=training,
         ood=ood_stats,

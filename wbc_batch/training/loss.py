@@ -23,7 +23,7 @@ def outside_share(tf: Any, feats: Any, kernel: Any, labels: Any, cells: Any) -> 
     return tf.reduce_sum(cam * (1.0 - cells), axis=(1, 2)) / (tf.reduce_sum(cam, axis=(1, 2)) + 1e-6)
 
 
-def cross_entropy(tf: Any, labels: Any, logits: Any, smoothing: float = 0.0) -> Any:
+def cross_entropy(tf: Any, labels: Any, logits: Any, smoothing: float = 0.0, class_mask: Any = None) -> Any:
     """(B,) cross-entropy of integer ``labels`` under ``logits``, with the target smoothed towards uniform.
 
     Why smoothing: the target puts ``1 - smoothing`` on the true class and
@@ -31,12 +31,23 @@ def cross_entropy(tf: Any, labels: Any, logits: Any, smoothing: float = 0.0) -> 
     logits apart once a cell is clearly placed; on classes that shade into
     each other (ig against neutrophil, lymphocyte against monocyte) that keeps
     it from memorising the training cells. ``smoothing=0`` is the plain loss.
+
+    ``class_mask`` (B, K), 1 for the classes the image's lab has: the softmax
+    runs over those alone, so a class the lab lacks gets no gradient from its
+    cells (:func:`wbc_batch.training.labs.class_masks`); None: every class.
     """
-    logp = tf.nn.log_softmax(tf.cast(logits, tf.float32))
+    logits = tf.cast(logits, tf.float32)
+    if class_mask is not None:
+        mask = tf.cast(class_mask, tf.float32)
+        logits = logits - (1.0 - mask) * 1e9
+    logp = tf.nn.log_softmax(logits)
     nll = -tf.gather(logp, tf.reshape(tf.cast(labels, tf.int32), [-1]), batch_dims=1)
     if not smoothing:
         return nll
-    return (1.0 - smoothing) * nll - smoothing * tf.reduce_mean(logp, axis=-1)
+    if class_mask is None:
+        return (1.0 - smoothing) * nll - smoothing * tf.reduce_mean(logp, axis=-1)
+    spread = tf.reduce_sum(logp * mask, axis=-1) / tf.maximum(tf.reduce_sum(mask, axis=-1), 1.0)
+    return (1.0 - smoothing) * nll - smoothing * spread
 
 
 def distillation(tf: Any, teacher_logits: Any, logits: Any, temperature: float) -> Any:
@@ -72,6 +83,7 @@ def recipe_model(tf_keras: Any, classifier: Any, cam_layer: str, logits_layer: s
     The wrapper shares the classifier's variables; data are ``(image, targets,
     sample_weight)`` with ``targets`` a dict: ``label`` always, ``cell_grid``
     when ``on_cell_weight > 0``, ``teacher_logits`` when ``distill_weight > 0``,
+    ``class_mask`` when the run has a lab that lacks a class (:func:`cross_entropy`),
     and optionally ``distill_mask`` (1 where the teacher's answer is taught, 0
     where only the label is: ``adapt`` distils the base's answers on the
     replayed cells, not on the new lab's, where the base is wrong).
@@ -104,7 +116,7 @@ def recipe_model(tf_keras: Any, classifier: Any, cam_layer: str, logits_layer: s
             labels = targets["label"]
             with tf.GradientTape() as tape:
                 feats, logits = view(images, training=True)
-                per_image = cross_entropy(tf, labels, logits, label_smoothing)
+                per_image = cross_entropy(tf, labels, logits, label_smoothing, targets.get("class_mask"))
                 if distill_weight > 0:
                     kd = distillation(tf, targets["teacher_logits"], logits, distill_temperature)
                     taught = tf.cast(targets.get("distill_mask", tf.ones_like(kd)), tf.float32)

@@ -40,11 +40,12 @@ def weights_sha256(arrays: list[np.ndarray]) -> str:
 
 
 def _load_shard(shard: Any) -> dict[str, np.ndarray]:
-    """This worker's shard as arrays: ``image``, ``label_index`` and, when present, ``cell_grid``,
-    ``sample_weight``, ``teacher_logits`` and ``distill_mask``."""
+    """This worker's shard as arrays: ``image``, ``label_index`` and, when present, ``lab_index``,
+    ``cell_grid``, ``sample_weight``, ``teacher_logits`` and ``distill_mask``."""
     parts: dict[str, list[np.ndarray]] = {}
     for batch in shard.iter_batches(batch_size=256, batch_format="numpy"):
-        for key in ("image", "label_index", "cell_grid", "sample_weight", "teacher_logits", "distill_mask"):
+        for key in ("image", "label_index", "lab_index", "cell_grid", "sample_weight", "teacher_logits",
+                    "distill_mask"):
             if key in batch:
                 parts.setdefault(key, []).append(batch[key])
     if not parts.get("image"):
@@ -111,8 +112,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         optimizer = recipe.make_optimizer(
             tf_keras, float(cfg["learning_rate"]), float(cfg["weight_decay"]), epochs, steps
         )
+        masked = cfg.get("lab_class_mask") is not None and float(np.min(cfg["lab_class_mask"])) < 1.0
         fitter = _compiled_fitter(tf_keras, model, optimizer, on_cell, float(cfg.get("label_smoothing", 0.0)),
-                                  distill, float(cfg.get("distill_temperature", 1.0)))
+                                  distill, float(cfg.get("distill_temperature", 1.0)), masked)
         optimizer.build(model.trainable_variables)
         if cfg.get("initial_weights") is not None:  # fine-tuning (--init-from); a checkpoint below overrides it
             model.set_weights(list(cfg["initial_weights"]))
@@ -185,14 +187,14 @@ def _augmented_dataset_fn(tf: Any, shard: dict[str, np.ndarray], cfg: dict[str, 
     the same rotations and flips, its answer).
     """
     x, y = shard["image"], shard["label_index"].astype(np.int64)
-    w = shard.get("sample_weight")
-    if w is None:
-        w = np.asarray(cfg["class_weights"], dtype=np.float32)[y]
-    w = np.asarray(w, dtype=np.float32)
+    labs = lab_indices(shard)
+    w = image_weights(shard, cfg)
     global_batch, seed = int(cfg["batch_size"]), int(cfg["seed"])
     spec = preset(str(cfg.get("augment", "strong")))
+    masks = cfg.get("lab_class_mask")
+    with_mask = masks is not None and float(np.min(masks)) < 1.0  # some lab lacks a class
 
-    wrapped = with_cells or with_teacher  # the recipe wrapper reads a dict of targets
+    wrapped = with_cells or with_teacher or with_mask  # the recipe wrapper reads a dict of targets
 
     def view(im: Any, lab: Any, wt: Any, extra: dict[str, Any]) -> Any:
         if not wrapped:
@@ -206,17 +208,20 @@ def _augmented_dataset_fn(tf: Any, shard: dict[str, np.ndarray], cfg: dict[str, 
             targets["teacher_logits"] = extra["teacher_logits"]
             if "distill_mask" in extra:
                 targets["distill_mask"] = extra["distill_mask"]
+        if with_mask:
+            targets["class_mask"] = extra["class_mask"]
         return im, targets, wt
 
     wanted = (("cell_grid", with_cells), ("teacher_logits", with_teacher), ("distill_mask", with_teacher))
     extra = {k: np.asarray(shard[k]) for k, on in wanted if on and shard.get(k) is not None}
+    if with_mask:
+        extra["class_mask"] = np.asarray(masks, dtype=np.float32)[labs]
     if not extra:
         extra = {"none": np.zeros(len(x), np.int8)}  # from_tensor_slices needs a non-empty structure
 
     def dataset_fn(input_context: Any) -> Any:
         per_replica = input_context.get_per_replica_batch_size(global_batch)
-        ds = tf.data.Dataset.from_tensor_slices((x, y, w, extra))
-        ds = ds.shuffle(len(x), seed=shuffle_seed(seed, rank, epoch), reshuffle_each_iteration=True).repeat()
+        ds = lab_balanced_stream(tf, (x, y, w, extra), labs, shuffle_seed(seed, rank, epoch))
         ds = ds.map(view, num_parallel_calls=threads)
         ds = ds.batch(per_replica, drop_remainder=True).prefetch(2)
         options = tf.data.Options()
@@ -226,11 +231,54 @@ def _augmented_dataset_fn(tf: Any, shard: dict[str, np.ndarray], cfg: dict[str, 
     return dataset_fn
 
 
+def lab_indices(shard: dict[str, np.ndarray]) -> np.ndarray:
+    """Each image's lab (0 for every image of a one-lab run)."""
+    labs = shard.get("lab_index")
+    return np.zeros(len(shard["label_index"]), np.int64) if labs is None else np.asarray(labs, np.int64)
+
+
+def image_weights(shard: dict[str, np.ndarray], cfg: dict[str, Any]) -> np.ndarray:
+    """Each image's loss weight: the driver's ``sample_weight`` when it set one (adapt), else its lab's weight of
+    its class (:func:`wbc_batch.training.labs.lab_class_weights`), else the run's class weight."""
+    if shard.get("sample_weight") is not None:
+        return np.asarray(shard["sample_weight"], dtype=np.float32)
+    y = shard["label_index"].astype(np.int64)
+    if cfg.get("lab_class_weights") is not None:
+        return np.asarray(cfg["lab_class_weights"], dtype=np.float32)[lab_indices(shard), y]
+    return np.asarray(cfg["class_weights"], dtype=np.float32)[y]
+
+
+def lab_balanced_stream(tf: Any, columns: Any, labs: np.ndarray, seed: int) -> Any:
+    """An endless shuffled stream of ``columns``' rows in which every lab has an equal share.
+
+    Why sampling rather than weights: a lab of 360 training cells beside one
+    of 7,000 would need weights of about 20 on its cells to count as much,
+    and a handful of heavily weighted cells make noisy gradients; drawing
+    each element from a lab chosen uniformly shows the small lab's cells
+    more often instead (:func:`wbc_batch.training.labs.lab_shares`). One
+    lab: the plain shuffle.
+    """
+    present = sorted(set(int(v) for v in labs))
+
+    def shuffled(rows: Any, n: int, salt: int) -> Any:
+        ds = tf.data.Dataset.from_tensor_slices(rows)
+        return ds.shuffle(n, seed=(seed + salt) % (2**31 - 1), reshuffle_each_iteration=True).repeat()
+
+    if len(present) <= 1:
+        return shuffled(columns, len(labs), 0)
+    streams = []
+    for lab in present:
+        keep = np.flatnonzero(labs == lab)
+        rows = tf.nest.map_structure(lambda a, k=keep: np.asarray(a)[k], columns)
+        streams.append(shuffled(rows, len(keep), 7_919 * (lab + 1)))
+    return tf.data.Dataset.sample_from_datasets(streams, weights=[1.0 / len(present)] * len(present), seed=seed)
+
+
 def _compiled_fitter(tf_keras: Any, model: Any, optimizer: Any, on_cell: float, smoothing: float = 0.0,
-                     distill: float = 0.0, temperature: float = 1.0) -> Any:
-    """What ``fit`` runs: the recipe's loss wrapper (on-cell term, distillation), or the model with weighted
-    cross-entropy alone."""
-    if on_cell > 0 or distill > 0:
+                     distill: float = 0.0, temperature: float = 1.0, masked: bool = False) -> Any:
+    """What ``fit`` runs: the recipe's loss wrapper (on-cell term, distillation, a lab's class set), or the
+    model with weighted cross-entropy alone."""
+    if on_cell > 0 or distill > 0 or masked:
         from wbc_batch.architecture import CAM_LAYER, LOGITS_LAYER
 
         fitter = recipe_model(tf_keras, model, CAM_LAYER, LOGITS_LAYER, on_cell, label_smoothing=smoothing,
