@@ -1,10 +1,10 @@
-# Two entry points: `make demo` and `make test`. Both set up .venv first.
+# Entry points: `make demo`, `make test` (the fast tier) and `make test-all` (every test). All set up .venv first.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck setup clean bench system-deps apt-install
+.PHONY: demo test test-all lint typecheck setup clean bench system-deps apt-install
 
 # A bare Debian 12 has python3.11 but may lack its venv module (python3.11-venv): install it then.
 $(STAMP): pyproject.toml
@@ -30,7 +30,13 @@ apt-install:
 	@SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO="sudo"; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(PKGS)
 
+# Two tiers, one list: tests/conftest.py's SLOW marks the slow tests (multi-node, training and adapt end to end,
+# soak and kill tests). `make test` leaves them out (about 5 minutes on 2 cores; still a local Ray, moto S3,
+# Parquet read back and Chromium); `make test-all` runs every test, as .ci/run does.
 test: $(STAMP) system-deps
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+test-all: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q tests
 
 # ruff with the rules in pyproject.toml; .ci/run runs it before the tests.

@@ -12,6 +12,71 @@ import pytest
 
 from tests.processes import free_port
 
+# --- the two tiers: `make test` runs `pytest -m "not slow"`, `make test-all` runs everything ------------------
+#
+# SLOW is the one definition of what is slow: no test file carries @pytest.mark.slow itself
+# (tests/test_tiers.py checks that, that each entry still names a collected test, and both tiers'
+# selections). An entry is "test_file.py::test_name": every parametrisation of that test, or
+# "test_file.py::test_name[id]" for one. Chosen from one full run's --durations so that `make test`
+# stays near 5 minutes on 2 cores while keeping a fast test with real parts for every module and command.
+SLOW: frozenset[str] = frozenset({
+    "test_adapt.py::test_adapt_makes_a_new_lab_in_distribution_and_classifies_it",
+    "test_adapt.py::test_adapted_artifact_records_its_base_and_the_lab",
+    "test_adapt.py::test_cli_calibrate_refits_on_the_labs_own_cells_only",
+    "test_adapt.py::test_cli_evaluate_reports_each_lab_with_intervals",
+    "test_adapt.py::test_adapt_with_replay_records_distillation_and_shows_a_half_size_lab_at_the_bases_scale",
+    "test_bench.py::test_bench_harness_writes_a_complete_report",
+    "test_hardening.py::test_slowdown_and_500_are_retried_and_unreadable_images_become_transient_rows",
+    "test_hardening.py::test_endpoint_down_at_start_fails_fast_with_one_line_and_writes_nothing",
+    "test_hardening.py::test_actor_killed_mid_run_still_gives_exactly_one_row_per_image",
+    "test_hardening.py::test_output_not_writable_is_one_line_and_commits_nothing",
+    "test_hardening.py::test_disk_full_is_one_line_and_commits_nothing",
+    "test_hardening.py::test_credentials_never_reach_outputs_or_logs_and_names_never_come_from_keys",
+    "test_jobs.py::test_job_submit_with_token_auth",
+    "test_multinode.py::test_worker_node_killed_mid_run_still_one_row_per_image",
+    "test_nightly.py::test_killed_run_then_rerun_then_next_nights",
+    "test_nightly.py::test_two_concurrent_runs_only_one_commits",
+    "test_nightly.py::test_real_nights_record_the_listing_skip_unread_and_run_twice_on_one_date",
+    "test_pipeline.py::test_classify_local_folder_with_bad_inputs",
+    "test_pipeline.py::test_classify_s3_to_s3",
+    "test_pipeline.py::test_classify_from_manifest_and_rerun_same_run_id",
+    "test_pipeline.py::test_the_driver_never_imports_tensorflow_and_the_actors_measure_a_sample_spread_over_the_listing",
+    "test_pipeline.py::test_gpu_actors_are_scheduled_on_a_declared_gpu",
+    "test_pipeline.py::test_five_class_model_classifies_end_to_end",
+    "test_pipeline.py::test_shifted_batch_raises_domain_shift",
+    "test_training.py::test_two_workers_stay_in_sync_and_resume_after_a_worker_dies",
+    "test_training.py::test_non_images_are_skipped_with_a_warning",
+    "test_training.py::test_artifact_holds_the_trained_weights_split_and_calibration",
+    "test_training.py::test_keras3_artifact_computes_the_logits_of_the_trained_tf_keras_network",
+    "test_training.py::test_fine_tuning_starts_from_the_given_model",
+    "test_training.py::test_teacher_logits_are_the_teachers_answer_for_each_training_image",
+    "test_training.py::test_training_with_a_teacher_records_it_and_its_term",
+    "test_training.py::test_fine_tuning_refuses_a_model_of_other_classes_or_size",
+    "test_training.py::test_evaluate_uses_the_models_test_split",
+    "test_training.py::test_cli_evaluate_prints_and_refuses_a_tampered_model",
+})
+
+
+def slow_keys(nodeid: str) -> tuple[str, str]:
+    """The two SLOW keys a test answers to: "file.py::name" (every parametrisation) and "file.py::name[id]"."""
+    path, _, name = nodeid.partition("::")
+    key = f"{path.rsplit('/', 1)[-1]}::{name}"
+    return key.split("[", 1)[0], key
+
+
+def is_slow(nodeid: str) -> bool:
+    """Whether SLOW lists this test (by its pytest node id)."""
+    return any(k in SLOW for k in slow_keys(nodeid))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the tests SLOW lists with ``slow`` (first, so that ``-m`` deselects by it)."""
+    for item in items:
+        if is_slow(item.nodeid):
+            item.add_marker(pytest.mark.slow)
+
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 

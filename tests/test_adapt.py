@@ -52,7 +52,6 @@ def adapted(ray_local: None, synthetic_lab: dict[str, Path], tmp_path_factory: p
     return summary
 
 
-@pytest.mark.slow
 def test_adapt_makes_a_new_lab_in_distribution_and_classifies_it(
     adapted: dict, synthetic_lab: dict[str, Path]
 ) -> None:
@@ -67,7 +66,6 @@ def test_adapt_makes_a_new_lab_in_distribution_and_classifies_it(
     assert adapted["new_lab_counts"] == {c: 4 for c in LAB_CLASSES}
 
 
-@pytest.mark.slow
 def test_adapted_artifact_records_its_base_and_the_lab(adapted: dict, synthetic_lab: dict[str, Path]) -> None:
     art = load_artifact(adapted["model_out"])
     meta = art.meta
@@ -86,7 +84,6 @@ def test_adapted_artifact_records_its_base_and_the_lab(adapted: dict, synthetic_
     assert rest["review"]["coverage"] == 0.0
 
 
-@pytest.mark.slow
 def test_cli_calibrate_refits_on_the_labs_own_cells_only(
     adapted: dict, synthetic_lab: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -104,7 +101,6 @@ def test_cli_calibrate_refits_on_the_labs_own_cells_only(
     assert "none it has not trained on" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_cli_evaluate_reports_each_lab_with_intervals(
     adapted: dict, synthetic_lab: dict[str, Path], samples_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -185,7 +181,6 @@ def test_keep_scale_is_another_run_and_the_base_scale_is_replaced() -> None:
     assert scaled["field_scale"] == 1.639 and "0.61x" in scaled["field"] and scaled["resize"] == "whole image"
 
 
-@pytest.mark.slow
 def test_adapt_with_replay_records_distillation_and_shows_a_half_size_lab_at_the_bases_scale(
     ray_local: None, synthetic_lab: dict[str, Path], samples_dir: Path, tmp_path: Path
 ) -> None:

@@ -17,7 +17,6 @@ REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "samples" / "pbc"
 
 
-@pytest.mark.slow
 def test_bench_harness_writes_a_complete_report(tmp_path: Path) -> None:
     out, raw = tmp_path / "BENCHMARKS.md", tmp_path / "bench.json"
     cmd = [sys.executable, str(REPO / "bench" / "run.py"), "--sizes", "16,24", "--baseline-n", "2",

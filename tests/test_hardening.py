@@ -293,7 +293,6 @@ def sample_images(samples_dir: Path, n: int) -> list[Path]:
 # --- faults -----------------------------------------------------------------
 
 
-@pytest.mark.slow
 @pytest.mark.s3
 def test_slowdown_and_500_are_retried_and_unreadable_images_become_transient_rows(
         cli: Any, fault_proxy: FaultProxy, s3_bucket: str, s3_client: Any, samples_dir: Path) -> None:
@@ -336,7 +335,6 @@ def test_slowdown_and_500_are_retried_and_unreadable_images_become_transient_row
     assert sum(fault_proxy.faults.values()) > faults_before
 
 
-@pytest.mark.slow
 @pytest.mark.s3
 def test_endpoint_down_at_start_fails_fast_with_one_line_and_writes_nothing(
         cli: Any, s3_bucket: str, s3_keys: Any, small_input: Path) -> None:
@@ -358,7 +356,6 @@ def test_endpoint_down_at_start_fails_fast_with_one_line_and_writes_nothing(
     assert s3_keys(s3_bucket) == []  # nothing half committed (the real endpoint holds nothing)
 
 
-@pytest.mark.slow
 def test_actor_killed_mid_run_still_gives_exactly_one_row_per_image(
         cli: Any, samples_dir: Path, tmp_path: Path) -> None:
     src = tmp_path / "in"
@@ -399,7 +396,6 @@ def test_actor_killed_mid_run_still_gives_exactly_one_row_per_image(
     assert manifest["status"] == "succeeded" and manifest["counts"]["total"] == 40
 
 
-@pytest.mark.slow
 def test_output_not_writable_is_one_line_and_commits_nothing(cli: Any, small_input: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("a file where OUTPUT's parent folder should be")
@@ -450,7 +446,6 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
-@pytest.mark.slow
 def test_disk_full_is_one_line_and_commits_nothing(cli: Any, small_input: Path, tiny_disk: Path) -> None:
     out = tiny_disk / "out"
     proc = cli().run("classify", str(small_input), str(out), "--run-id", "full-1", "--batch-size", "4", timeout=300)
@@ -525,7 +520,6 @@ def test_empty_s3_prefix_is_a_clear_error(s3_bucket: str, tmp_path: Path, capsys
 # --- security -----------------------------------------------------------------
 
 
-@pytest.mark.slow
 @pytest.mark.s3
 def test_credentials_never_reach_outputs_or_logs_and_names_never_come_from_keys(
         cli: Any, s3_bucket: str, s3_client: Any, s3_keys: Any, samples_dir: Path, ray_tmp: Path) -> None:

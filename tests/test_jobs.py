@@ -11,15 +11,12 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.processes import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 EXCLUDES = [".git", ".venv", ".gpu", ".whl", "demo-output", "tools", "bench", "tests", "docs", "infra"]
 
 
-@pytest.mark.slow
 def test_job_submit_with_token_auth(samples_dir: Path, tmp_path: Path) -> None:
     src = tmp_path / "in" / "slide-1"
     src.mkdir(parents=True)

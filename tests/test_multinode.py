@@ -63,7 +63,6 @@ def _actor_node(nodes: list[subprocess.Popen]) -> tuple[int | None, bool]:  # ty
     return None, False
 
 
-@pytest.mark.slow
 def test_worker_node_killed_mid_run_still_one_row_per_image(tmp_path: Path, samples_dir: Path) -> None:
     import pyarrow.parquet as pq
 

@@ -258,7 +258,6 @@ def reaper() -> Iterator[list[int]]:
             os.kill(pid, signal.SIGKILL)
 
 
-@pytest.mark.slow
 @pytest.mark.s3
 def test_killed_run_then_rerun_then_next_nights(s3_bucket: str, s3_client: Any, s3_keys: Callable[..., list[str]],
                                                 images: list[tuple[str, bytes]], reaper: list[int]) -> None:
@@ -330,7 +329,6 @@ def test_killed_run_then_rerun_then_next_nights(s3_bucket: str, s3_client: Any, 
     assert len({r["image_sha256"] for r in changed_rows}) == 2, "the changed image has a row for each content"
 
 
-@pytest.mark.slow
 @pytest.mark.s3
 def test_two_concurrent_runs_only_one_commits(s3_bucket: str, s3_client: Any, s3_keys: Callable[..., list[str]],
                                               images: list[tuple[str, bytes]], reaper: list[int]) -> None:
@@ -505,7 +503,6 @@ def test_s3_listing_records_size_etag_and_time(s3_bucket: str, s3_client: Any) -
     assert entry["source_etag"] == '"827ccb0eea8a706c4c34a16891f84e7b"' and entry["source_mtime"] is not None
 
 
-@pytest.mark.slow
 def test_real_nights_record_the_listing_skip_unread_and_run_twice_on_one_date(
         tmp_path: Path, small_input: Path, ray_local: None, count_reads: list[str]) -> None:
     """Real classify runs: rows carry the listing; nothing new reads nothing; new images later that date run as -2."""

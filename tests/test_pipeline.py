@@ -68,7 +68,6 @@ def test_sample_id_defaults_to_parent_folder() -> None:
     assert sample_id_for("/data/S12_cell3.jpg", r"/(?P<sample>S\d+)_") == "S12"
 
 
-@pytest.mark.slow
 def test_classify_local_folder_with_bad_inputs(ray_local, small_input: Path, tmp_path: Path, capsys) -> None:
     good = next(small_input.rglob("*.jpg")).read_bytes()
     expected_bad = write_bad_corpus(small_input / "slide-C", good)
@@ -109,7 +108,6 @@ def test_classify_local_folder_with_bad_inputs(ray_local, small_input: Path, tmp
     assert (clean.predicted_class.isin(truth | {"non_wbc"})).mean() >= 0.9
 
 
-@pytest.mark.slow
 @pytest.mark.s3
 def test_classify_s3_to_s3(ray_local, s3_bucket: str, samples_dir: Path) -> None:
     client = storage.s3_client()
@@ -134,7 +132,6 @@ def test_classify_s3_to_s3(ray_local, s3_bucket: str, samples_dir: Path) -> None
     assert manifest["status"] == "succeeded" and manifest["counts"]["ok"] == 4
 
 
-@pytest.mark.slow
 def test_classify_from_manifest_and_rerun_same_run_id(ray_local, samples_dir: Path, tmp_path: Path) -> None:
     imgs = sorted((samples_dir / "ig").iterdir())[:3]
     manifest_file = tmp_path / "list.csv"
@@ -197,7 +194,6 @@ print(json.dumps({"tensorflow": "tensorflow" in sys.modules, "keras": "keras" in
 """
 
 
-@pytest.mark.slow
 def test_the_driver_never_imports_tensorflow_and_the_actors_measure_a_sample_spread_over_the_listing(
         samples_dir: Path, tmp_path: Path) -> None:
     """The model runs in the actors only (#18: TensorFlow's import and a second model load cost the driver
@@ -221,7 +217,6 @@ def test_the_driver_never_imports_tensorflow_and_the_actors_measure_a_sample_spr
     assert faithfulness["deletion_auc"]["gradcam"] < faithfulness["deletion_auc"]["random"]
 
 
-@pytest.mark.slow
 def test_gpu_actors_are_scheduled_on_a_declared_gpu(samples_dir: Path, tmp_path: Path) -> None:
     """Prove the GPU scheduling path on CPU: a local Ray that declares one GPU."""
     src = tmp_path / "in" / "s1"
@@ -254,7 +249,6 @@ def test_the_plan_lets_render_tasks_run_beside_the_model_actors(ray_local, tmp_p
     assert ray.data.DataContext.get_current().op_resource_reservation_enabled is True
 
 
-@pytest.mark.slow
 def test_five_class_model_classifies_end_to_end(ray_local, small_input: Path, tmp_path: Path) -> None:
     """A model trained on the 5 mature classes only (the notebook's setting) works in classify and query."""
     import keras
@@ -283,7 +277,6 @@ def test_five_class_model_classifies_end_to_end(ray_local, small_input: Path, tm
     assert (diff.groupby("sample_id").white_cells.first() == 6).all()
 
 
-@pytest.mark.slow
 def test_shifted_batch_raises_domain_shift(ray_local, samples_dir: Path, tmp_path: Path) -> None:
     """Images from 'another lab' (hue-rotated stain) are flagged and the run says domain_shift."""
     from wbc_batch.query import differential

@@ -91,7 +91,6 @@ def trained(ray_local: None, data_with_junk: Path, tmp_path_factory: pytest.Temp
     return summary
 
 
-@pytest.mark.slow
 def test_two_workers_stay_in_sync_and_resume_after_a_worker_dies(trained: dict[str, Any]) -> None:
     last = trained["final_epoch"]
     assert last["world_size"] == 2 and last["epoch"] == 1
@@ -333,7 +332,6 @@ def test_train_with_no_options_runs_the_recipe_and_a_class_weight_replaces_its_f
     assert config.class_weight_factors == {"ig": 1.5} and config.augment == "strong"
 
 
-@pytest.mark.slow
 def test_non_images_are_skipped_with_a_warning(trained: dict[str, Any]) -> None:
     joined = "\n".join(trained["warnings"])
     assert ".DS_169665.jpg: not an image" in joined
@@ -341,7 +339,6 @@ def test_non_images_are_skipped_with_a_warning(trained: dict[str, Any]) -> None:
     assert sum(trained["split_counts"].values()) == 64
 
 
-@pytest.mark.slow
 def test_artifact_holds_the_trained_weights_split_and_calibration(trained: dict[str, Any]) -> None:
     art = load_artifact(trained["model_out"])
     meta = art.meta
@@ -374,7 +371,6 @@ def test_artifact_holds_the_trained_weights_split_and_calibration(trained: dict[
     assert isinstance(recorded["git_dirty"], bool) or not head
 
 
-@pytest.mark.slow
 def test_keras3_artifact_computes_the_logits_of_the_trained_tf_keras_network(
     trained: dict[str, Any], samples_dir: Path
 ) -> None:
@@ -412,7 +408,6 @@ def _one_epoch_at_32px(data: Path, model_out: Path, **settings: Any) -> dict[str
     ))
 
 
-@pytest.mark.slow
 def test_fine_tuning_starts_from_the_given_model(
     trained: dict[str, Any], data_with_junk: Path, tmp_path: Path
 ) -> None:
@@ -431,7 +426,6 @@ def test_fine_tuning_starts_from_the_given_model(
     assert (Path(summary["model_out"]) / SPLIT_FILE).read_text() == (Path(trained["model_out"]) / SPLIT_FILE).read_text()
 
 
-@pytest.mark.slow
 def test_teacher_logits_are_the_teachers_answer_for_each_training_image(trained: dict[str, Any]) -> None:
     import ray
 
@@ -452,7 +446,6 @@ def test_teacher_logits_are_the_teachers_answer_for_each_training_image(trained:
         load_teacher(trained["model_out"], CLASSES, 64)
 
 
-@pytest.mark.slow
 def test_training_with_a_teacher_records_it_and_its_term(
     trained: dict[str, Any], data_with_junk: Path, tmp_path: Path
 ) -> None:
@@ -466,7 +459,6 @@ def test_training_with_a_teacher_records_it_and_its_term(
     assert "kd" not in trained["run_name"] and summary["run_name"] != trained["run_name"]
 
 
-@pytest.mark.slow
 def test_fine_tuning_refuses_a_model_of_other_classes_or_size(trained: dict[str, Any], data_with_junk: Path) -> None:
     config = training.TrainConfig(data_uri=str(data_with_junk), model_out="unused", image_size=32,
                                   init_from=trained["model_out"])
@@ -479,7 +471,6 @@ def test_fine_tuning_refuses_a_model_of_other_classes_or_size(trained: dict[str,
         training.scaled_class_weights(CLASSES, [1.0] * 7, {"platelet": 2.0})
 
 
-@pytest.mark.slow
 def test_evaluate_uses_the_models_test_split(trained: dict[str, Any], data_with_junk: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval.json"
     result = training.evaluate(trained["model_out"], str(data_with_junk), out_json=str(out))
@@ -507,7 +498,6 @@ def test_test_time_augmentation_does_not_depend_on_which_way_up_the_cell_lies(sh
     np.testing.assert_allclose(dihedral_mean_logits(shipped.model, batch, identity_logits=own), mean, atol=1e-4)
 
 
-@pytest.mark.slow
 def test_cli_evaluate_prints_and_refuses_a_tampered_model(
     trained: dict[str, Any], data_with_junk: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
