@@ -193,7 +193,7 @@ def test_adapt_with_replay_records_distillation_and_shows_a_half_size_lab_at_the
     (base / "split.csv").write_text("sha256,label,split,uri\n" + "\n".join(lines) + "\n")
     summary = run_adaptation(AdaptConfig(
         data_uri=str(synthetic_lab["adapt"]), model_out=str(tmp_path / "model"), base=str(base),
-        replay_uri=str(samples_dir), replay_per_class=4, replay_distill=0.5, epochs=1, batch_size=8,
+        replay=[str(samples_dir)], replay_per_class=4, replay_distill=0.5, epochs=1, batch_size=8,
         storage_path=str(tmp_path / "checkpoints"), version="test-lwf",
     ))
     assert sum(summary["replay_counts"].values()) > 0
@@ -261,12 +261,12 @@ def test_lab_colours_split_the_new_labs_share_and_keep_the_first_labs() -> None:
     repeats, recoloured = lab_look_counts(50, 900, 0.5, lab_colours=True)
     assert (repeats, recoloured) == (9, 450)  # 450 new-lab images, 450 recoloured, the 900 replayed kept
     assert lab_look_counts(50, 0, 0.5, lab_colours=True) == (1, 0)  # nothing to recolour without replay
-    config = AdaptConfig(data_uri="d", model_out="m", replay_uri="r", lab_colours=True)
-    assert _run_name(config, "f" * 64, "b") != _run_name(AdaptConfig("d", "m", replay_uri="r"), "f" * 64, "b")
+    config = AdaptConfig(data_uri="d", model_out="m", replay=["r"], lab_colours=True)
+    assert _run_name(config, "f" * 64, "b") != _run_name(AdaptConfig("d", "m", replay=["r"]), "f" * 64, "b")
     with pytest.raises(ValueError, match="needs --replay"):
         AdaptConfig(data_uri="d", model_out="m", lab_colours=True)
     with pytest.raises(ValueError, match="do not combine"):
-        AdaptConfig(data_uri="d", model_out="m", replay_uri="r", lab_colours=True, replay_distill=0.5)
+        AdaptConfig(data_uri="d", model_out="m", replay=["r"], lab_colours=True, replay_distill=0.5)
 
 
 def test_cli_lab_colours_without_replay_is_refused_before_any_work(tmp_path: Path,

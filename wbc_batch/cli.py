@@ -463,9 +463,10 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("data", metavar="DATA", help="the new lab's labelled cells: local folder or s3:// prefix")
     p.add_argument("model_out", metavar="MODEL_OUT", help="new artifact folder or s3:// prefix (must be new)")
     p.add_argument("--base", metavar="MODEL", default=None, help="artifact to adapt (default: the shipped model)")
-    p.add_argument("--replay", metavar="DATA", default=None,
+    p.add_argument("--replay", metavar="[LAB=]DATA", action="append", default=[],
                    help="the base's own training data (class folders); cells of its training split are mixed in, "
-                        "its validation cells refit the temperature")
+                        "its validation cells refit the temperature. Repeat for a base of several labs (LAB as "
+                        "its model.json names them); a lab left out is read from the root the base records")
     p.add_argument("--replay-per-class", type=int, default=150, help="replayed cells per class (default 150)")
     p.add_argument("--new-lab-share", type=float, default=0.5,
                    help="share of each epoch's images that are the new lab's (repeated, augmented; default 0.5)")
@@ -504,7 +505,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
     from wbc_batch.training.adapt import AdaptConfig, run_adaptation
 
     summary = run_adaptation(AdaptConfig(
-        data_uri=args.data, model_out=args.model_out, base=args.base, replay_uri=args.replay,
+        data_uri=args.data, model_out=args.model_out, base=args.base, replay=args.replay,
         replay_per_class=args.replay_per_class, new_lab_share=args.new_lab_share, epochs=args.epochs,
         learning_rate=args.learning_rate, batch_size=args.batch_size, freeze_norm=args.freeze_norm,
         replay_distill=args.replay_distill, rescale=not args.keep_scale, lab_colours=args.lab_colours,

@@ -58,7 +58,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -68,14 +68,16 @@ from wbc_batch import metrics, splits, storage
 from wbc_batch.geometry import field_scale_for
 from wbc_batch.training.augment import dihedral_views, preset
 from wbc_batch.training.config import MATURE_CLASSES, TrainConfig, TrainingError, resolve_precision
-from wbc_batch.training.data import list_labelled_files, read_labelled, read_split_csv
+from wbc_batch.training.data import list_labelled_files, read_labelled, read_split_rows
 from wbc_batch.training.driver import _ensure_ray, fit_on_ray, provenance, source_revision
 from wbc_batch.training.evaluation import calibration_from_val, predict_embeddings, predict_logits
+from wbc_batch.training.labs import Lab, parse_lab
 from wbc_batch.training.recipe import balanced_within_groups
 
 log = logging.getLogger("wbc_batch.training")
 
 NEW_LAB, REPLAY, REPLAY_IN_LAB_COLOURS = 1, 0, 2
+REPLAY_LAB_BASE = 10  # the groups of a base's second, third ... replayed lab: 11, 12 ...
 AUGMENTED_VIEWS_FOR_THRESHOLD = 4
 
 
@@ -86,7 +88,7 @@ class AdaptConfig:
     data_uri: str
     model_out: str
     base: str | None = None
-    replay_uri: str | None = None
+    replay: list[str] = field(default_factory=list)  # [NAME=]ROOT of each lab the base trained on
     replay_per_class: int = 150
     new_lab_share: float = 0.5
     epochs: int = 12
@@ -120,9 +122,9 @@ class AdaptConfig:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if not 0.0 <= self.replay_distill <= 1.0:
             raise ValueError(f"replay distillation must lie in [0, 1], got {self.replay_distill}")
-        if self.replay_distill and not self.replay_uri:
+        if self.replay_distill and not self.replay:
             raise ValueError("--replay-distill teaches the replayed cells the base's answers: it needs --replay")
-        if self.lab_colours and not self.replay_uri:
+        if self.lab_colours and not self.replay:
             raise ValueError("--lab-colours recolours the replayed cells: it needs --replay")
         if self.lab_colours and self.replay_distill:
             raise ValueError("--lab-colours and --replay-distill do not combine")
@@ -245,20 +247,77 @@ def _counts(labels: np.ndarray, classes: list[str]) -> dict[str, int]:
     return {c: got[i] for i, c in enumerate(classes) if got[i]}
 
 
-def _replay_rows(config: AdaptConfig, base_uri: str, class_index: dict[str, int],
-                 label_map: dict[str, str]) -> dict[str, list[dict[str, str]]]:
-    """The base's own train and val rows from ``--replay`` (its split.csv says which is which), listed once.
+def replay_labs(given: list[str], base_labs: list[dict[str, Any]]) -> list[Lab]:
+    """The labs ``adapt`` replays: every lab the base trained on, from ``--replay`` or the root the base records.
 
-    Why rows and not images: with a field scale the same cells are decoded
-    at two scales, and listing the replay data (thousands of keys on S3)
-    and reading the split once serves every decode. Empty without ``--replay``.
+    Why every lab: a base trained on three labs forgets the two that are not
+    replayed as surely as a one-lab base forgets its lab. A ``--replay
+    NAME=ROOT`` names where a lab's images are here; a lab of the base that
+    ``--replay`` leaves out is read from the root in its ``model.json`` when
+    that root can be listed. A bare ``--replay ROOT`` of a one-lab base is
+    that lab, whatever its folder is called.
+
+    Raises:
+        TrainingError: a lab of the base with no ``--replay`` and no readable recorded root.
     """
-    if not config.replay_uri:
-        return {"train": [], "val": []}
-    base_split = read_split_csv(base_uri, key="uri")
-    rows = [r for r in list_labelled_files(config.replay_uri, label_map) if r["label"] in class_index]
-    return {split: choose_replay(rows, base_split, split, config.replay_per_class, config.seed)
-            for split in ("train", "val")}
+    parsed = [parse_lab(text) for text in given]
+    if not parsed:
+        return []
+    recorded = [str(lab["name"]) for lab in base_labs]
+    if len(recorded) <= 1 and len(parsed) == 1:
+        return [Lab(recorded[0] if recorded else parsed[0][0], parsed[0][1])]
+    labs = [Lab(name, root) for name, root in parsed]
+    for lab in base_labs:
+        if lab["name"] in {name for name, _ in parsed}:
+            continue
+        try:
+            next(iter(storage.list_files(str(lab["uri"]))))
+        except (OSError, StopIteration) as exc:
+            raise TrainingError(f"the base trained on lab {lab['name']!r} ({lab['uri']}), which cannot be read "
+                                f"here; give --replay {lab['name']}=ROOT") from exc
+        labs.append(Lab(str(lab["name"]), str(lab["uri"])))
+    return labs
+
+
+def base_split_of(split_rows: list[dict[str, str]] | None, lab: str, only_lab: bool) -> dict[str, str] | None:
+    """Path (relative to the lab's root) -> split of one lab's images in the base's split.csv.
+
+    A split.csv without a ``lab`` column (a one-lab base) holds one lab's
+    images, read as the replayed lab's when it is the only one.
+    """
+    if split_rows is None:
+        return None
+    if split_rows and "lab" not in split_rows[0]:
+        return {r["uri"]: r["split"] for r in split_rows} if only_lab else {}
+    return {r["uri"]: r["split"] for r in split_rows if r.get("lab") == lab}
+
+
+def _replay_rows(config: AdaptConfig, base_uri: str, base_labs: list[dict[str, Any]], class_index: dict[str, int],
+                 label_map: dict[str, str]) -> dict[str, list[dict[str, str]]]:
+    """The base's own train and val rows of every lab it trained on (its split.csv says which is which).
+
+    Each row carries its ``lab``. Why rows and not images: with a field scale
+    the same cells are decoded at two scales, and listing the replay data
+    (thousands of keys on S3) and reading the split once serves every
+    decode. Empty without ``--replay``.
+    """
+    labs = replay_labs(config.replay, base_labs)
+    split_rows = read_split_rows(base_uri)
+    out: dict[str, list[dict[str, str]]] = {"train": [], "val": []}
+    for lab in labs:
+        rows = [{**r, "lab": lab.name} for r in list_labelled_files(lab.uri, label_map) if r["label"] in class_index]
+        split_of = base_split_of(split_rows, lab.name, len(labs) == 1)
+        for split in out:
+            out[split] += choose_replay(rows, split_of, split, config.replay_per_class, config.seed)
+    return out
+
+
+def replay_groups(replay: dict[str, np.ndarray], rows: list[dict[str, str]]) -> list[int]:
+    """The class-balance group of each replayed image: one per lab (:data:`REPLAY` for the first)."""
+    names = sorted({r["lab"] for r in rows})
+    lab_of_uri = {r["uri"]: r["lab"] for r in rows}
+    return [REPLAY if names.index(lab_of_uri[str(u)]) == 0 else REPLAY_LAB_BASE + names.index(lab_of_uri[str(u)])
+            for u in replay["uri"]]
 
 
 def lab_scale(new: dict[str, np.ndarray], replay: dict[str, np.ndarray], classes: list[str]) -> dict[str, Any]:
@@ -306,8 +365,11 @@ def lab_look_counts(n_new: int, n_replay: int, share: float, lab_colours: bool) 
 
 def _mixed_dataset(new: dict[str, np.ndarray], replay: dict[str, np.ndarray], repeats: int,
                    replay_teacher: np.ndarray | None = None,
-                   recoloured: dict[str, np.ndarray] | None = None) -> Any:
+                   recoloured: dict[str, np.ndarray] | None = None, replay_group: list[int] | None = None) -> Any:
     """Replay images plus each new cell ``repeats`` times, weighted so each group's classes are balanced.
+
+    ``replay_group``: each replayed image's group (:func:`replay_groups`, one
+    per lab of the base); default one group.
 
     With ``replay_teacher`` (the base's logits of the replayed images) every
     row also carries ``teacher_logits`` and ``distill_mask``: 1 on replayed
@@ -320,8 +382,8 @@ def _mixed_dataset(new: dict[str, np.ndarray], replay: dict[str, np.ndarray], re
     extra = recoloured or {"image": replay["image"][:0], "label_index": replay["label_index"][:0]}
     x = np.concatenate([replay["image"], np.repeat(new["image"], repeats, axis=0), extra["image"]])
     y = np.concatenate([replay["label_index"], np.repeat(new["label_index"], repeats), extra["label_index"]])
-    groups = [REPLAY] * len(replay["label_index"]) + [NEW_LAB] * (len(new["label_index"]) * repeats) \
-        + [REPLAY_IN_LAB_COLOURS] * len(extra["label_index"])
+    groups = (replay_group or [REPLAY] * len(replay["label_index"])) \
+        + [NEW_LAB] * (len(new["label_index"]) * repeats) + [REPLAY_IN_LAB_COLOURS] * len(extra["label_index"])
     weights = np.asarray(balanced_within_groups([int(v) for v in y], groups), np.float32)
     rows: list[dict[str, Any]] = [{"image": im, "label_index": int(lab), "sample_weight": float(w)}
                                   for im, lab, w in zip(x, y, weights)]
@@ -329,7 +391,7 @@ def _mixed_dataset(new: dict[str, np.ndarray], replay: dict[str, np.ndarray], re
         n_new, k = len(y) - len(replay_teacher), replay_teacher.shape[1]
         teacher = np.concatenate([replay_teacher, np.zeros((n_new, k), np.float32)]).astype(np.float32)
         for row, logits, group in zip(rows, teacher, groups):
-            row["teacher_logits"], row["distill_mask"] = logits, float(group == REPLAY)
+            row["teacher_logits"], row["distill_mask"] = logits, float(group not in (NEW_LAB, REPLAY_IN_LAB_COLOURS))
     return ray.data.from_items(rows).materialize()
 
 
@@ -383,7 +445,7 @@ def _adapted_metadata(meta: Any, config: AdaptConfig, version: str, adaptation: 
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "changelog": [*meta.changelog, f"{version}: adapted from {meta.version} to lab {lab!r} on "
                       f"{sum(new_counts.values())} labelled cells ({config.data_uri})"
-                      + (f" with replay from {config.replay_uri}" if config.replay_uri else "")],
+                      + (f" with replay from {', '.join(config.replay)}" if config.replay else "")],
         "training": {**meta.training, "adaptation": adaptation},
         "metrics": {**meta.metrics, "labs": labs,
                     **({"replay_val_after_adaptation": replay_report["after"]} if replay_report else {})},
@@ -435,7 +497,8 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
     new = read_labelled(new_rows, size, class_index)
     if len(new["label_index"]) == 0:
         raise TrainingError(f"no decodable images under {config.data_uri}")
-    replay_rows = _replay_rows(config, base.uri, class_index, label_map)
+    base_labs = list(meta.training_data.get("labs") or [])
+    replay_rows = _replay_rows(config, base.uri, base_labs, class_index, label_map)
     replay_train = read_labelled(replay_rows["train"], size, class_index)
     scale = lab_scale(new, replay_train, classes)
     field_scale = field_scale_for(scale["ratio"]) if config.rescale else 1.0
@@ -450,7 +513,8 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
                                             config.new_lab_share, config.lab_colours)
     replay_teacher = predict_logits(base.model, replay_train["image"]) if config.replay_distill else None
     recoloured = replay_in_lab_colours(new, replay_train, n_recoloured, config.seed) if n_recoloured else None
-    train_ds = _mixed_dataset(new, replay_train, repeats, replay_teacher, recoloured)
+    train_ds = _mixed_dataset(new, replay_train, repeats, replay_teacher, recoloured,
+                              replay_groups(replay_train, replay_rows["train"]))
 
     tc = config.train_config(size, ray.cluster_resources().get("CPU", 1.0), input_norm_of(base.model), str(base.uri))
     precision = resolve_precision(config.precision, config.use_gpu)
@@ -474,9 +538,10 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
         "data": str(config.data_uri),
         "data_fingerprint_sha256": fingerprint,
         "new_lab_counts": new_counts,
-        "replay": {"uri": config.replay_uri, "per_class": config.replay_per_class,
+        "replay": {"labs": sorted({(r["lab"], r["uri"][: -len(r["rel"])].rstrip("/")) for r in replay_rows["train"]}),
+                   "per_class": config.replay_per_class,
                    "train_counts": _counts(replay_train["label_index"], classes),
-                   "val_counts": _counts(replay_val["label_index"], classes)} if config.replay_uri else None,
+                   "val_counts": _counts(replay_val["label_index"], classes)} if config.replay else None,
         "repeats_per_new_cell": repeats,
         "cell_size": scale,
         "field_scale": field_scale,
@@ -496,7 +561,7 @@ def run_adaptation(config: AdaptConfig) -> dict[str, Any]:
     }
     new_meta = _adapted_metadata(meta, config, version, adaptation, replay_report, ood)
     new_meta.preprocessing = with_field_scale(new_meta.preprocessing, field_scale, scale["ratio"])
-    save_artifact(model, new_meta, config.model_out, split_csv=_split_csv(base.uri, new))
+    save_artifact(model, new_meta, config.model_out, split_csv=_split_csv(base.uri, new, lab))
     return {
         "model_out": config.model_out,
         "version": version,
@@ -527,7 +592,7 @@ def with_field_scale(preprocessing: dict[str, Any], field_scale: float, ratio: f
     return out
 
 
-def _split_csv(base_uri: str, new: dict[str, np.ndarray]) -> str:
+def _split_csv(base_uri: str, new: dict[str, np.ndarray], lab: str) -> str:
     """The base's split.csv (its held-out images stay held out) plus the new lab's cells as ``train``."""
     from wbc_batch.model import SPLIT_FILE
 
@@ -537,6 +602,8 @@ def _split_csv(base_uri: str, new: dict[str, np.ndarray]) -> str:
         text = "sha256,label,split,uri\n"
     if not text.endswith("\n"):
         text += "\n"
-    lines = [f"{sha},{label},train,{uri}\n" for sha, label, uri in zip(new["sha256"], new["label"], new["uri"])]
+    with_labs = text.split("\n", 1)[0].strip().endswith(",lab,group")
+    lines = [f"{sha},{label},train,{uri}" + (f",{lab},{str(uri).rsplit('/', 1)[-1]}" if with_labs else "") + "\n"
+             for sha, label, uri in zip(new["sha256"], new["label"], new["uri"])]
     return text + "".join(lines)
 

@@ -185,6 +185,16 @@ def read_split_csv(artifact_uri: str, key: str = "sha256") -> dict[str, str] | N
     return {row[key]: row["split"] for row in reader}
 
 
+def read_split_rows(artifact_uri: str) -> list[dict[str, str]] | None:
+    """Every row of an artifact's ``split.csv`` (columns as written: sha256, label, split, uri and, for a
+    model of several labs, lab and group); None when it has none."""
+    try:
+        raw = storage.read_bytes(storage.join(artifact_uri, SPLIT_FILE))
+    except FileNotFoundError:
+        return None
+    return list(csv.DictReader(io.StringIO(raw.decode("utf-8"))))
+
+
 def keep_earlier_split(split_of: dict[str, str], earlier: dict[str, str] | None) -> dict[str, str]:
     """The content-hash split, except that images an earlier model held out stay held out.
 
