@@ -33,6 +33,8 @@ SLOW: frozenset[str] = frozenset({
     "test_hardening.py::test_disk_full_is_one_line_and_commits_nothing",
     "test_hardening.py::test_credentials_never_reach_outputs_or_logs_and_names_never_come_from_keys",
     "test_jobs.py::test_job_submit_with_token_auth",
+    "test_labs.py::test_train_on_two_labs_records_labs_digests_command_and_groups",
+    "test_labs.py::test_adapt_replays_every_lab_of_its_base",
     "test_multinode.py::test_worker_node_killed_mid_run_still_one_row_per_image",
     "test_nightly.py::test_killed_run_then_rerun_then_next_nights",
     "test_nightly.py::test_two_concurrent_runs_only_one_commits",
