@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,3 +200,39 @@ def test_intervals_hold_the_estimate_and_narrow_with_n() -> None:
     preds[:10] = 1  # class 0 recall 0.8, class 1 recall 1.0: balanced 0.9
     low, high = balanced_accuracy_interval(labels, preds, 2)
     assert low <= 0.9 <= high and high <= 1.0
+
+
+def test_a_declared_class_set_turns_calls_of_absent_classes_into_the_next_best() -> None:
+    from wbc_batch.metrics import declared_class_logits
+
+    names = ["basophil", "ig", "lymphocyte", "non_wbc"]
+    logits = np.array([[0.0, 5.0, 3.0, 1.0], [4.0, 1.0, 0.0, 6.0]], np.float32)
+    got = declared_class_logits(logits, names, ["basophil", "lymphocyte"])
+    assert [names[i] for i in got.argmax(axis=1)] == ["lymphocyte", "basophil"]
+    assert np.isfinite(got).all() and np.array_equal(got[:, [0, 2]], logits[:, [0, 2]])
+    assert declared_class_logits(logits, names, None) is logits
+    with pytest.raises(ValueError, match=r"declared classes \['monocyte'\] are not classes"):
+        declared_class_logits(logits, names, ["basophil", "monocyte"])
+    with pytest.raises(ValueError, match="at least two classes"):
+        declared_class_logits(logits, names, ["basophil"])
+
+
+def test_cli_evaluate_with_a_declared_class_set_never_answers_an_absent_class(
+    samples_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from wbc_batch.cli import main
+
+    five = "basophil,eosinophil,lymphocyte,monocyte,neutrophil"
+    out = tmp_path / "eval.json"
+    lab = tmp_path / "lab"
+    for c in five.split(","):
+        shutil.copytree(samples_dir / c, lab / c)
+    assert main(["evaluate", "shipped", str(lab), "--split", "all", "--classes", five, "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["declared_classes"] == sorted(five.split(","))
+    confusion = np.array(result["metrics"]["confusion_matrix"])
+    names = result["metrics"]["class_names"]
+    assert confusion[:, [names.index("ig"), names.index("non_wbc")]].sum() == 0
+    capsys.readouterr()

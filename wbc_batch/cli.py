@@ -554,8 +554,19 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="write the full JSON here (local path or s3:// URI; a list with one entry per DATA)")
     p.add_argument("--tta", action="store_true",
                    help="average the logits over the 8 rotations and flips of each image (8x the network's cost)")
+    p.add_argument("--classes", metavar="C1,C2,...", type=_class_list, default=None,
+                   help="the lab's declared class set: the model chooses among these classes only (a lab whose "
+                        "exports never hold ig or non_wbc cells, say); default every class of the model")
     _trust_model_option(p)
     p.set_defaults(func=_cmd_evaluate)
+
+
+def _class_list(text: str) -> list[str]:
+    """Parse ``C1,C2,...`` for ``--classes``."""
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    if len(names) < 2:
+        raise argparse.ArgumentTypeError(f"expected at least two comma-separated classes, got {text!r}")
+    return names
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -566,7 +577,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     model = None if args.model == "shipped" else args.model
     results = []
     for i, data in enumerate(args.data):
-        result = evaluate(model, data, split=args.split, allow_untrusted=args.trust_model, tta=args.tta)
+        result = evaluate(model, data, split=args.split, allow_untrusted=args.trust_model, tta=args.tta,
+                          classes=args.classes)
         results.append(result)
         print(("\n" if i else "") + format_summary(result))
     if args.out:

@@ -361,6 +361,34 @@ def _num(x: float) -> float | None:
     return None if x is None or np.isnan(x) else float(x)
 
 
+RESTRICTED_OFFSET = 1e4
+"""How far below its own value a class a lab declared absent is pushed: its softmax share becomes 0."""
+
+
+def declared_class_logits(logits: np.ndarray, class_names: Sequence[str], declared: Sequence[str] | None) -> np.ndarray:
+    """Logits in which the classes outside a lab's declared class set can never win.
+
+    Why: a lab whose exports never hold IGs, erythroblasts or platelets knows
+    that a cell called one of them is wrong; choosing among the classes left
+    turns those calls into the next best class. The model is unchanged, so
+    the same artifact serves labs with every class. A finite offset (not
+    -inf) keeps every downstream figure finite.
+
+    Raises:
+        ValueError: a declared class the model lacks, or fewer than two.
+    """
+    if not declared:
+        return logits
+    names = list(class_names)
+    unknown = sorted(set(declared) - set(names))
+    if unknown:
+        raise ValueError(f"declared classes {unknown} are not classes of the model {names}")
+    if len(set(declared)) < 2:
+        raise ValueError(f"a lab must declare at least two classes, got {sorted(set(declared))}")
+    absent = np.array([c not in set(declared) for c in names])
+    return np.where(absent[None, :], np.asarray(logits, np.float32) - RESTRICTED_OFFSET, logits).astype(np.float32)
+
+
 def classification_report(
     logits: np.ndarray,
     labels: np.ndarray,

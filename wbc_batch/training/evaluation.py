@@ -224,6 +224,7 @@ def evaluate(
     split_source: str | None = None,
     allow_untrusted: bool = False,
     tta: bool = False,
+    classes: list[str] | None = None,
 ) -> dict[str, Any]:
     """Evaluate an artifact on labelled images; the figures of ``wbc-batch evaluate``.
 
@@ -240,6 +241,8 @@ def evaluate(
         split: ``train``, ``val``, ``test`` or ``all``.
         split_source: artifact whose split.csv decides the split.
         tta: average logits over the 8 dihedral views (see :func:`collect_logits`).
+        classes: the lab's declared class set: the model chooses among these
+            (:func:`wbc_batch.metrics.declared_class_logits`); None: every class.
 
     Returns:
         ``{"model", "data", "split", "n_images", "skipped", "metrics"}`` with
@@ -259,6 +262,7 @@ def evaluate(
     if len(got["labels"]) == 0:
         raise ValueError(f"no labelled images of split {used_split!r} under {data_uri} for this model")
     meta = artifact.meta
+    got["logits"] = metrics.declared_class_logits(got["logits"], meta.class_names, classes)
     report = metrics.classification_report(
         got["logits"], got["labels"], meta.class_names, meta.temperature, meta.review_threshold,
         subsets={"wbc": meta.wbc_classes, "mature5": list(MATURE_CLASSES)},
@@ -278,6 +282,7 @@ def evaluate(
         "split": used_split,
         "n_images": int(len(got["labels"])),
         "tta": tta,
+        "declared_classes": sorted(classes) if classes else None,
         "skipped": got["skipped"],
         "metrics": report,
     }
