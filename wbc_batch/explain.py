@@ -51,7 +51,11 @@ class GradCam:
     untouched.
     """
 
-    def __init__(self, model: Any, layer_name: str, embedding_layer: str | None = None) -> None:
+    def __init__(self, model: Any, layer_name: str, embedding_layer: str | None = None,
+                 choice_offsets: np.ndarray | None = None) -> None:
+        """``choice_offsets`` (K,): added to the logits when the predicted class is chosen (0 for a class a lab
+        declared, a large negative for one it did not: :func:`wbc_batch.metrics.declared_class_logits`), so the
+        map explains the class the lab is told; the returned logits stay the model's own."""
         import keras
         import tensorflow as tf
 
@@ -67,6 +71,8 @@ class GradCam:
         self.input_shape = tuple(int(d) for d in model.input_shape[1:])
         self.num_classes = int(model.output_shape[-1])
         self.cam_shape = tuple(int(d) for d in target.output.shape[1:3])
+        offsets = np.zeros(self.num_classes, np.float32) if choice_offsets is None else choice_offsets
+        self._offsets = tf.constant(np.asarray(offsets, np.float32).reshape(1, self.num_classes))
         signature = [
             tf.TensorSpec((None, *self.input_shape), tf.float32),
             tf.TensorSpec((None,), tf.int32),
@@ -81,7 +87,7 @@ class GradCam:
             feats, logits = outs[0], outs[1]
             embeddings = outs[2] if self._has_embedding else tf.zeros((tf.shape(images)[0], 0))
             tape.watch(feats)
-            predicted = tf.argmax(logits, axis=1, output_type=tf.int32)
+            predicted = tf.argmax(tf.cast(logits, tf.float32) + self._offsets, axis=1, output_type=tf.int32)
             targets = tf.where(classes >= 0, classes, predicted)
             # Images are independent in inference mode, so the gradient of the
             # sum w.r.t. image i's features is the gradient of its own logit.
