@@ -109,3 +109,98 @@ def test_several_nodes_with_local_paths_warn_about_the_shared_filesystem(monkeyp
     else:
         assert message is not None and expected in message and f"{nodes} nodes" in message
         assert "shared filesystem mounted at the same path on every node" in message
+
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def _start_token_head(temp: Path, token: str, log: Path) -> tuple[subprocess.Popen, str]:  # type: ignore[type-arg]
+    """A blocking ``ray start --head`` with token authentication, recorded in ``<RAY_TMPDIR>/ray`` (not /tmp/ray).
+
+    Its own process group, free ports, 1 CPU, no dashboard; returns the process and the address it recorded.
+    A head that dies on its way up (a busy machine: Ray gives its agents 30 s) is started again, twice at most.
+    """
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+    env.update(RAY_TMPDIR=str(temp), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    record = temp / "ray" / "ray_current_cluster"
+    for _attempt in range(3):
+        ports = [f"--port={free_port()}", f"--ray-client-server-port={free_port()}",
+                 f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                 f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
+        head = subprocess.Popen([RAY, "start", "--head", "--block", "--disable-usage-stats", "--num-cpus=1",
+                                 "--include-dashboard=false", "--object-store-memory=100000000", *ports],
+                                env=env, cwd=REPO, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        deadline = time.monotonic() + 240
+        while head.poll() is None and time.monotonic() < deadline:
+            if record.is_file() and record.read_text().strip():
+                address = record.read_text().strip()
+                if cluster.answers(address, 2.0):
+                    return head, address
+            time.sleep(0.5)
+        _stop_head(head)
+    raise AssertionError(f"ray start --head did not come up: {log.read_text()[-2000:]}")
+
+
+def _stop_head(head: subprocess.Popen) -> None:  # type: ignore[type-arg]
+    """SIGKILL the head's process group and every process below it (GCS, raylet, agents, workers): only ours."""
+    import signal
+
+    from tests.processes import descendants, sigkill
+
+    below = descendants(head.pid)
+    try:
+        os.killpg(head.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    sigkill(below)
+    try:
+        head.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+@pytest.mark.slow
+def test_a_recorded_head_that_refuses_the_driver_is_exit_5_with_the_token_hint_and_local_runs_beside_it(
+        tmp_path: Path, samples_dir: Path) -> None:
+    """#34: with a `ray start --head` cluster on the machine (token authentication on), a run without the token
+    picked the head up from Ray's record and ended with exit 1, "failed: ConnectionError: Failed to connect to Ray
+    cluster at HOST:PORT". It is the cluster-unreachable error (exit 5) with what to do; `--ray-address local`
+    runs on a private local Ray beside that head."""
+    import secrets
+    import shutil
+    import tempfile
+
+    temp = Path(tempfile.mkdtemp(prefix="rrf", dir="/tmp"))  # short: Ray's socket paths are length-limited
+    home = tmp_path / "home"  # no ~/.ray/auth_token: the driver has no token, as in the report
+    home.mkdir()
+    src = tmp_path / "in" / "slide-1"
+    src.mkdir(parents=True)
+    shutil.copy(sorted((samples_dir / "lymphocyte").iterdir())[0], src / "cell.jpg")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    env.update(RAY_TMPDIR=str(temp), HOME=str(home), PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3")
+    head, address = _start_token_head(temp, secrets.token_hex(16), tmp_path / "head.log")
+    try:
+        out = tmp_path / "out"
+        proc = subprocess.run([sys.executable, "-m", "wbc_batch.cli", "nightly", str(tmp_path / "in"), str(out)],
+                              env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == EXIT_CLUSTER, proc.stderr[-3000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"wbc-batch nightly: ray cluster unreachable: Ray cluster at {address} (recorded by "
+                               "`ray start` on this machine) refused the connection"), last
+        for hint in ("RAY_AUTH_MODE=token", "RAY_AUTH_TOKEN", "~/.ray/auth_token", "--ray-address local"):
+            assert hint in last, (hint, last)
+        assert "Traceback" not in proc.stderr
+        assert not (out / "runs").exists() and not (out / "predictions").exists()
+        # the hint works: a private local Ray, the refusing head left alone
+        proc = subprocess.run([sys.executable, "-m", "wbc_batch.cli", "classify", str(tmp_path / "in"), str(out),
+                               "--ray-address", "local", "--run-id", "beside", "--no-heatmaps"],
+                              env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "run beside: 1 images, 1 ok" in proc.stdout
+        assert head.poll() is None, "the head was left running"
+    finally:
+        _stop_head(head)
+        shutil.rmtree(temp, ignore_errors=True)

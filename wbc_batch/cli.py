@@ -47,8 +47,10 @@ def _trust_model_option(p: argparse.ArgumentParser) -> None:
 
 def _ray_address_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-address", default=None,
-                   help="Ray cluster address (default: RAY_ADDRESS, else a head from `ray start` on this machine "
-                        "that answers, else a new local Ray)")
+                   help="Ray cluster address, or 'local' to start a private local Ray whatever runs on this machine "
+                        "(default: RAY_ADDRESS, else a head from `ray start` on this machine that answers, else a "
+                        "new local Ray). A head that does not answer or refuses the connection (token "
+                        "authentication: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN or ~/.ray/auth_token) is exit 5")
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:

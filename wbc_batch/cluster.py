@@ -16,6 +16,18 @@ connect of at most :data:`CONNECT_TIMEOUT_S`: an address the person gave
 :class:`ClusterUnreachableError` (one line, exit code 5, nothing written);
 a recorded head (3) that does not answer is only stale bookkeeping of an
 earlier ``ray start``, so a warning names it and a local Ray starts instead.
+
+A head that answers but refuses the driver (``ray.init`` fails: most often
+token authentication, which Ray 2.60 turns on for ``ray start --head`` when
+``~/.ray/auth_token`` exists, while the driver sends no token) is the same
+:class:`ClusterUnreachableError` (exit 5), whatever the address's source,
+with a hint: the token (``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN`` or
+``~/.ray/auth_token``), or ``--ray-address local`` for a private local Ray.
+
+``--ray-address local`` (or ``RAY_ADDRESS=local``) always starts a private
+local Ray, whatever runs on the machine. A local Ray started for a run has no
+dashboard (nobody can open it before the run ends it; it cost ten processes
+at the start).
 """
 
 from __future__ import annotations
@@ -124,10 +136,38 @@ def connect(explicit: str | None, timeout_s: float = CONNECT_TIMEOUT_S) -> Clust
 
     # quiet unless --verbose; worker output never forwarded
     kwargs: dict[str, Any] = console.ray_init_kwargs(existing_cluster=choice.address is not None)
-    # "local" rather than None: ray.init(None) would read RAY_ADDRESS and the recorded head itself.
-    ray.init(address=choice.address or _LOCAL, **kwargs)
+    if choice.address is None:
+        kwargs.setdefault("include_dashboard", False)  # the run's own Ray: no dashboard (module docstring)
+    try:
+        # "local" rather than None: ray.init(None) would read RAY_ADDRESS and the recorded head itself.
+        ray.init(address=choice.address or _LOCAL, **kwargs)
+    except Exception as exc:
+        if choice.address is None or not _refused(exc):
+            raise
+        raise ClusterUnreachableError(refused_message(choice, exc)) from exc
     log.info("Ray: %s (%s)", choice.address or "new local cluster", choice.source)
     return choice
+
+
+def _refused(exc: BaseException) -> bool:
+    """True for what ``ray.init`` raises when a head answers but does not let the driver in."""
+    from ray.exceptions import AuthenticationError
+
+    return isinstance(exc, ConnectionError | AuthenticationError | RuntimeError | TimeoutError)
+
+
+def refused_message(choice: ClusterChoice, exc: BaseException) -> str:
+    """The one line for a head that answered but refused the driver: what Ray said, and what to do."""
+    said = next((line.strip() for line in str(getattr(exc, "message", None) or exc).splitlines() if line.strip()),
+                "")
+    where = {"ray start": "recorded by `ray start` on this machine", "RAY_ADDRESS": "from RAY_ADDRESS",
+             "--ray-address": "from --ray-address"}.get(choice.source, f"from {choice.source}")
+    other = {"ray start": "or run on a private local Ray with --ray-address local",
+             "RAY_ADDRESS": "or unset RAY_ADDRESS, or run on a private local Ray with --ray-address local",
+             }.get(choice.source, "or run on a private local Ray with --ray-address local")
+    return (f"Ray cluster at {choice.address} ({where}) refused the connection ({type(exc).__name__}: {said}); "
+            "if it uses token authentication, set RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN, or the file "
+            f"~/.ray/auth_token that `ray start` used), {other}")
 
 
 def alive_nodes() -> int:
