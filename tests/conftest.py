@@ -20,32 +20,44 @@ from tests.processes import free_port
 # "test_file.py::test_name[id]" for one. Chosen from one full run's --durations so that `make test`
 # stays near 5 minutes on 2 cores while keeping a fast test with real parts for every module and command.
 SLOW: frozenset[str] = frozenset({
+    # adapt end to end (Ray Train on the shipped model; test_commands.py keeps a one-epoch adapt fast)
     "test_adapt.py::test_adapt_makes_a_new_lab_in_distribution_and_classifies_it",
     "test_adapt.py::test_adapted_artifact_records_its_base_and_the_lab",
+    "test_adapt.py::test_adapt_with_replay_records_distillation_and_shows_a_half_size_lab_at_the_bases_scale",
     "test_adapt.py::test_cli_calibrate_refits_on_the_labs_own_cells_only",
     "test_adapt.py::test_cli_evaluate_reports_each_lab_with_intervals",
-    "test_adapt.py::test_adapt_with_replay_records_distillation_and_shows_a_half_size_lab_at_the_bases_scale",
+    # the benchmark harness (classify runs of several sizes)
     "test_bench.py::test_bench_harness_writes_a_complete_report",
+    # faults, kills and full disks: each a CLI process with its own Ray
     "test_hardening.py::test_slowdown_and_500_are_retried_and_unreadable_images_become_transient_rows",
     "test_hardening.py::test_endpoint_down_at_start_fails_fast_with_one_line_and_writes_nothing",
     "test_hardening.py::test_actor_killed_mid_run_still_gives_exactly_one_row_per_image",
     "test_hardening.py::test_output_not_writable_is_one_line_and_commits_nothing",
     "test_hardening.py::test_disk_full_is_one_line_and_commits_nothing",
     "test_hardening.py::test_credentials_never_reach_outputs_or_logs_and_names_never_come_from_keys",
+    # a `ray start` head with token authentication beside a run's own local Ray
+    "test_cluster.py::test_a_recorded_head_that_refuses_the_driver_is_exit_5_with_the_token_hint_and_local_runs_beside_it",
+    # a Ray head and job submission
     "test_jobs.py::test_job_submit_with_token_auth",
+    # training across labs end to end
     "test_labs.py::test_train_on_two_labs_records_labs_digests_command_and_groups",
     "test_labs.py::test_adapt_replays_every_lab_of_its_base",
+    # multi-node
     "test_multinode.py::test_worker_node_killed_mid_run_still_one_row_per_image",
+    # nightly runs as processes: killed, concurrent, and real nights
     "test_nightly.py::test_killed_run_then_rerun_then_next_nights",
     "test_nightly.py::test_two_concurrent_runs_only_one_commits",
     "test_nightly.py::test_real_nights_record_the_listing_skip_unread_and_run_twice_on_one_date",
-    "test_pipeline.py::test_classify_local_folder_with_bad_inputs",
+    # more classify runs (test_classify_local_folder_with_bad_inputs stays fast: local Ray, Parquet read back)
     "test_pipeline.py::test_classify_s3_to_s3",
     "test_pipeline.py::test_classify_from_manifest_and_rerun_same_run_id",
     "test_pipeline.py::test_the_driver_never_imports_tensorflow_and_the_actors_measure_a_sample_spread_over_the_listing",
     "test_pipeline.py::test_gpu_actors_are_scheduled_on_a_declared_gpu",
     "test_pipeline.py::test_five_class_model_classifies_end_to_end",
     "test_pipeline.py::test_shifted_batch_raises_domain_shift",
+    # two review servers at once on S3 (the local case stays fast)
+    "test_review.py::test_two_reviewers_at_once_lose_nothing[s3]",
+    # training end to end (two Ray Train workers, one killed; test_commands.py keeps a one-epoch train fast)
     "test_training.py::test_two_workers_stay_in_sync_and_resume_after_a_worker_dies",
     "test_training.py::test_non_images_are_skipped_with_a_warning",
     "test_training.py::test_artifact_holds_the_trained_weights_split_and_calibration",

@@ -162,7 +162,6 @@ def _stop_head(head: subprocess.Popen) -> None:  # type: ignore[type-arg]
         pass
 
 
-@pytest.mark.slow
 def test_a_recorded_head_that_refuses_the_driver_is_exit_5_with_the_token_hint_and_local_runs_beside_it(
         tmp_path: Path, samples_dir: Path) -> None:
     """#34: with a `ray start --head` cluster on the machine (token authentication on), a run without the token
