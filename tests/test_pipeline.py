@@ -19,6 +19,7 @@ from wbc_batch import storage
 from wbc_batch.cli import main as cli_main
 from wbc_batch.model import artifact_digest, load_artifact, shipped_model_dir
 from wbc_batch.pipeline import BatchClassifier, FaithfulnessSample, load_images, render_explanations, sample_id_for
+from wbc_batch.splits import DEFAULT_LABEL_MAP
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -68,7 +69,8 @@ def test_sample_id_defaults_to_parent_folder() -> None:
     assert sample_id_for("/data/S12_cell3.jpg", r"/(?P<sample>S\d+)_") == "S12"
 
 
-def test_classify_local_folder_with_bad_inputs(ray_local, small_input: Path, tmp_path: Path, capsys) -> None:
+def test_classify_local_folder_with_bad_inputs(ray_local, small_input: Path, samples_dir: Path, tmp_path: Path,
+                                               capsys) -> None:
     good = next(small_input.rglob("*.jpg")).read_bytes()
     expected_bad = write_bad_corpus(small_input / "slide-C", good)
     n_inputs = sum(1 for p in small_input.rglob("*") if p.is_file())
@@ -102,10 +104,16 @@ def test_classify_local_folder_with_bad_inputs(ray_local, small_input: Path, tmp
     assert manifest["model"]["sha256"] == meta.model_sha256
     assert manifest["model"]["digest"] == artifact_digest() and set(rows.model_digest) == {artifact_digest()}
     assert manifest["model"]["review_threshold"] == meta.review_threshold
-    # the bundled images were classified as their folder says (shipped model, test split images)
-    truth = {"neutrophil", "lymphocyte", "eosinophil", "monocyte", "basophil"}
+    # each bundled image is classified as its class folder says (shipped model, test split images), but for the
+    # one the shipped model truly gets wrong (1.1.0: a band neutrophil it calls ig, p 0.60)
+    known_misses = {"BNE_295701.jpg": "ig"}
+    folder_of = {p.name: p.parent.name for p in samples_dir.glob("*/*.jpg")}
     clean = ok[ok.image_uri.str.contains("slide-[AB]", regex=True)]
-    assert (clean.predicted_class.isin(truth | {"non_wbc"})).mean() >= 0.9
+    assert len(clean) == 12
+    for uri, predicted in zip(clean.image_uri, clean.predicted_class):
+        name = Path(uri).name
+        expected = known_misses.get(name, DEFAULT_LABEL_MAP.get(folder_of[name], folder_of[name]))
+        assert predicted == expected, (name, folder_of[name], predicted)
 
 
 @pytest.mark.s3
