@@ -213,7 +213,7 @@ def _start(inp: str, out: str, *args: str) -> subprocess.Popen[str]:
                             start_new_session=True)
 
 
-def _finish(proc: subprocess.Popen[str], timeout: float = 240) -> tuple[int, str, str]:
+def _finish(proc: subprocess.Popen[str], timeout: float = 600) -> tuple[int, str, str]:  # a hang guard only
     out, err = proc.communicate(timeout=timeout)
     return proc.returncode, out, err
 
@@ -270,8 +270,20 @@ def test_killed_run_then_rerun_then_next_nights(s3_bucket: str, s3_client: Any, 
                          Body=b"\xff\xd8\xff\xe0 not really a jpeg")
     expected_ok = {f"{inp}/slide-1/{n}" for n, _ in first}
 
+    # 0. the lease is sized from what step 2 waits for: a re-run's start-up up to its lease check. The same
+    # command against another OUTPUT whose lease is held measures it on these cores, under their present load;
+    # the killed run's lease leaves at least 3/4 of its length after the kill (renewed every quarter), so a
+    # lease of 4x that start-up (10 s at least) lets a re-run started at once meet it unexpired
+    held = {"run_id": "holder", "owner": "test", "expires_at_epoch": time.time() + 3600, "released": False}
+    s3_client.put_object(Bucket=s3_bucket, Key="measure/state/lease.json", Body=json.dumps(held).encode())
+    t0 = time.monotonic()
+    code, _, err = _finish(_start(inp, f"s3://{s3_bucket}/measure", "--run-id", "measure"))
+    start_up = time.monotonic() - t0
+    assert code == EXIT_LEASE_HELD and "run holder" in err, err
+    lease_s = f"{max(10.0, 4 * start_up):.0f}"
+
     # 1. night 1 is killed with SIGKILL once it is under way (its first heatmap is written)
-    proc = _start(inp, out, "--run-id", "nightly-1", "--lease-seconds", "10")
+    proc = _start(inp, out, "--run-id", "nightly-1", "--lease-seconds", lease_s)
     reaper.append(proc.pid)
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None and not s3_keys(s3_bucket, "results/heatmaps/"):
@@ -286,7 +298,7 @@ def test_killed_run_then_rerun_then_next_nights(s3_bucket: str, s3_client: Any, 
     assert not s3_keys(s3_bucket, "results/runs/")
 
     # 2. re-run at once: the killed run's lease has not expired, so it is refused with a clear message
-    code, _, err = _finish(_start(inp, out, "--run-id", "nightly-1", "--lease-seconds", "10"))
+    code, _, err = _finish(_start(inp, out, "--run-id", "nightly-1", "--lease-seconds", lease_s))
     assert code == EXIT_LEASE_HELD, err
     assert "another nightly run holds the lease" in err and "run nightly-1" in err
     assert "Traceback" not in err
@@ -294,7 +306,7 @@ def test_killed_run_then_rerun_then_next_nights(s3_bucket: str, s3_client: Any, 
     # 3. after the expiry the re-run takes the lease over and commits exactly one row per image
     lease = json.loads(s3_client.get_object(Bucket=s3_bucket, Key="results/state/lease.json")["Body"].read())
     time.sleep(max(0.0, lease["expires_at_epoch"] - time.time()) + 0.5)
-    code, stdout, err = _finish(_start(inp, out, "--run-id", "nightly-1", "--lease-seconds", "10"))
+    code, stdout, err = _finish(_start(inp, out, "--run-id", "nightly-1", "--lease-seconds", lease_s))
     assert code == 0, err
     manifests, rows = _committed(s3_client, s3_keys, s3_bucket, "results")
     assert set(manifests) == {"nightly-1"}
@@ -315,7 +327,7 @@ def test_killed_run_then_rerun_then_next_nights(s3_bucket: str, s3_client: Any, 
         s3_client.put_object(Bucket=s3_bucket, Key=f"incoming/slide-2/{name}", Body=data)
     changed_name = first[0][0]
     s3_client.put_object(Bucket=s3_bucket, Key=f"incoming/slide-1/{changed_name}", Body=later[2][1])
-    code, _, err = _finish(_start(inp, out, "--run-id", "nightly-2", "--lease-seconds", "10"))
+    code, _, err = _finish(_start(inp, out, "--run-id", "nightly-2", "--lease-seconds", lease_s))
     assert code == 0, err
     manifests, rows = _committed(s3_client, s3_keys, s3_bucket, "results")
     night2 = manifests["nightly-2"]
