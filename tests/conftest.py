@@ -48,15 +48,10 @@ SLOW: frozenset[str] = frozenset({
     "test_nightly.py::test_killed_run_then_rerun_then_next_nights",
     "test_nightly.py::test_two_concurrent_runs_only_one_commits",
     "test_nightly.py::test_real_nights_record_the_listing_skip_unread_and_run_twice_on_one_date",
-    # more classify runs (test_classify_local_folder_with_bad_inputs stays fast: local Ray, Parquet read back)
-    "test_pipeline.py::test_classify_s3_to_s3",
+    # more classify runs (a local folder with bad inputs, S3 to S3, a five-class model and a shifted batch stay fast)
     "test_pipeline.py::test_classify_from_manifest_and_rerun_same_run_id",
     "test_pipeline.py::test_the_driver_never_imports_tensorflow_and_the_actors_measure_a_sample_spread_over_the_listing",
     "test_pipeline.py::test_gpu_actors_are_scheduled_on_a_declared_gpu",
-    "test_pipeline.py::test_five_class_model_classifies_end_to_end",
-    "test_pipeline.py::test_shifted_batch_raises_domain_shift",
-    # two review servers at once on S3 (the local case stays fast)
-    "test_review.py::test_two_reviewers_at_once_lose_nothing[s3]",
     # training end to end (two Ray Train workers, one killed; test_commands.py keeps a one-epoch train fast)
     "test_training.py::test_two_workers_stay_in_sync_and_resume_after_a_worker_dies",
     "test_training.py::test_non_images_are_skipped_with_a_warning",
