@@ -362,7 +362,10 @@ def test_artifact_holds_the_trained_weights_split_and_calibration(trained: dict[
     last = np.load(Path(trained["checkpoint"]) / training.WEIGHTS_FILE)
     assert any(not np.array_equal(last[k], average[k]) for k in last.files)
     rows = (Path(trained["model_out"]) / SPLIT_FILE).read_text().splitlines()
-    assert rows[0] == "sha256,label,split,uri" and len(rows) == 65
+    assert rows[0] == "sha256,label,split,uri,lab,group" and len(rows) == 65
+    one_lab = [r.split(",") for r in rows[1:]]
+    assert len({r[4] for r in one_lab}) == 1 and one_lab[0][4]  # one lab, named after its folder
+    assert all(r[5] == r[3].rsplit("/", 1)[-1] for r in one_lab)  # split by file: each file its own group
     assert {r.split(",")[2] for r in rows[1:]} == {"train", "val", "test"}
     repo = Path(__file__).resolve().parent.parent
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=repo).stdout.strip()
