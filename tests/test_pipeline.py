@@ -342,3 +342,48 @@ def test_faithfulness_sample_is_spread_over_the_listing_and_joins_the_actors_rec
     whole = faithfulness_summary(artifact.model, images, cam.cams, cam.targets, artifact.meta.temperature)
     assert summary["deletion_auc"] == pytest.approx(whole["deletion_auc"], abs=1e-4)
     assert FaithfulnessSample(uris, 0).positions == {}
+
+
+def test_a_small_run_states_its_faithfulness_sample_and_where_its_time_went(ray_local, small_input: Path, tmp_path: Path,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """#34: a run of 12 images measures faithfulness on one image, not eight, and its manifest says so and why;
+    every run records its phases (driver steps, the model actor's start, the faithfulness sample) and -v logs them."""
+    import logging
+
+    from wbc_batch.pipeline import FAITHFULNESS_RULE, RunClock, faithfulness_sample_size, stage_batch_size
+
+    assert faithfulness_sample_size(12, None) == (1, FAITHFULNESS_RULE)
+    assert faithfulness_sample_size(2500, None)[0] == 8 and faithfulness_sample_size(513, None)[0] == 3
+    assert faithfulness_sample_size(12, 3) == (3, "--faithfulness-sample 3")  # asked for: honoured
+    assert faithfulness_sample_size(2, 3)[0] == 2 and faithfulness_sample_size(0, None)[0] == 0
+    # a small run is cut into 4 batches (at least 8 images each) so that read, model and render overlap
+    assert [stage_batch_size(n, 64) for n in (12, 16, 64, 100, 256, 2500)] == [8, 8, 16, 25, 64, 64]
+    assert stage_batch_size(64, 4) == 4 and stage_batch_size(3, 64) == 8
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="wbc_batch.pipeline"):
+        assert cli_main(["classify", str(small_input), str(out), "--run-id", "small-1", "--no-heatmaps"]) == 0
+    manifest = json.loads((out / "runs" / "small-1.json").read_text())
+    faithfulness = manifest["faithfulness"]
+    assert faithfulness["sample_size"] == 1 and faithfulness["n_images"] == 1
+    assert faithfulness["sample_rule"] == FAITHFULNESS_RULE and "one image per 256" in faithfulness["sample_rule"]
+    listed = sorted(str(p) for p in small_input.rglob("*.jpg"))
+    assert faithfulness["image_uris"] == [listed[6]]  # the middle of the listing
+    assert manifest["options"]["faithfulness_sample"] is None
+    assert manifest["options"]["batch_size"] == 64 and manifest["resources"]["batch_size"] == 8
+    timings = manifest["timings"]
+    phases = timings["phases"]
+    expected = {"before_run_s", "verify_model_s", "listing_s", "ray_connect_s", "plan_s", "actor_start_s",
+                "tensorflow_import_s", "model_load_s", "actor_ready_s", "first_model_batch_s", "model_s",
+                "faithfulness_s", "stream_s", "commit_s"}
+    assert expected <= set(phases) <= set(RunClock.PHASES), set(phases) ^ expected
+    assert all(v >= 0 for k, v in phases.items() if k != "actor_process_s")  # that one may precede the run
+    assert phases["actor_process_s"] <= phases["actor_start_s"]
+    assert 0 < phases["faithfulness_s"] <= phases["model_s"]
+    assert phases["tensorflow_import_s"] > 0 and phases["model_load_s"] > 0
+    assert phases["actor_start_s"] <= phases["actor_ready_s"] <= phases["first_model_batch_s"]
+    assert phases["first_model_batch_s"] <= timings["first_row_seconds"] <= timings["seconds"]
+    assert list(phases) == [k for k in RunClock.PHASES if k in phases]  # in the order a run goes
+    [line] = [r.getMessage() for r in caplog.records if "phases:" in r.getMessage()]
+    assert line.startswith("run small-1 took ") and "actor_ready" in line and "faithfulness" in line
+    # the column that carried the actor's timings is not a result column
+    assert "actor_timing" not in read_rows(str(out)).columns

@@ -72,9 +72,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-id-regex", default=None,
                    help="regex with a named group 'sample' applied to the URI (default: parent folder name)")
     _ray_address_option(p)
-    p.add_argument("--faithfulness-sample", type=int, default=8,
+    p.add_argument("--faithfulness-sample", type=int, default=None,
                    help="N images spread over the run's listing get the deletion/insertion and pixel-retention "
-                        "checks, measured in the model actors (0: off; default 8)")
+                        "checks, measured in the model actors (0: off; default: one image per 256 of the run, at "
+                        "least 1, at most 8; the manifest's faithfulness.sample_size and sample_rule say which)")
 
 
 def _cmd_classify(args: argparse.Namespace) -> int:

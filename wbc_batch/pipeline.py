@@ -14,20 +14,27 @@ yields exactly one row: a failure to read or decode becomes an error row.
 The driver never loads the Keras model (nor imports TensorFlow) on a run
 that succeeds: it checks the artifact without Keras, and only a failed run
 loads it there, to say why the actors could not.
+
+Each run records where its time went (``timings.phases`` in the manifest,
+:func:`run_phases`, one INFO line with ``-v``): the driver's own steps, the
+model actor's start (process, TensorFlow import, model load, reported with
+its first batch) and the faithfulness sample, on the run's clock.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import re
+import threading
 import time
 import uuid
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from functools import partial
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -40,6 +47,16 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SUSPECT_BELOW = 0.5
 FAITHFULNESS_SEED = 0  # image i of the run's sample is measured with seed FAITHFULNESS_SEED + i
+# One faithfulness image per this many images of the run (at least one, at most --faithfulness-sample): an image
+# of the sample costs about 80 forward passes, more than a batch of 64 images, so 8 of them were 10x the work
+# of a 64-image run (BENCHMARKS.md, "Small runs").
+MIN_STAGE_BATCHES = 4  # a small run is cut into this many batches so that its stages overlap (stage_batch_size)
+MIN_SMALL_BATCH = 8
+FAITHFULNESS_IMAGES_PER_SAMPLE = 256
+FAITHFULNESS_DEFAULT_MAX = 8
+FAITHFULNESS_RULE = (f"default: one image per {FAITHFULNESS_IMAGES_PER_SAMPLE} of the run, at least 1, at most "
+                     f"{FAITHFULNESS_DEFAULT_MAX} (min({FAITHFULNESS_DEFAULT_MAX}, max(1, ceil(images / "
+                     f"{FAITHFULNESS_IMAGES_PER_SAMPLE}))))")
 
 
 @dataclass
@@ -64,7 +81,7 @@ class ClassifyConfig:
     listing: Any = None  # storage.list_entries of the input (pyarrow Table): the rows' source_* columns
     manifest_extra: dict[str, Any] | None = None
     before_commit: Any = None  # callable(manifest) run right before the commit; raising aborts it (nightly's lease check)
-    faithfulness_sample: int = 8
+    faithfulness_sample: int | None = None  # images; None: sized to the run (faithfulness_sample_size)
     quiet: bool = False  # keep Ray Data's progress bars and per-dataset INFO lines off the console
 
     @classmethod
@@ -85,13 +102,13 @@ class ClassifyConfig:
             review_threshold=args.review_threshold,
             sample_id_regex=args.sample_id_regex,
             ray_address=args.ray_address,
-            faithfulness_sample=getattr(args, "faithfulness_sample", 8),
+            faithfulness_sample=getattr(args, "faithfulness_sample", None),
             quiet=not getattr(args, "verbose", True),
         )
 
     def validate(self) -> None:
         """Guard clauses for values the CLI cannot check by type alone."""
-        if self.faithfulness_sample < 0:
+        if self.faithfulness_sample is not None and self.faithfulness_sample < 0:
             raise ValueError(f"--faithfulness-sample must be >= 0, got {self.faithfulness_sample}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
@@ -217,12 +234,16 @@ class BatchClassifier:
     def __init__(self, model_uri: str | None, allow_untrusted: bool, review_threshold: float | None,
                  run_id: str, intra_op_threads: int | None = None, expected_digest: str | None = None,
                  faithfulness_sample: dict[str, int] | None = None) -> None:
+        started = time.time()  # wall clock: the driver places the actor's start on the run's timeline
+        t0 = time.perf_counter()
+        process_age = process_age_s()  # a worker Ray started for this actor, or one it had started before
         import tensorflow as tf
 
         if intra_op_threads:
             tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
         from wbc_batch.explain import GradCam
 
+        t_tf = time.perf_counter()
         # the driver passes the digest it loaded, so every row of a run comes from the artifact its manifest names
         artifact = load_artifact(model_uri, allow_untrusted=allow_untrusted, expected_digest=expected_digest)
         self.meta = artifact.meta
@@ -239,9 +260,18 @@ class BatchClassifier:
             from wbc_batch.ood import OodScorer
 
             self.ood = OodScorer.from_metadata(self.meta)
+        t_ready = time.perf_counter()
+        # sent with the actor's first batch (the ``actor_timing`` column), then per batch its own seconds
+        self.timing: dict[str, Any] = {"actor": f"{os.getpid()}-{uuid.uuid4().hex[:6]}", "started": started,
+                                       "process_age_s": process_age,
+                                       "tensorflow_import_s": t_tf - t0, "model_load_s": t_ready - t_tf,
+                                       "ready": started + (t_ready - t0)}
+        self.faithfulness_s = 0.0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Add probabilities, the predicted class, OOD flags and the raw Grad-CAM map to a batch."""
+        t0 = time.perf_counter()
+        self.faithfulness_s = 0.0
         n = len(batch["image_uri"])
         ok = batch["status"] == "ok"
         k = len(self.classes)
@@ -282,7 +312,24 @@ class BatchClassifier:
         )
         for j, name in enumerate(self.meta.class_names):
             out[f"p_{name}"] = probs[:, j]
+        out["actor_timing"] = self._timing_column(n, time.perf_counter() - t0)
         return out
+
+    def _timing_column(self, n: int, seconds: float) -> np.ndarray:
+        """The batch's ``actor_timing``: JSON on its first row ("" on the others), read by :class:`RunClock`.
+
+        Every batch: the actor, its seconds on the batch and the faithfulness
+        part of them, and when it finished (wall clock). The actor's first
+        batch also carries its start: when the constructor began, its
+        TensorFlow import and model load.
+        """
+        column = np.full(n, "", dtype=object)
+        if n:
+            record = {**self.timing, "batch_s": seconds, "faithfulness_s": self.faithfulness_s, "n": n,
+                      "done": time.time()}
+            column[0] = json.dumps(record)
+            self.timing = {"actor": self.timing["actor"]}  # the start goes with the first batch only
+        return column
 
     def _faithfulness_records(self, uris: np.ndarray, images: np.ndarray, result: Any) -> np.ndarray:
         """For the batch's images in the run's sample, their faithfulness record as JSON ("" for the rest).
@@ -295,8 +342,7 @@ class BatchClassifier:
         picked = [i for i, u in enumerate(uris) if u in self.sample]
         if not picked:
             return out
-        import json
-
+        t0 = time.perf_counter()
         from wbc_batch.faithfulness import compiled_forward, faithfulness_records
 
         if self.forward is None:  # once per actor, not once per batch: each build traces again
@@ -306,6 +352,7 @@ class BatchClassifier:
                                        result.targets[picked], self.meta.temperature, seeds, run=self.forward)
         for i, record in zip(picked, records):
             out[i] = json.dumps(record)
+        self.faithfulness_s += time.perf_counter() - t0
         return out
 
 
@@ -426,6 +473,37 @@ def _domain_shift(meta: Any, counts: results.RunCounts) -> dict[str, Any]:
     return {"evaluated": True, **summary}
 
 
+def faithfulness_sample_size(n_images: int, requested: int | None) -> tuple[int, str]:
+    """How many images of a run of ``n_images`` get the faithfulness checks, and the rule that said so.
+
+    ``requested`` (``--faithfulness-sample``) is honoured up to the run's
+    size; left out (None) the sample is sized to the run: one image per
+    :data:`FAITHFULNESS_IMAGES_PER_SAMPLE`, at least one, at most
+    :data:`FAITHFULNESS_DEFAULT_MAX` (from 1,793 images on, the 8 every run
+    measured before).
+    """
+    if requested is not None:
+        return min(requested, n_images), f"--faithfulness-sample {requested}"
+    if n_images <= 0:
+        return 0, FAITHFULNESS_RULE
+    return min(FAITHFULNESS_DEFAULT_MAX, max(1, math.ceil(n_images / FAITHFULNESS_IMAGES_PER_SAMPLE))), FAITHFULNESS_RULE
+
+
+def stage_batch_size(n_images: int, batch_size: int) -> int:
+    """The batch size of a run's stages: ``batch_size``, or smaller for a run of fewer than
+    :data:`MIN_STAGE_BATCHES` batches, so that its read, model and render stages overlap.
+
+    A 64-image run at 64 was one batch: read, then the model, then render,
+    each waiting for the whole run, and the first row came with the last.
+    Cut into 4 (at least :data:`MIN_SMALL_BATCH` images each), the first
+    batch is rendered while the next ones are classified. From
+    ``4 * batch_size`` images on, the batch size is the one asked for.
+    """
+    if n_images >= batch_size * MIN_STAGE_BATCHES:
+        return batch_size
+    return max(1, min(batch_size, max(MIN_SMALL_BATCH, math.ceil(n_images / MIN_STAGE_BATCHES))))
+
+
 def spread_sample(uris: list[str], size: int) -> list[str]:
     """``size`` URIs evenly spaced over the run's listing (the middle of each of ``size`` equal stretches).
 
@@ -447,23 +525,29 @@ class FaithfulnessSample:
     not decode are left out, and ``n_images`` in the summary says how many
     were measured. The actors send one record per sample image with its row
     (:meth:`BatchClassifier._faithfulness_records`); :meth:`summary` joins
-    them in the listing's order.
+    them in the listing's order. ``rule`` says how the size was chosen
+    (:func:`faithfulness_sample_size`); the summary carries both.
     """
 
-    def __init__(self, uris: list[str], size: int) -> None:
+    def __init__(self, uris: list[str], size: int, rule: str = "") -> None:
         self.positions = {u: i for i, u in enumerate(spread_sample(uris, size))}
+        self.size = len(self.positions)
+        self.rule = rule
         self.records: dict[int, dict[str, Any]] = {}
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
         """Keep the records a result batch carries (rows outside the sample carry "")."""
-        import json
-
         for uri, record in zip(batch["image_uri"], batch.get("faithfulness_record", ())):
             if record and uri in self.positions:
                 self.records[self.positions[uri]] = json.loads(record)
 
     def summary(self, temperature: float) -> dict[str, Any] | None:
-        """The manifest's ``faithfulness`` (None when no sample image was measured)."""
+        """The manifest's ``faithfulness`` (None when no sample image was measured).
+
+        ``sample_size`` is the number of images chosen, ``n_images`` of those
+        measured (an image that does not decode is left out), ``sample_rule``
+        how the size was chosen.
+        """
         if not self.records:
             return None
         from wbc_batch.faithfulness import DEFAULT_STEPS, summarise_faithfulness
@@ -473,7 +557,108 @@ class FaithfulnessSample:
                                          DEFAULT_STEPS)
         by_position = {i: u for u, i in self.positions.items()}
         summary["image_uris"] = [by_position[i] for i in order]
+        summary["sample_size"] = self.size
+        if self.rule:
+            summary["sample_rule"] = self.rule
         return summary
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux ``/proc``); None where that cannot be read.
+
+    In a command-line run this is the Python imports before :func:`run_classify`.
+    """
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        start_ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, starttime, in clock ticks since boot
+        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+class RunClock:
+    """Where a run's time goes: ``timings.phases`` of the manifest, in seconds.
+
+    Driver steps are timed where they run. The model actors report theirs
+    with their batches (the ``actor_timing`` column, :meth:`BatchClassifier._timing_column`):
+    wall-clock times, placed on the run's clock against the driver's own
+    (one machine's clock, or a cluster's synchronised ones). :attr:`PHASES`
+    says what each phase is; those ending in ``_s`` after ``plan_s`` that
+    name a moment (``actor_start_s``, ``actor_ready_s``,
+    ``first_model_batch_s``) are seconds from the run's start, the others
+    durations.
+    """
+
+    PHASES = {
+        "before_run_s": "process start to run_classify (the Python imports of a command-line run)",
+        "verify_model_s": "the model artifact checked without Keras (driver)",
+        "listing_s": "INPUT listed and OUTPUT's write probe",
+        "ray_connect_s": "Ray started or joined",
+        "plan_s": "Ray Data imported, actors sized, the dataset planned",
+        "actor_process_s": "run start to the start of the first model actor's worker process (negative: "
+                           "a worker Ray had started before the run's Ray Data plan asked for it)",
+        "actor_start_s": "run start to the first model actor's constructor (its class imported)",
+        "tensorflow_import_s": "TensorFlow's import in that actor",
+        "model_load_s": "the model loaded in that actor (Keras, Grad-CAM, OOD scorer)",
+        "actor_ready_s": "run start to that actor ready for batches",
+        "first_model_batch_s": "run start to the first batch out of a model actor",
+        "model_s": "seconds the model actors spent on batches, all of them (faithfulness included)",
+        "faithfulness_s": "of which the faithfulness sample",
+        "stream_s": "execution start to the last rows at the driver",
+        "commit_s": "Parquet parts closed and the manifest's summaries (its own write excluded)",
+    }
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.wall0 = time.time()
+        self.phases: dict[str, float] = {}
+        age = process_age_s()
+        if age is not None:
+            self.phases["before_run_s"] = age
+        self._actors: dict[str, dict[str, Any]] = {}
+        self._first_done: float | None = None
+        self._model_s = 0.0
+        self._faithfulness_s = 0.0
+        self._lock = threading.Lock()
+
+    def since_start(self) -> float:
+        """Seconds since the run started."""
+        return time.perf_counter() - self.t0
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        """Read the actors' timings a result batch carries."""
+        for text in batch.get("actor_timing", ()):
+            if not text:
+                continue
+            record = json.loads(text)
+            with self._lock:
+                self._model_s += float(record.get("batch_s", 0.0))
+                self._faithfulness_s += float(record.get("faithfulness_s", 0.0))
+                done = float(record.get("done", 0.0)) - self.wall0
+                self._first_done = done if self._first_done is None else min(self._first_done, done)
+                if "started" in record:
+                    self._actors.setdefault(str(record["actor"]), record)
+
+    def to_json(self) -> dict[str, float]:
+        """The phases measured so far, rounded to the millisecond; the actor's are the first ready actor's."""
+        phases = dict(self.phases)
+        if self._actors:
+            first = min(self._actors.values(), key=lambda r: float(r["ready"]))
+            if first.get("process_age_s") is not None:  # when the actor's worker process started
+                phases["actor_process_s"] = float(first["started"]) - float(first["process_age_s"]) - self.wall0
+            phases.update(actor_start_s=float(first["started"]) - self.wall0,
+                          tensorflow_import_s=float(first["tensorflow_import_s"]),
+                          model_load_s=float(first["model_load_s"]),
+                          actor_ready_s=float(first["ready"]) - self.wall0)
+        if self._first_done is not None:
+            phases["first_model_batch_s"] = self._first_done
+            phases["model_s"] = self._model_s
+            phases["faithfulness_s"] = self._faithfulness_s
+        order = list(self.PHASES)
+        ranked = sorted(phases.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
+        # durations and times after the start are >= 0 (another node's clock may be a little off); the
+        # actor's process may have started before the run
+        return {k: round(v if k == "actor_process_s" else max(0.0, v), 3) for k, v in ranked}
 
 
 def _model_error(config: ClassifyConfig, digest: str | None) -> Exception | None:
@@ -494,14 +679,18 @@ def _model_error(config: ClassifyConfig, digest: str | None) -> Exception | None
 
 
 def _write_batch(batch: dict[str, np.ndarray], schema: Any, listing: Any, position: dict[str, int],
-                 counts: results.RunCounts, writer: results.PartWriter, sample: FaithfulnessSample) -> None:
-    """One block from the stream: rows to the part writer and the counts, faithfulness records to the sample."""
+                 counts: results.RunCounts, writer: results.PartWriter, sample: FaithfulnessSample,
+                 clock: RunClock | None = None) -> None:
+    """One block from the stream: rows to the part writer and the counts, faithfulness records to the sample,
+    the actors' timings to the run's clock."""
     table = results.batch_to_table(batch, schema)
     if listing is not None:
         table = results.attach_source(table, listing, position)
     counts.add(table)
     writer.add(table)
     sample.add(batch)
+    if clock is not None:
+        clock.add(batch)
 
 
 def _list_input(config: ClassifyConfig) -> tuple[Any, list[str], dict[str, int]]:
@@ -521,6 +710,33 @@ def _list_input(config: ClassifyConfig) -> tuple[Any, list[str], dict[str, int]]
     if not uris and config.uris is None:
         raise ValueError(f"no images found under {config.input_uri} (looked for .jpg .jpeg .png .tif .tiff .bmp)")
     return listing, uris, position
+
+
+class _Preload:
+    """Import Ray Data in a thread while the driver starts or joins Ray, and wait for it before planning.
+
+    ``import ray.data`` takes about a second of the driver's CPU (more on a
+    loaded machine), and ``ray.init`` spends most of its time waiting for the
+    processes it starts; done one after the other they were both on the way
+    to the first row. An import error is raised by :meth:`wait`.
+    """
+
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="wbc-preload-ray-data", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            import ray.data  # noqa: F401 - the import is the work
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread by wait()
+            self.error = exc
+
+    def wait(self) -> None:
+        """Block until the import is done; raise what it raised."""
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 def _connect_cluster(config: ClassifyConfig, uris: list[str]) -> list[str]:
@@ -545,7 +761,8 @@ def _classify_dataset(config: ClassifyConfig, meta: Any, uris: list[str], run_id
 
     workers, gpus_per, cpus_per = plan
     items = [{"image_uri": u, "sample_id": sample_id_for(u, config.sample_id_regex)} for u in uris]
-    blocks = max(1, min(len(items) // config.batch_size + 1, 512))
+    batch_size = stage_batch_size(len(items), config.batch_size)
+    blocks = max(1, min(math.ceil(len(items) / batch_size), 512))  # a block per batch
     ds: Any = ray.data.from_items(items, override_num_blocks=blocks)
     # Ray Data's per-operator reservations split the CPUs the model actors leave over between the read and
     # render stages; on 2 cores that held the render tasks back until the actors had nearly finished, so rows
@@ -555,7 +772,7 @@ def _classify_dataset(config: ClassifyConfig, meta: Any, uris: list[str], run_id
     ds.context.op_resource_reservation_enabled = False
     ds = ds.map_batches(partial(load_images, image_size=meta.image_size, with_quality=bool(meta.ood),
                                 field_scale=meta.field_scale),
-                        batch_size=config.batch_size, num_cpus=0.5)
+                        batch_size=batch_size, num_cpus=0.5)
     ds = ds.map_batches(
         BatchClassifier,
         fn_constructor_kwargs={
@@ -567,7 +784,7 @@ def _classify_dataset(config: ClassifyConfig, meta: Any, uris: list[str], run_id
             "expected_digest": model_digest,
             "faithfulness_sample": sample.positions,
         },
-        batch_size=config.batch_size,
+        batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=workers),
         num_cpus=cpus_per,
         num_gpus=gpus_per,
@@ -579,7 +796,7 @@ def _classify_dataset(config: ClassifyConfig, meta: Any, uris: list[str], run_id
     return ds.map_batches(partial(render_explanations, output_uri=config.output_uri,
                                   write_heatmaps=config.write_heatmaps, field_scale=meta.field_scale,
                                   suspect_below=suspect_below),
-                          batch_size=config.batch_size, num_cpus=0.5)
+                          batch_size=batch_size, num_cpus=0.5)
 
 
 def _stream_rows(ds: Any, on_batch: Any, total: int, quiet: bool) -> float | None:
@@ -629,8 +846,9 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
     """
     config.validate()
     started = datetime.now(timezone.utc)
-    t0 = time.perf_counter()
-    phases: dict[str, float] = {}
+    clock = RunClock()
+    t0 = clock.t0
+    phases = clock.phases
     run_id = config.run_id or new_run_id()
     # The driver needs the model's metadata and digest, not the Keras model: the actors load it and
     # measure the faithfulness sample (BENCHMARKS.md, "Per-run fixed costs").
@@ -645,6 +863,7 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
         phases["listing_s"] = time.perf_counter() - t0 - phases["verify_model_s"]
         if uris:
             t_connect = time.perf_counter()
+            preload = _Preload()
             warnings = _connect_cluster(config, uris)
             phases["ray_connect_s"] = time.perf_counter() - t_connect
     except Exception:
@@ -658,15 +877,19 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
     writer = results.PartWriter(config.output_uri, run_date, run_id, schema)
     counts = results.RunCounts()
     plan = (0, 0.0, 0.0)
-    faithfulness_sample = FaithfulnessSample(uris, config.faithfulness_sample)
+    faithfulness_sample = FaithfulnessSample(uris, *faithfulness_sample_size(len(uris), config.faithfulness_sample))
     first_row: float | None = None
     if uris:
+        t_plan = time.perf_counter()
+        preload.wait()
         _quiet_ray_data(config.quiet)
         plan = _plan_resources(config)
         ds = _classify_dataset(config, meta, uris, run_id, model_digest, plan, faithfulness_sample)
+        t_stream = time.perf_counter()
+        phases["plan_s"] = t_stream - t_plan
         try:
             first = _stream_rows(ds, partial(_write_batch, schema=schema, listing=listing, position=position,
-                                             counts=counts, writer=writer, sample=faithfulness_sample),
+                                             counts=counts, writer=writer, sample=faithfulness_sample, clock=clock),
                                  len(uris), config.quiet)
         except Exception as exc:
             # the actors died on the model: the driver's own load says why (exit 4), not Ray's wrapper
@@ -674,25 +897,33 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
             if model_error is None:
                 raise
             raise model_error from exc
+        phases["stream_s"] = time.perf_counter() - t_stream
         first_row = None if first is None else first - t0
+    t_commit = time.perf_counter()
     files = writer.close()
     elapsed = time.perf_counter() - t0
     faithfulness = faithfulness_sample.summary(meta.temperature)
+    run_counts, domain_shift = counts.summary(), _domain_shift(meta, counts)
+    phases["commit_s"] = time.perf_counter() - t_commit
     timings = results.RunTimings(seconds=round(elapsed, 3),
                                  images_per_second=round(counts.total / elapsed, 3) if elapsed else 0.0,
                                  first_row_seconds=None if first_row is None else round(first_row, 3),
-                                 phases={k: round(v, 3) for k, v in phases.items()})
+                                 phases=clock.to_json())
     workers, gpus_per, cpus_per = plan
     manifest = results.RunManifest(
         run_id=run_id, status=results.STATUS_SUCCEEDED, input=config.input_uri, output=config.output_uri,
         model=_model_ref(config, meta, model_digest), started_at=started.isoformat(),
         finished_at=datetime.now(timezone.utc).isoformat(), run_date=run_date,
-        counts=counts.summary(), timings=timings,
-        resources={"workers": workers, "gpus_per_worker": gpus_per, "cpus_per_worker": cpus_per},
-        parquet_files=files, options=_recorded_options(config, len(uris)), domain_shift=_domain_shift(meta, counts),
+        counts=run_counts, timings=timings,
+        resources={"workers": workers, "gpus_per_worker": gpus_per, "cpus_per_worker": cpus_per,
+                   "batch_size": stage_batch_size(len(uris), config.batch_size)},
+        parquet_files=files, options=_recorded_options(config, len(uris)), domain_shift=domain_shift,
         faithfulness=faithfulness, warnings=warnings,
         extra=dict(config.manifest_extra or {}))  # extra keys win, as they always did
     if config.before_commit is not None:
         config.before_commit(manifest)
     results.write_manifest(config.output_uri, manifest)
+    log.info("run %s took %.1f s%s; phases: %s", run_id, elapsed,
+             "" if first_row is None else f", first rows after {first_row:.1f} s",
+             ", ".join(f"{k.removesuffix('_s')} {v:g} s" for k, v in timings.phases.items()))
     return manifest.to_json()
