@@ -17,6 +17,13 @@ images and the same shipped model:
   decode, resize, segmentation, quality features, network + Grad-CAM + OOD
   score, localisation, overlay + JPEG written) batched in one process
   without Ray: what the pipeline is honestly compared with.
+- **small runs** (``--small-sizes``, default 16, 64 and 256 images): a cold
+  ``wbc-batch classify`` as a person types it (a subprocess: imports, Ray's
+  start, the model actor, the work, the commit, Ray's shutdown) against the
+  one-at-a-time loop on the same images from a cold process (imports,
+  model load, loop), with each phase of the run from its manifest
+  (``timings.phases``); ``--compare-tree DIR`` runs another checkout's
+  code beside it (a ``git worktree`` of an earlier commit), alternated.
 
 Why a child process per pipeline run: it gets a fresh Ray whose whole
 process tree (driver, GCS, raylet, workers) the sampler can attribute, and
@@ -451,6 +458,255 @@ def run_full_floor(cam: Any, meta: Any, paths: list[Path], batch_size: int, out_
             "load_before": round(load_before, 2)}
 
 
+# --- small runs: cold command-line runs against the one-at-a-time loop -------
+
+
+LOOP_SCRIPT_DOC = "cold loop: import TensorFlow, load the shipped model, then the notebook loop over the images"
+
+
+def child_loop(args: argparse.Namespace) -> int:
+    """Child entry: the notebook way from a cold process, timed; prints the result as JSON.
+
+    Imports TensorFlow and tf-explain, loads the shipped model, then one image
+    at a time: ``cv2.imread``, ``model.predict`` on it, tf-explain
+    ``GradCAM.explain`` of the predicted class, ``cv2.imwrite`` of the
+    overlay. No warm-up: the first image pays tf-explain's tracing, as the
+    first run of a notebook cell does.
+    """
+    t_start = time.perf_counter()
+    import cv2
+    import numpy as np
+    from tf_explain.core.grad_cam import GradCAM
+
+    from wbc_batch.model import load_artifact
+
+    t_import = time.perf_counter()
+    artifact = load_artifact()
+    model, meta = artifact.model, artifact.meta
+    t_load = time.perf_counter()
+    paths = [Path(p) for p in Path(args.input).read_text().split("\n") if p]
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    explainer = GradCAM()
+    first = None
+    for i, path in enumerate(paths):
+        bgr = cv2.imread(str(path))
+        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        x = cv2.resize(rgb, (meta.image_size, meta.image_size), interpolation=cv2.INTER_AREA).astype(np.float32)[None]
+        pred = int(np.argmax(model.predict(x, verbose=0)[0]))
+        grid = explainer.explain((x, None), model, class_index=pred, layer_name=meta.gradcam_layer)
+        cv2.imwrite(str(out_dir / f"{i:05d}_{path.stem}.png"), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+        if first is None:
+            first = time.perf_counter()
+    t_end = time.perf_counter()
+    out = {"n": len(paths), "import_s": round(t_import - t_start, 3), "model_load_s": round(t_load - t_import, 3),
+           "first_image_s": round((first or t_end) - t_load, 3), "loop_s": round(t_end - t_load, 3),
+           "in_process_s": round(t_end - t_start, 3)}
+    print(RESULT_TAG + json.dumps(out), flush=True)
+    return 0
+
+
+def _timed_child(cmd: list[str], env: dict[str, str], log_path: Path, timeout: float, watch: Path | None = None,
+                 cwd: Path = REPO) -> tuple[subprocess.CompletedProcess[str], float, float, float, float | None]:
+    """Run a child, sampling its tree; (completed, wall s, CPU s of the tree, start time.time(), first file s).
+
+    ``watch``: a folder whose first file's appearance (seconds after the
+    start) is reported, polled every 0.1 s; None when nothing appeared.
+    """
+    import psutil
+
+    del psutil  # TreeSampler imports it; fail here, before the child, when it is missing
+    first_file: float | None = None
+    wall0 = time.time()
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, cwd=str(cwd), env=env)
+        with TreeSampler(proc.pid, period=0.25) as sampler:
+            deadline = t0 + timeout
+            while proc.poll() is None:
+                if watch is not None and first_file is None and watch.is_dir() and any(
+                        f.is_file() for f in watch.rglob("*")):
+                    first_file = time.perf_counter() - t0
+                if time.perf_counter() > deadline:
+                    proc.kill()
+                    proc.wait()
+                    raise RuntimeError(f"{cmd[:4]} ran past {timeout:.0f} s; log: {log_path}")
+                time.sleep(0.1)
+            stdout = proc.stdout.read() if proc.stdout is not None else ""
+    wall = time.perf_counter() - t0
+    completed = subprocess.CompletedProcess(cmd, proc.returncode, stdout, "")
+    return completed, wall, sampler.stats.cpu_seconds, wall0, first_file
+
+
+def run_small_cli(manifest: Path, n: int, workdir: Path, tree: Path, label: str, timeout: float) -> dict[str, Any]:
+    """One cold ``wbc-batch classify`` of ``manifest`` as a subprocess, with the code of ``tree``; times and phases.
+
+    The command is what a person types (``python -m wbc_batch.cli classify
+    INPUT OUTPUT``, with ``--ray-address local`` so that it never joins
+    another cluster on the machine), so it pays everything: Python imports,
+    Ray's start, the actor's start, the work, the commit and Ray's shutdown
+    at exit. The checkout (this one or ``--compare-tree``) is the working
+    directory and ``PYTHONPATH`` (``python -m`` puts the working directory
+    first on ``sys.path``); Ray's workers inherit both.
+    """
+    out_dir = workdir / f"small-{label}-{n}-{time.time_ns()}"
+    run_id = f"small-{n}"
+    cmd = [sys.executable, "-m", "wbc_batch.cli", "classify", str(manifest), str(out_dir), "--run-id", run_id,
+           "--ray-address", "local"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
+    env.update(PYTHONPATH=str(tree), PYTHONUNBUFFERED="1")
+    load_before = os.getloadavg()[0]
+    log_path = workdir / f"small-{label}-{n}.log"
+    proc, wall, cpu, wall0, first_heatmap = _timed_child(cmd, env, log_path, timeout, watch=out_dir / "heatmaps",
+                                                         cwd=tree)
+    if proc.returncode != 0:
+        raise RuntimeError(f"classify of {n} images ({label}) failed (exit {proc.returncode}); log {log_path}:\n"
+                           f"{log_path.read_text()[-2000:]}")
+    manifest_json = json.loads((out_dir / "runs" / f"{run_id}.json").read_text())
+    shutil.rmtree(out_dir, ignore_errors=True)
+    counts, timings = manifest_json["counts"], manifest_json["timings"]
+    if counts["total"] != n or counts["ok"] != n:
+        raise RuntimeError(f"classify of {n} images ({label}) gave {counts}")
+    # run_classify's start on the child's clock: its started_at (UTC, microseconds) against the Popen time
+    run_start = datetime.fromisoformat(manifest_json["started_at"]).timestamp() - wall0
+    first_row = timings.get("first_row_seconds")
+    faithfulness = manifest_json.get("faithfulness") or {}
+    return {
+        "n": n, "tree": label, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
+        "cpu_ms_per_image": round(cpu / n * 1e3, 1),
+        "run_start_s": round(run_start, 2),  # process start to run_classify: Python imports
+        "run_s": timings["seconds"],  # run_classify's start to the parts closed
+        "first_row_s": None if first_row is None else round(run_start + first_row, 2),  # from the process start
+        "first_heatmap_s": None if first_heatmap is None else round(first_heatmap, 2),
+        "after_run_s": round(wall - run_start - timings["seconds"], 2),  # commit, summary, Ray's shutdown at exit
+        "phases": timings.get("phases", {}),
+        "faithfulness_images": faithfulness.get("n_images", 0),
+        "faithfulness_sample_size": faithfulness.get("sample_size"),
+        "load_before": round(load_before, 2),
+    }
+
+
+def run_small_loop(manifest: Path, n: int, workdir: Path, timeout: float) -> dict[str, Any]:
+    """The one-at-a-time loop on the same images from a cold process (:func:`child_loop`)."""
+    out_dir = workdir / f"loop-{n}-{time.time_ns()}"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-loop", "--input", str(manifest),
+           "--output", str(out_dir)]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3")
+    load_before = os.getloadavg()[0]
+    log_path = workdir / f"loop-{n}.log"
+    proc, wall, cpu, _, first_file = _timed_child(cmd, env, log_path, timeout, watch=out_dir)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"loop of {n} images failed (exit {proc.returncode}); log {log_path}:\n"
+                           f"{log_path.read_text()[-2000:]}")
+    res = json.loads(lines[-1][len(RESULT_TAG):])
+    return {**res, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "cpu_ms_per_image": round(cpu / n * 1e3, 1),
+            "first_result_s": None if first_file is None else round(first_file, 2),
+            "load_before": round(load_before, 2)}
+
+
+def run_small(paths: list[Path], sizes: list[int], repeats: int, workdir: Path, compare: Path | None,
+              timeout: float) -> dict[str, Any]:
+    """The small-runs section: per repeat and size, the cold loop and cold CLI runs (this tree, then ``compare``)."""
+    manifests = {n: build_manifest(paths, n, workdir) for n in sizes}
+    trees = [("this", REPO)] + ([("compare", compare)] if compare is not None else [])
+    runs: list[dict[str, Any]] = []
+    loops: list[dict[str, Any]] = []
+    for rep in range(repeats):
+        order = trees if rep % 2 == 0 else trees[::-1]  # alternate which checkout goes first
+        for n in sizes:
+            loop = _again(lambda: run_small_loop(manifests[n], n, workdir, timeout))
+            if loop is not None:
+                loops.append(loop)
+                print(f"[bench]   small loop {loop}", file=sys.stderr, flush=True)
+            for label, tree in order:
+                run = _again(lambda: run_small_cli(manifests[n], n, workdir, tree, label, timeout))
+                if run is not None:
+                    runs.append(run)
+                    print(f"[bench]   small cli {run}", file=sys.stderr, flush=True)
+    return {"sizes": sizes, "repeats": repeats, "compare_tree": str(compare) if compare else None,
+            "compare_commit": _commit_of(compare) if compare else None, "this_commit": _commit_of(REPO),
+            "runs": runs, "loops": loops}
+
+
+def _again(measure: Any, attempts: int = 3) -> dict[str, Any] | None:
+    """``measure()``, tried again when it fails (on a crowded machine Ray's node can time out starting up).
+
+    The result records ``attempts``; a measurement that fails every time is
+    reported on stderr and left out (None), so one bad minute does not lose
+    the rest of the section.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return {**measure(), "attempts": attempt}
+        except RuntimeError as exc:
+            print(f"[bench]   attempt {attempt} failed: {str(exc)[:300]}", file=sys.stderr, flush=True)
+    return None
+
+
+def _commit_of(tree: Path) -> str:
+    """The checkout's commit, with ``+dirty`` when its tracked files differ from it."""
+    try:
+        head = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(tree), "diff", "--quiet", "HEAD", "--", "wbc_batch"],
+                               timeout=30).returncode != 0
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return head + ("+dirty" if dirty else "")
+
+
+SMALL_PHASES = ("run_start_s", "verify_model_s", "listing_s", "ray_connect_s", "plan_s", "actor_process_s",
+                "actor_start_s", "tensorflow_import_s", "model_load_s", "actor_ready_s", "first_model_batch_s",
+                "model_s", "faithfulness_s", "stream_s", "commit_s", "after_run_s")
+
+
+def small_markdown(small: dict[str, Any]) -> list[str]:
+    """The "Small runs" section: each cold run beside the cold loop on the same images, then its phases."""
+    def med(values: list[Any]) -> str:
+        vals = [v for v in values if v is not None]
+        return f"{statistics.median(vals):.1f}" if vals else "-"
+
+    lines = ["## Small runs: cold `wbc-batch classify` against the one-at-a-time loop", "",
+             f"Trees: this checkout `{small['this_commit']}`"
+             + (f", compared with `{small['compare_tree']}` at `{small['compare_commit']}`" if small["compare_tree"]
+                else "") + f"; {small['repeats']} repeat(s), medians (min..max in the JSON).", "",
+             "| n | what | wall s | first row s | CPU s | CPU ms/image | faithfulness images | load avg before |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for n in small["sizes"]:
+        loops = [r for r in small["loops"] if r["n"] == n]
+        lines.append(f"| {n} | cold loop (process start to last image) | {med([r['wall_s'] for r in loops])} | "
+                     f"{med([r['first_result_s'] for r in loops])} | {med([r['cpu_s'] for r in loops])} | "
+                     f"{med([r['cpu_ms_per_image'] for r in loops])} | - | {med([r['load_before'] for r in loops])} |")
+        lines.append(f"| {n} | loop alone (model loaded; first image's tracing in) | "
+                     f"{med([r['loop_s'] for r in loops])} | {med([r['first_image_s'] for r in loops])} | - | - | - | - |")
+        for label in ("this", "compare"):
+            runs = [r for r in small["runs"] if r["n"] == n and r["tree"] == label]
+            if not runs:
+                continue
+            lines.append(f"| {n} | classify, {label} | {med([r['wall_s'] for r in runs])} | "
+                         f"{med([r['first_row_s'] for r in runs])} | {med([r['cpu_s'] for r in runs])} | "
+                         f"{med([r['cpu_ms_per_image'] for r in runs])} | "
+                         f"{med([r['faithfulness_images'] for r in runs])} | {med([r['load_before'] for r in runs])} |")
+    lines += ["", "Phases of the cold runs (seconds, medians; `timings.phases` of each manifest, `run_start_s` = "
+              "process start to `run_classify`, `after_run_s` = from the parts closed to the process's exit):", ""]
+    groups = [(n, label) for n in small["sizes"] for label in ("this", "compare")
+              if any(r["n"] == n and r["tree"] == label for r in small["runs"])]
+    lines.append("| phase | " + " | ".join(f"{n} {label}" for n, label in groups) + " |")
+    lines.append("| --- | " + " | ".join("---:" for _ in groups) + " |")
+    for phase in SMALL_PHASES:
+        cells = []
+        for n, label in groups:
+            runs = [r for r in small["runs"] if r["n"] == n and r["tree"] == label]
+            cells.append(med([r.get(phase, r["phases"].get(phase)) for r in runs]))
+        if any(c != "-" for c in cells):
+            lines.append(f"| {phase} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
 # --- report -------------------------------------------------------------------
 
 
@@ -521,8 +777,7 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
 
 def to_markdown(report: dict[str, Any]) -> str:
     """BENCHMARKS.md: machine, command, date, and the tables."""
-    m, s = report["machine"], report["summary"]
-    fl = report["floor"][-1]
+    m = report["machine"]
     lines = [
         "# Benchmarks",
         "",
@@ -542,6 +797,21 @@ def to_markdown(report: dict[str, Any]) -> str:
         m["free_g"],
         "```",
         "",
+    ]
+    if report["pipeline"]:
+        lines += _large_markdown(report)
+    if report.get("small"):
+        lines += small_markdown(report["small"])
+    if report.get("notes"):
+        lines += ["## Notes", "", *[f"- {n}" for n in report["notes"]], ""]
+    return "\n".join(lines)
+
+
+def _large_markdown(report: dict[str, Any]) -> list[str]:
+    """Throughput, scaling, CPU and memory of the pipeline against the loop and the floors."""
+    m, s = report["machine"], report["summary"]
+    fl = report["floor"][-1]
+    lines = [
         "Other work on the machine disturbs wall-clock figures, so baseline, floor and pipeline are "
         f"interleaved per repeat ({report['repeats']} repeat(s)), the 1-minute load average before each "
         "measurement is recorded (the run itself raises it), the share of all cores busy with anything is "
@@ -622,9 +892,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         "it is an upper bound.",
         "",
     ]
-    if report.get("notes"):
-        lines += ["## Notes", "", *[f"- {n}" for n in report["notes"]], ""]
-    return "\n".join(lines)
+    return lines
 
 
 KEEP_MARKER = "<!-- Written by hand below this line; bench/run.py keeps it when it rewrites the tables. -->"
@@ -657,8 +925,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="also write the raw report as JSON here")
     p.add_argument("--note", action="append", default=[], help="a line for the report's Notes section")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per pipeline run")
+    p.add_argument("--small-sizes", default="16,64,256",
+                   help="comma-separated sizes of the small-runs section (cold CLI runs against the cold loop); "
+                        "'' skips it")
+    p.add_argument("--compare-tree", type=Path, default=None,
+                   help="another checkout (a git worktree) whose classify the small runs also time, alternated")
     # child mode (internal)
     p.add_argument("--child-pipeline", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--child-loop", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--input", help=argparse.SUPPRESS)
     p.add_argument("--output", help=argparse.SUPPRESS)
     p.add_argument("--ray-temp", help=argparse.SUPPRESS)
@@ -674,9 +948,16 @@ def main(argv: list[str] | None = None) -> int:
         args.batch_size = ClassifyConfig(input_uri="", output_uri="").batch_size
     if args.child_pipeline:
         return child_pipeline(args)
+    if args.child_loop:
+        return child_loop(args)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-    if not sizes or min(sizes) < 1 or args.baseline_n < 1 or args.floor_n < 1 or args.repeats < 1:
-        print("error: sizes, --baseline-n, --floor-n and --repeats must be >= 1", file=sys.stderr)
+    small_sizes = [int(s) for s in args.small_sizes.split(",") if s.strip()]
+    if (not sizes and not small_sizes) or min(sizes + small_sizes) < 1 or args.baseline_n < 1 or args.floor_n < 1 \
+            or args.repeats < 1:
+        print("error: sizes (or --small-sizes), --baseline-n, --floor-n and --repeats must be >= 1", file=sys.stderr)
+        return 2
+    if args.compare_tree is not None and not (args.compare_tree / "wbc_batch" / "cli.py").is_file():
+        print(f"error: --compare-tree {args.compare_tree} is not a checkout of this project", file=sys.stderr)
         return 2
     root, paths = find_images(args.data)
     paths = interleave_classes(paths)
@@ -684,13 +965,9 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="wbc-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
 
-    from wbc_batch.explain import GradCam
-    from wbc_batch.model import load_artifact
+    from wbc_batch.model import verify_artifact
 
-    artifact = load_artifact()
-    meta = artifact.meta
-    cam = GradCam(artifact.model, meta.gradcam_layer, meta.embedding_layer)
-    manifests = {n: build_manifest(paths, n, workdir) for n in sizes}
+    meta = verify_artifact(None).meta
     report: dict[str, Any] = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join([".venv/bin/python", "bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
@@ -701,30 +978,48 @@ def main(argv: list[str] | None = None) -> int:
         "baseline": [], "floor": [], "full_floor": [], "pipeline": [], "notes": list(args.note),
     }
     try:
-        for rep in range(args.repeats):
-            print(f"[bench] repeat {rep + 1}/{args.repeats}: baseline n={args.baseline_n}", file=sys.stderr, flush=True)
-            report["baseline"].append(run_baseline(artifact.model, meta.gradcam_layer, meta.image_size,
-                                                   paths[: args.baseline_n], workdir / "baseline"))
-            print(f"[bench]   {report['baseline'][-1]}", file=sys.stderr, flush=True)
-            report["floor"].append(run_floor(cam, meta.image_size, paths[: args.floor_n], args.batch_size))
-            print(f"[bench]   floor {report['floor'][-1]}", file=sys.stderr, flush=True)
-            report["full_floor"].append(run_full_floor(cam, meta, paths[: args.floor_n], args.batch_size,
-                                                       workdir / "full-floor"))
-            print(f"[bench]   full floor {report['full_floor'][-1]}", file=sys.stderr, flush=True)
-            for n in sizes:
-                r = run_pipeline(manifests[n], n, workdir, args.batch_size, args.workers, args.cpus_per_worker,
-                                 args.timeout)
-                report["pipeline"].append(r)
-                print(f"[bench]   pipeline {r}", file=sys.stderr, flush=True)
+        if small_sizes:  # first: cold processes only, before this process holds a model and its threads
+            print(f"[bench] small runs {small_sizes}", file=sys.stderr, flush=True)
+            report["small"] = run_small(paths, small_sizes, args.repeats, workdir, args.compare_tree, args.timeout)
+        if sizes:
+            run_large(args, report, paths, sizes, workdir)
     finally:
         if own_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-    report["summary"] = summarise(report)
+    if sizes:
+        report["summary"] = summarise(report)
     args.out.write_text(to_markdown(report) + kept_analysis(args.out))
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report["summary"], indent=2))
+    print(json.dumps(report.get("summary", report.get("small")), indent=2))
     return 0
+
+
+def run_large(args: argparse.Namespace, report: dict[str, Any], paths: list[Path], sizes: list[int],
+              workdir: Path) -> None:
+    """Baseline, floor, full floor and the pipeline at ``sizes``, interleaved per repeat, into ``report``."""
+    from wbc_batch.explain import GradCam
+    from wbc_batch.model import load_artifact
+
+    artifact = load_artifact()
+    meta = artifact.meta
+    cam = GradCam(artifact.model, meta.gradcam_layer, meta.embedding_layer)
+    manifests = {n: build_manifest(paths, n, workdir) for n in sizes}
+    for rep in range(args.repeats):
+        print(f"[bench] repeat {rep + 1}/{args.repeats}: baseline n={args.baseline_n}", file=sys.stderr, flush=True)
+        report["baseline"].append(run_baseline(artifact.model, meta.gradcam_layer, meta.image_size,
+                                               paths[: args.baseline_n], workdir / "baseline"))
+        print(f"[bench]   {report['baseline'][-1]}", file=sys.stderr, flush=True)
+        report["floor"].append(run_floor(cam, meta.image_size, paths[: args.floor_n], args.batch_size))
+        print(f"[bench]   floor {report['floor'][-1]}", file=sys.stderr, flush=True)
+        report["full_floor"].append(run_full_floor(cam, meta, paths[: args.floor_n], args.batch_size,
+                                                   workdir / "full-floor"))
+        print(f"[bench]   full floor {report['full_floor'][-1]}", file=sys.stderr, flush=True)
+        for n in sizes:
+            r = run_pipeline(manifests[n], n, workdir, args.batch_size, args.workers, args.cpus_per_worker,
+                             args.timeout)
+            report["pipeline"].append(r)
+            print(f"[bench]   pipeline {r}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

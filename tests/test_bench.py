@@ -21,8 +21,8 @@ def test_bench_harness_writes_a_complete_report(tmp_path: Path) -> None:
     out, raw = tmp_path / "BENCHMARKS.md", tmp_path / "bench.json"
     cmd = [sys.executable, str(REPO / "bench" / "run.py"), "--sizes", "16,24", "--baseline-n", "2",
            "--floor-n", "16", "--batch-size", "8", "--data", str(SAMPLES), "--workdir", str(tmp_path / "work"),
-           "--out", str(out), "--json", str(raw)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(REPO))
+           "--out", str(out), "--json", str(raw), "--small-sizes", "8"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=str(REPO))
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(raw.read_text())
 
@@ -67,6 +67,48 @@ def test_bench_harness_writes_a_complete_report(tmp_path: Path) -> None:
     assert "| pipeline n=24 |" in text
     assert "| full floor (n=16) |" in text and "% of full floor" in text and "first row s" in text
     assert not (tmp_path / "work" / "links").exists(), "64 samples cover 24 images without symlinks"
+
+    # small runs: a cold `wbc-batch classify` against the cold one-at-a-time loop on the same 8 images
+    small = report["small"]
+    assert small["sizes"] == [8] and small["compare_tree"] is None
+    [loop] = small["loops"]
+    assert loop["n"] == 8 and 0 < loop["first_image_s"] <= loop["loop_s"] < loop["in_process_s"] < loop["wall_s"]
+    assert loop["import_s"] > 0 and loop["model_load_s"] > 0 and loop["cpu_s"] > 0
+    [run] = small["runs"]
+    assert run["n"] == 8 and run["tree"] == "this"
+    assert 0 < run["run_start_s"] < run["first_row_s"] < run["wall_s"] and run["after_run_s"] > 0
+    assert run["first_heatmap_s"] is not None and run["first_heatmap_s"] < run["wall_s"]
+    assert run["faithfulness_images"] == 1 and run["faithfulness_sample_size"] == 1  # sized to the run
+    assert {"ray_connect_s", "actor_ready_s", "tensorflow_import_s", "faithfulness_s", "commit_s"} <= set(run["phases"])
+    assert "## Small runs" in text and "| 8 | classify, this |" in text and "| tensorflow_import_s |" in text
+
+
+def test_small_runs_alone_write_their_section_and_compare_another_checkout_by_its_code(tmp_path: Path) -> None:
+    """The small-runs section on its own (--sizes ''), as the markdown a report gets, from made-up figures."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import run as bench
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+
+    def cli(n: int, tree: str, wall: float) -> dict:
+        return {"n": n, "tree": tree, "wall_s": wall, "cpu_s": 9.0, "cpu_ms_per_image": 9000 / n, "run_start_s": 1.2,
+                "run_s": wall - 3, "first_row_s": wall - 2, "first_heatmap_s": wall - 2.5, "after_run_s": 1.5,
+                "phases": {"ray_connect_s": 4.0, "faithfulness_s": 0.4 if tree == "this" else 3.2},
+                "faithfulness_images": 1 if tree == "this" else 8, "faithfulness_sample_size": 1, "load_before": 1.0}
+
+    small = {"sizes": [16], "repeats": 2, "compare_tree": "/tmp/base", "compare_commit": "abc1234",
+             "this_commit": "def5678+dirty",
+             "runs": [cli(16, "this", 12.0), cli(16, "compare", 20.0), cli(16, "this", 14.0), cli(16, "compare", 22.0)],
+             "loops": [{"n": 16, "wall_s": 9.0, "first_result_s": 5.0, "cpu_s": 8.0, "cpu_ms_per_image": 500.0,
+                        "loop_s": 4.0, "first_image_s": 1.5, "load_before": 1.0}] * 2}
+    text = "\n".join(bench.small_markdown(small))
+    assert "| 16 | classify, this | 13.0 | 11.0 |" in text and "| 16 | classify, compare | 21.0 | 19.0 |" in text
+    assert "| 16 | cold loop (process start to last image) | 9.0 | 5.0 |" in text
+    assert "| faithfulness_s | 0.4 | 3.2 |" in text and "| run_start_s | 1.2 | 1.2 |" in text
+    assert "`/tmp/base` at `abc1234`" in text
+    assert bench.main(["--sizes", "", "--small-sizes", "", "--out", str(tmp_path / "x.md")]) == 2
+    assert bench.main(["--sizes", "", "--compare-tree", str(tmp_path), "--out", str(tmp_path / "x.md")]) == 2
 
 
 def test_manifest_beyond_the_distinct_images_uses_new_uris(tmp_path: Path) -> None:
