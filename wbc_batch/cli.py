@@ -60,7 +60,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-digest", metavar="SHA256", default=None,
                    help="refuse any model artifact whose digest over all its files differs (default: "
                         "WBC_MODEL_DIGEST if set; a run manifest records the digest as model.digest)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch in every stage (default 64)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="images per batch in every stage (default 64); a run of fewer than 4 batches is cut into 4, "
+                        "at least 8 images each, so that its read, model and render stages overlap")
     p.add_argument("--workers", type=int, default=None, help="model actors (default: GPUs if any, else 1)")
     p.add_argument("--gpus-per-worker", type=float, default=None,
                    help="GPUs per model actor (default 1 when the Ray cluster has GPUs, else 0)")
