@@ -52,6 +52,7 @@ SLOW: frozenset[str] = frozenset({
     "test_pipeline.py::test_classify_from_manifest_and_rerun_same_run_id",
     "test_pipeline.py::test_the_driver_never_imports_tensorflow_and_the_actors_measure_a_sample_spread_over_the_listing",
     "test_pipeline.py::test_gpu_actors_are_scheduled_on_a_declared_gpu",
+    "test_pipeline.py::test_a_small_run_states_its_faithfulness_sample_and_where_its_time_went",
     # training end to end (two Ray Train workers, one killed; test_commands.py keeps a one-epoch train fast)
     "test_training.py::test_two_workers_stay_in_sync_and_resume_after_a_worker_dies",
     "test_training.py::test_non_images_are_skipped_with_a_warning",
