@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -53,3 +54,18 @@ def descendants(pid: int) -> list[int]:
             out.append(child)
             todo.append(child)
     return out
+
+
+def end_process_group(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
+    """SIGKILL a process group this test started and every process below its leader (a Ray node's raylet, GCS,
+    agents, workers): only ours."""
+    below = descendants(proc.pid)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    sigkill(below)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import free_port
+from tests.processes import end_process_group, free_port
 from wbc_batch import cluster
 from wbc_batch.cli import EXIT_CLUSTER
 
@@ -140,26 +140,8 @@ def _start_token_head(temp: Path, token: str, log: Path) -> tuple[subprocess.Pop
                 if cluster.answers(address, 2.0):
                     return head, address
             time.sleep(0.5)
-        _stop_head(head)
+        end_process_group(head)
     raise AssertionError(f"ray start --head did not come up: {log.read_text()[-2000:]}")
-
-
-def _stop_head(head: subprocess.Popen) -> None:  # type: ignore[type-arg]
-    """SIGKILL the head's process group and every process below it (GCS, raylet, agents, workers): only ours."""
-    import signal
-
-    from tests.processes import descendants, sigkill
-
-    below = descendants(head.pid)
-    try:
-        os.killpg(head.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    sigkill(below)
-    try:
-        head.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 def test_a_recorded_head_that_refuses_the_driver_is_exit_5_with_the_token_hint_and_local_runs_beside_it(
@@ -201,5 +183,5 @@ def test_a_recorded_head_that_refuses_the_driver_is_exit_5_with_the_token_hint_a
         assert "run beside: 1 images, 1 ok" in proc.stdout
         assert head.poll() is None, "the head was left running"
     finally:
-        _stop_head(head)
+        end_process_group(head)
         shutil.rmtree(temp, ignore_errors=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import cmdline, descendants, free_port, sigkill
+from tests.processes import cmdline, descendants, end_process_group, free_port
 from wbc_batch import cluster
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,20 +36,6 @@ def _node(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
     return subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", "--num-cpus=1",
                              "--object-store-memory=100000000", *ports, *args], env=env, cwd=REPO,
                             stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _end(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
-    """SIGKILL a process group and every process below its leader (the node's raylet, GCS, workers)."""
-    below = descendants(proc.pid)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    sigkill(below)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 def _actor_node(nodes: list[subprocess.Popen]) -> tuple[int | None, bool]:  # type: ignore[type-arg]
@@ -111,7 +96,7 @@ def test_worker_node_killed_mid_run_still_one_row_per_image(tmp_path: Path, samp
                 first_seen = first_seen or time.monotonic()
                 if busy or time.monotonic() - first_seen > 15:
                     killed = where if where != 0 else 1
-                    _end(nodes[killed])
+                    end_process_group(nodes[killed])
                     print(f"killed worker node {killed} (actor on node {where}, busy={busy}) "
                           f"{time.monotonic() - t0:.0f}s in")
             time.sleep(0.2)
@@ -132,7 +117,7 @@ def test_worker_node_killed_mid_run_still_one_row_per_image(tmp_path: Path, samp
         assert manifest["status"] == "succeeded" and manifest["counts"]["total"] == len(images)
     finally:
         for proc in reversed(procs):
-            _end(proc)
+            end_process_group(proc)
         for logs in Path(temp).glob("session_2*/logs"):  # kept beside the test's other files for a post-mortem
             shutil.copytree(logs, tmp_path / "ray-logs", dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.sock"))
         shutil.rmtree(temp, ignore_errors=True)

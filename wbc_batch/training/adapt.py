@@ -315,9 +315,9 @@ def _replay_rows(config: AdaptConfig, base_uri: str, base_labs: list[dict[str, A
 def replay_groups(replay: dict[str, np.ndarray], rows: list[dict[str, str]]) -> list[int]:
     """The class-balance group of each replayed image: one per lab (:data:`REPLAY` for the first)."""
     names = sorted({r["lab"] for r in rows})
-    lab_of_uri = {r["uri"]: r["lab"] for r in rows}
-    return [REPLAY if names.index(lab_of_uri[str(u)]) == 0 else REPLAY_LAB_BASE + names.index(lab_of_uri[str(u)])
-            for u in replay["uri"]]
+    group_of_lab = {name: REPLAY if i == 0 else REPLAY_LAB_BASE + i for i, name in enumerate(names)}
+    group_of_uri = {r["uri"]: group_of_lab[r["lab"]] for r in rows}
+    return [group_of_uri[str(u)] for u in replay["uri"]]
 
 
 def lab_scale(new: dict[str, np.ndarray], replay: dict[str, np.ndarray], classes: list[str]) -> dict[str, Any]:

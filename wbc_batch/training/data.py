@@ -169,17 +169,24 @@ def split_csv_text(items: list[splits.LabelledImage], split_of: dict[str, str]) 
     return buf.getvalue()
 
 
+def _split_reader(artifact_uri: str) -> csv.DictReader[str] | None:
+    """A reader over an artifact's ``split.csv``; None when it has none."""
+    try:
+        raw = storage.read_bytes(storage.join(artifact_uri, SPLIT_FILE))
+    except FileNotFoundError:
+        return None
+    return csv.DictReader(io.StringIO(raw.decode("utf-8")))
+
+
 def read_split_csv(artifact_uri: str, key: str = "sha256") -> dict[str, str] | None:
     """``key`` -> split from an artifact's ``split.csv``; None when it has none.
 
     ``key`` is ``sha256`` (content hash) or ``uri`` (path relative to DATA:
     choosing replay images by path reads no image bytes).
     """
-    try:
-        raw = storage.read_bytes(storage.join(artifact_uri, SPLIT_FILE))
-    except FileNotFoundError:
+    reader = _split_reader(artifact_uri)
+    if reader is None:
         return None
-    reader = csv.DictReader(io.StringIO(raw.decode("utf-8")))
     if reader.fieldnames is None or not {key, "split"} <= set(reader.fieldnames):
         raise ValueError(f"{SPLIT_FILE} of {artifact_uri} lacks {key}/split columns")
     return {row[key]: row["split"] for row in reader}
@@ -188,11 +195,8 @@ def read_split_csv(artifact_uri: str, key: str = "sha256") -> dict[str, str] | N
 def read_split_rows(artifact_uri: str) -> list[dict[str, str]] | None:
     """Every row of an artifact's ``split.csv`` (columns as written: sha256, label, split, uri and, for a
     model of several labs, lab and group); None when it has none."""
-    try:
-        raw = storage.read_bytes(storage.join(artifact_uri, SPLIT_FILE))
-    except FileNotFoundError:
-        return None
-    return list(csv.DictReader(io.StringIO(raw.decode("utf-8"))))
+    reader = _split_reader(artifact_uri)
+    return None if reader is None else list(reader)
 
 
 def keep_earlier_split(split_of: dict[str, str], earlier: dict[str, str] | None) -> dict[str, str]:
@@ -265,7 +269,9 @@ def prepare_data(config: TrainConfig, earlier_split: dict[str, str] | None = Non
 
 
 def split_arrays(labelled: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
-    return dataset_arrays(labelled.map_batches(only_split, fn_kwargs={"split": split}, batch_format="numpy"))
+    """Images and class indices of one split (:func:`split_columns`)."""
+    columns = split_columns(labelled, split)
+    return columns["image"], columns["label_index"]
 
 
 def split_columns(labelled: Any, split: str) -> dict[str, np.ndarray]:

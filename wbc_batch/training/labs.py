@@ -176,6 +176,11 @@ def class_masks(items: list[splits.LabelledImage], labs: list[Lab], classes: lis
     return np.array([[1.0 if (lab.name, c) in has else 0.0 for c in classes] for lab in labs], dtype=np.float32)
 
 
+def lacks_a_class(masks: Any) -> bool:
+    """Whether some lab of a :func:`class_masks` matrix (None: one lab with every class) lacks a class."""
+    return masks is not None and float(np.min(masks)) < 1.0
+
+
 def lab_class_weights(items: list[splits.LabelledImage], split_of: dict[str, str], labs: list[Lab],
                       classes: list[str], factors: dict[str, float]) -> np.ndarray:
     """(labs, classes) loss weight of a training image of each lab and class.
@@ -186,13 +191,14 @@ def lab_class_weights(items: list[splits.LabelledImage], split_of: dict[str, str
     (:func:`lab_shares`), not by weight, so no lab's images carry weights
     twenty times another's.
     """
+    from wbc_batch.training.recipe import balanced_class_weights  # recipe -> config -> this module
+
     out = np.zeros((len(labs), len(classes)), dtype=np.float32)
     for row, lab in enumerate(labs):
         counts = Counter(i.label for i in items if i.lab == lab.name and split_of.get(i.sha256) == "train")
-        total, present = sum(counts.values()), [c for c in classes if counts.get(c)]
-        for col, c in enumerate(classes):
-            if counts.get(c):
-                out[row, col] = total / (len(present) * counts[c]) * float(factors.get(c, 1.0))
+        present = [c for c in classes if counts.get(c)]
+        for c, weight in zip(present, balanced_class_weights([counts[c] for c in present])):
+            out[row, classes.index(c)] = weight * float(factors.get(c, 1.0))
     return out
 
 

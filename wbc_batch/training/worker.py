@@ -28,6 +28,7 @@ from wbc_batch.training.config import (
     WEIGHTS_FILE,
     TrainingError,
 )
+from wbc_batch.training.labs import lacks_a_class
 from wbc_batch.training.loss import cross_entropy, recipe_model
 
 
@@ -112,9 +113,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         optimizer = recipe.make_optimizer(
             tf_keras, float(cfg["learning_rate"]), float(cfg["weight_decay"]), epochs, steps
         )
-        masked = cfg.get("lab_class_mask") is not None and float(np.min(cfg["lab_class_mask"])) < 1.0
         fitter = _compiled_fitter(tf_keras, model, optimizer, on_cell, float(cfg.get("label_smoothing", 0.0)),
-                                  distill, float(cfg.get("distill_temperature", 1.0)), masked)
+                                  distill, float(cfg.get("distill_temperature", 1.0)),
+                                  lacks_a_class(cfg.get("lab_class_mask")))
         optimizer.build(model.trainable_variables)
         if cfg.get("initial_weights") is not None:  # fine-tuning (--init-from); a checkpoint below overrides it
             model.set_weights(list(cfg["initial_weights"]))
@@ -192,7 +193,7 @@ def _augmented_dataset_fn(tf: Any, shard: dict[str, np.ndarray], cfg: dict[str, 
     global_batch, seed = int(cfg["batch_size"]), int(cfg["seed"])
     spec = preset(str(cfg.get("augment", "strong")))
     masks = cfg.get("lab_class_mask")
-    with_mask = masks is not None and float(np.min(masks)) < 1.0  # some lab lacks a class
+    with_mask = lacks_a_class(masks)
 
     wrapped = with_cells or with_teacher or with_mask  # the recipe wrapper reads a dict of targets
 
