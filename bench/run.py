@@ -18,12 +18,14 @@ images and the same shipped model:
   score, localisation, overlay + JPEG written) batched in one process
   without Ray: what the pipeline is honestly compared with.
 - **small runs** (``--small-sizes``, default 16, 64 and 256 images): a cold
-  ``wbc-batch classify`` as a person types it (a subprocess: imports, Ray's
-  start, the model actor, the work, the commit, Ray's shutdown) against the
-  one-at-a-time loop on the same images from a cold process (imports,
-  model load, loop), with each phase of the run from its manifest
-  (``timings.phases``); ``--compare-tree DIR`` runs another checkout's
-  code beside it (a ``git worktree`` of an earlier commit), alternated.
+  ``wbc-batch classify`` as a person types it (a subprocess: imports, the
+  model, the work, the commit), once with each runner (``--runner
+  in-process``; ``--runner ray``: Ray's start, the model actor, Ray's
+  shutdown) against the one-at-a-time loop on the same images from a cold
+  process (imports, model load, loop), with each phase of the run from its
+  manifest (``timings.phases``); ``--compare-tree DIR`` runs another
+  checkout's code beside them (a ``git worktree`` of an earlier commit, with
+  its own defaults), alternated.
 
 Why a child process per pipeline run: it gets a fresh Ray whose whole
 process tree (driver, GCS, raylet, workers) the sampler can attribute, and
@@ -538,21 +540,29 @@ def _timed_child(cmd: list[str], env: dict[str, str], log_path: Path, timeout: f
     return completed, wall, sampler.stats.cpu_seconds, wall0, first_file
 
 
-def run_small_cli(manifest: Path, n: int, workdir: Path, tree: Path, label: str, timeout: float) -> dict[str, Any]:
+# Each cold classify of the small runs: its label, which checkout ("this" or "compare") and its options. On Ray,
+# ``--ray-address local`` so that it never joins another cluster on the machine; the compare tree keeps its own
+# defaults (an earlier checkout may not know --runner).
+SMALL_VARIANTS = (("in-process", "this", ("--runner", "in-process")),
+                  ("ray", "this", ("--runner", "ray", "--ray-address", "local")),
+                  ("compare", "compare", ("--ray-address", "local")))
+
+
+def run_small_cli(manifest: Path, n: int, workdir: Path, tree: Path, label: str, timeout: float,
+                  options: tuple[str, ...] = ()) -> dict[str, Any]:
     """One cold ``wbc-batch classify`` of ``manifest`` as a subprocess, with the code of ``tree``; times and phases.
 
     The command is what a person types (``python -m wbc_batch.cli classify
-    INPUT OUTPUT``, with ``--ray-address local`` so that it never joins
-    another cluster on the machine), so it pays everything: Python imports,
-    Ray's start, the actor's start, the work, the commit and Ray's shutdown
-    at exit. The checkout (this one or ``--compare-tree``) is the working
-    directory and ``PYTHONPATH`` (``python -m`` puts the working directory
-    first on ``sys.path``); Ray's workers inherit both.
+    INPUT OUTPUT`` plus ``options``), so it pays everything: Python imports,
+    on Ray its start, the actor's start and its shutdown at exit, the work
+    and the commit. The checkout (this one or ``--compare-tree``) is the
+    working directory and ``PYTHONPATH`` (``python -m`` puts the working
+    directory first on ``sys.path``); Ray's workers inherit both.
     """
     out_dir = workdir / f"small-{label}-{n}-{time.time_ns()}"
     run_id = f"small-{n}"
     cmd = [sys.executable, "-m", "wbc_batch.cli", "classify", str(manifest), str(out_dir), "--run-id", run_id,
-           "--ray-address", "local"]
+           *options]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
     env.update(PYTHONPATH=str(tree), PYTHONUNBUFFERED="1")
     load_before = os.getloadavg()[0]
@@ -572,7 +582,8 @@ def run_small_cli(manifest: Path, n: int, workdir: Path, tree: Path, label: str,
     first_row = timings.get("first_row_seconds")
     faithfulness = manifest_json.get("faithfulness") or {}
     return {
-        "n": n, "tree": label, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
+        "n": n, "tree": label, "runner": manifest_json.get("resources", {}).get("runner", "ray"),
+        "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
         "cpu_ms_per_image": round(cpu / n * 1e3, 1),
         "run_start_s": round(run_start, 2),  # process start to run_classify: Python imports
         "run_s": timings["seconds"],  # run_classify's start to the parts closed
@@ -609,9 +620,11 @@ def run_small_loop(manifest: Path, n: int, workdir: Path, timeout: float) -> dic
 
 def run_small(paths: list[Path], sizes: list[int], repeats: int, workdir: Path, compare: Path | None,
               timeout: float) -> dict[str, Any]:
-    """The small-runs section: per repeat and size, the cold loop and cold CLI runs (this tree, then ``compare``)."""
+    """The small-runs section: per repeat and size, the cold loop and a cold CLI run of each
+    :data:`SMALL_VARIANTS` (the compare tree's only with ``compare``), their order alternated per repeat."""
     manifests = {n: build_manifest(paths, n, workdir) for n in sizes}
-    trees = [("this", REPO)] + ([("compare", compare)] if compare is not None else [])
+    trees = [(label, REPO if tree == "this" else compare, options) for label, tree, options in SMALL_VARIANTS
+             if tree == "this" or compare is not None]
     runs: list[dict[str, Any]] = []
     loops: list[dict[str, Any]] = []
     for rep in range(repeats):
@@ -621,8 +634,8 @@ def run_small(paths: list[Path], sizes: list[int], repeats: int, workdir: Path, 
             if loop is not None:
                 loops.append(loop)
                 print(f"[bench]   small loop {loop}", file=sys.stderr, flush=True)
-            for label, tree in order:
-                run = _again(lambda: run_small_cli(manifests[n], n, workdir, tree, label, timeout))
+            for label, tree, options in order:
+                run = _again(lambda: run_small_cli(manifests[n], n, workdir, tree, label, timeout, options))
                 if run is not None:
                     runs.append(run)
                     print(f"[bench]   small cli {run}", file=sys.stderr, flush=True)
@@ -658,6 +671,7 @@ def _commit_of(tree: Path) -> str:
     return head + ("+dirty" if dirty else "")
 
 
+SMALL_LABELS = tuple(label for label, _, _ in SMALL_VARIANTS)
 SMALL_PHASES = ("run_start_s", "verify_model_s", "listing_s", "ray_connect_s", "plan_s", "actor_process_s",
                 "actor_start_s", "tensorflow_import_s", "model_load_s", "actor_ready_s", "first_model_batch_s",
                 "model_s", "faithfulness_s", "stream_s", "commit_s", "after_run_s")
@@ -682,7 +696,7 @@ def small_markdown(small: dict[str, Any]) -> list[str]:
                      f"{med([r['cpu_ms_per_image'] for r in loops])} | - | {med([r['load_before'] for r in loops])} |")
         lines.append(f"| {n} | loop alone (model loaded; first image's tracing in) | "
                      f"{med([r['loop_s'] for r in loops])} | {med([r['first_image_s'] for r in loops])} | - | - | - | - |")
-        for label in ("this", "compare"):
+        for label in SMALL_LABELS:
             runs = [r for r in small["runs"] if r["n"] == n and r["tree"] == label]
             if not runs:
                 continue
@@ -692,7 +706,7 @@ def small_markdown(small: dict[str, Any]) -> list[str]:
                          f"{med([r['faithfulness_images'] for r in runs])} | {med([r['load_before'] for r in runs])} |")
     lines += ["", "Phases of the cold runs (seconds, medians; `timings.phases` of each manifest, `run_start_s` = "
               "process start to `run_classify`, `after_run_s` = from the parts closed to the process's exit):", ""]
-    groups = [(n, label) for n in small["sizes"] for label in ("this", "compare")
+    groups = [(n, label) for n in small["sizes"] for label in SMALL_LABELS
               if any(r["n"] == n and r["tree"] == label for r in small["runs"])]
     lines.append("| phase | " + " | ".join(f"{n} {label}" for n, label in groups) + " |")
     lines.append("| --- | " + " | ".join("---:" for _ in groups) + " |")

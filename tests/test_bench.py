@@ -74,13 +74,17 @@ def test_bench_harness_writes_a_complete_report(tmp_path: Path) -> None:
     [loop] = small["loops"]
     assert loop["n"] == 8 and 0 < loop["first_image_s"] <= loop["loop_s"] < loop["in_process_s"] < loop["wall_s"]
     assert loop["import_s"] > 0 and loop["model_load_s"] > 0 and loop["cpu_s"] > 0
-    [run] = small["runs"]
-    assert run["n"] == 8 and run["tree"] == "this"
-    assert 0 < run["run_start_s"] < run["first_row_s"] < run["wall_s"] and run["after_run_s"] > 0
-    assert run["first_heatmap_s"] is not None and run["first_heatmap_s"] < run["wall_s"]
-    assert run["faithfulness_images"] == 1 and run["faithfulness_sample_size"] == 1  # sized to the run
-    assert {"ray_connect_s", "actor_ready_s", "tensorflow_import_s", "faithfulness_s", "commit_s"} <= set(run["phases"])
-    assert "## Small runs" in text and "| 8 | classify, this |" in text and "| tensorflow_import_s |" in text
+    here, on_ray = small["runs"]  # a cold classify with each runner
+    assert (here["tree"], here["runner"], on_ray["tree"], on_ray["runner"]) == ("in-process", "in-process", "ray", "ray")
+    for run in (here, on_ray):
+        assert run["n"] == 8
+        assert 0 < run["run_start_s"] < run["first_row_s"] < run["wall_s"] and run["after_run_s"] > 0
+        assert run["first_heatmap_s"] is not None and run["first_heatmap_s"] < run["wall_s"]
+        assert run["faithfulness_images"] == 1 and run["faithfulness_sample_size"] == 1  # sized to the run
+        assert {"actor_ready_s", "tensorflow_import_s", "faithfulness_s", "commit_s"} <= set(run["phases"])
+    assert "ray_connect_s" in on_ray["phases"] and "ray_connect_s" not in here["phases"]
+    assert "## Small runs" in text and "| 8 | classify, in-process |" in text and "| 8 | classify, ray |" in text
+    assert "| tensorflow_import_s |" in text
 
 
 def test_small_runs_alone_write_their_section_and_compare_another_checkout_by_its_code(tmp_path: Path) -> None:
@@ -94,16 +98,17 @@ def test_small_runs_alone_write_their_section_and_compare_another_checkout_by_it
     def cli(n: int, tree: str, wall: float) -> dict:
         return {"n": n, "tree": tree, "wall_s": wall, "cpu_s": 9.0, "cpu_ms_per_image": 9000 / n, "run_start_s": 1.2,
                 "run_s": wall - 3, "first_row_s": wall - 2, "first_heatmap_s": wall - 2.5, "after_run_s": 1.5,
-                "phases": {"ray_connect_s": 4.0, "faithfulness_s": 0.4 if tree == "this" else 3.2},
-                "faithfulness_images": 1 if tree == "this" else 8, "faithfulness_sample_size": 1, "load_before": 1.0}
+                "phases": {"ray_connect_s": 4.0, "faithfulness_s": 0.4 if tree == "ray" else 3.2},
+                "faithfulness_images": 1 if tree == "ray" else 8, "faithfulness_sample_size": 1, "load_before": 1.0}
 
     small = {"sizes": [16], "repeats": 2, "compare_tree": "/tmp/base", "compare_commit": "abc1234",
              "this_commit": "def5678+dirty",
-             "runs": [cli(16, "this", 12.0), cli(16, "compare", 20.0), cli(16, "this", 14.0), cli(16, "compare", 22.0)],
+             "runs": [cli(16, "ray", 12.0), cli(16, "compare", 20.0), cli(16, "ray", 14.0), cli(16, "compare", 22.0)],
              "loops": [{"n": 16, "wall_s": 9.0, "first_result_s": 5.0, "cpu_s": 8.0, "cpu_ms_per_image": 500.0,
                         "loop_s": 4.0, "first_image_s": 1.5, "load_before": 1.0}] * 2}
     text = "\n".join(bench.small_markdown(small))
-    assert "| 16 | classify, this | 13.0 | 11.0 |" in text and "| 16 | classify, compare | 21.0 | 19.0 |" in text
+    assert "| 16 | classify, ray | 13.0 | 11.0 |" in text and "| 16 | classify, compare | 21.0 | 19.0 |" in text
+    assert "classify, in-process" not in text  # no such runs in these figures
     assert "| 16 | cold loop (process start to last image) | 9.0 | 5.0 |" in text
     assert "| faithfulness_s | 0.4 | 3.2 |" in text and "| run_start_s | 1.2 | 1.2 |" in text
     assert "`/tmp/base` at `abc1234`" in text

@@ -379,7 +379,8 @@ def test_actor_killed_mid_run_still_gives_exactly_one_row_per_image(
         shutil.copy(p, src / f"slide-{i % 4}" / f"{i:02d}-{p.name}")
     out = tmp_path / "out"
     run = cli()
-    proc = run.start("classify", str(src), str(out), "--run-id", "killed-1", "--batch-size", "2", "--no-heatmaps")
+    proc = run.start("classify", str(src), str(out), "--run-id", "killed-1", "--batch-size", "2", "--no-heatmaps",
+                     "--runner", "ray")  # a small run: auto would run it in-process, where there is no actor to kill
     killed: int | None = None
     first_seen: float | None = None
     restarted: set[int] = set()
@@ -408,6 +409,7 @@ def test_actor_killed_mid_run_still_gives_exactly_one_row_per_image(
     assert (rows.status == "ok").all()
     manifest = json.loads((out / "runs" / "killed-1.json").read_text())
     assert manifest["status"] == "succeeded" and manifest["counts"]["total"] == 40
+    assert manifest["resources"]["runner"] == "ray"
 
 
 def test_output_not_writable_is_one_line_and_commits_nothing(cli: Any, small_input: Path, tmp_path: Path) -> None:

@@ -297,7 +297,8 @@ def test_killed_run_then_rerun_then_next_nights(s3_bucket: str, s3_client: Any, 
     lease_s = f"{max(10.0, 4 * start_up):.0f}"
 
     # 1. night 1 is killed with SIGKILL once it is under way (its first heatmap is written)
-    proc = _start(inp, out, "--run-id", "nightly-1", "--lease-seconds", lease_s)
+    # on Ray, so that the Ray processes a killed driver leaves are seen to end (auto would run 71 images in-process)
+    proc = _start(inp, out, "--run-id", "nightly-1", "--lease-seconds", lease_s, "--runner", "ray")
     reaper.append(proc.pid)
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None and not s3_keys(s3_bucket, "results/heatmaps/"):
@@ -305,6 +306,7 @@ def test_killed_run_then_rerun_then_next_nights(s3_bucket: str, s3_client: Any, 
     assert proc.poll() is None, f"run ended before it could be killed: {proc.communicate()}"
     below = descendants(proc.pid)
     reaper.extend(below)
+    assert [p for p in below if p != proc.pid], "a run on Ray has Ray's processes below its driver"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     manifests, rows = _committed(s3_client, s3_keys, s3_bucket, "results")

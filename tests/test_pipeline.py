@@ -246,13 +246,13 @@ def test_the_plan_lets_render_tasks_run_beside_the_model_actors(ray_local, tmp_p
     import ray.data
 
     from wbc_batch.model import verify_artifact
-    from wbc_batch.pipeline import ClassifyConfig, _classify_dataset
+    from wbc_batch.pipeline import ClassifyConfig, _classify_dataset, stage_functions
 
     checked = verify_artifact(None)
     config = ClassifyConfig(input_uri=str(tmp_path), output_uri=str(tmp_path / "out"))
     uris = ["/x/s1/a.jpg"]
-    ds = _classify_dataset(config, checked.meta, uris, "run", checked.digest, (1, 0.0, 1.5),
-                           FaithfulnessSample(uris, 8))
+    stages = stage_functions(config, checked.meta, "run", checked.digest, FaithfulnessSample(uris, 8), 2)
+    ds = _classify_dataset(config, stages, uris, (1, 0.0, 1.5))
     assert ds.context.op_resource_reservation_enabled is False
     assert ray.data.DataContext.get_current().op_resource_reservation_enabled is True
 

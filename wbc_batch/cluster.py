@@ -118,8 +118,12 @@ def choose(explicit: str | None, timeout_s: float = CONNECT_TIMEOUT_S) -> Cluste
     return ClusterChoice(None, "local")
 
 
-def connect(explicit: str | None, timeout_s: float = CONNECT_TIMEOUT_S) -> ClusterChoice | None:
+def connect(explicit: str | None, timeout_s: float = CONNECT_TIMEOUT_S,
+            chosen: ClusterChoice | None = None) -> ClusterChoice | None:
     """``ray.init`` on the chosen cluster unless Ray is already initialised in this process.
+
+    ``chosen``: the cluster :func:`choose` picked already (the runner's
+    choice, ``runner.py``), so that it is not probed twice.
 
     Returns:
         The choice, or None when Ray was already initialised (a test, a notebook, a job driver).
@@ -131,7 +135,7 @@ def connect(explicit: str | None, timeout_s: float = CONNECT_TIMEOUT_S) -> Clust
 
     if ray.is_initialized():
         return None
-    choice = choose(explicit, timeout_s)
+    choice = chosen or choose(explicit, timeout_s)
     from wbc_batch import console
 
     # quiet unless --verbose; worker output never forwarded

@@ -1,6 +1,6 @@
-"""The classify pipeline on Ray Data: read, decode, classify + Grad-CAM, render, write.
+"""The classify pipeline: read, decode, classify + Grad-CAM, render, write.
 
-Reads top to bottom::
+On Ray Data it reads top to bottom::
 
     from_items(uris) -> map_batches(load_images)              tasks: fetch bytes, hash, decode, resize, quality
                      -> map_batches(BatchClassifier, actors)  one forward + one backward per batch,
@@ -11,9 +11,13 @@ Reads top to bottom::
 Decoding and heatmap rendering run in tasks so that the model actors (a GPU
 each when the cluster has GPUs) do nothing but the model. Every input URI
 yields exactly one row: a failure to read or decode becomes an error row.
-The driver never loads the Keras model (nor imports TensorFlow) on a run
-that succeeds: it checks the artifact without Keras, and only a failed run
-loads it there, to say why the actors could not.
+On Ray the driver never loads the Keras model (nor imports TensorFlow) on a
+run that succeeds: it checks the artifact without Keras, and only a failed
+run loads it there, to say why the actors could not.
+
+A small run with no cluster runs the same three stages in the driver's own
+process instead, without Ray's start (``runner.py`` says when and why;
+:func:`stage_functions` is the one recipe both runners use).
 
 Each run records where its time went (``timings.phases`` in the manifest,
 :func:`run_phases`, one INFO line with ``-v``): the driver's own steps, the
@@ -42,6 +46,7 @@ import numpy as np
 from wbc_batch import cluster, console, metrics, results, storage
 from wbc_batch.imaging import ImageDecodeError, decode_image, encode_jpeg
 from wbc_batch.model import load_artifact, pinned_digest, verify_artifact
+from wbc_batch.runner import RUNNERS, RunnerChoice, choose_runner, stream_in_process
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +88,7 @@ class ClassifyConfig:
     before_commit: Any = None  # callable(manifest) run right before the commit; raising aborts it (nightly's lease check)
     faithfulness_sample: int | None = None  # images; None: sized to the run (faithfulness_sample_size)
     quiet: bool = False  # keep Ray Data's progress bars and per-dataset INFO lines off the console
+    runner: str = "auto"  # "auto", "ray" or "in-process" (runner.py)
 
     @classmethod
     def from_args(cls, args: Any) -> ClassifyConfig:
@@ -104,10 +110,13 @@ class ClassifyConfig:
             ray_address=args.ray_address,
             faithfulness_sample=getattr(args, "faithfulness_sample", None),
             quiet=not getattr(args, "verbose", True),
+            runner=getattr(args, "runner", "auto"),
         )
 
     def validate(self) -> None:
         """Guard clauses for values the CLI cannot check by type alone."""
+        if self.runner not in RUNNERS:
+            raise ValueError(f"--runner must be one of {', '.join(RUNNERS)}, got {self.runner!r}")
         if self.faithfulness_sample is not None and self.faithfulness_sample < 0:
             raise ValueError(f"--faithfulness-sample must be >= 0, got {self.faithfulness_sample}")
         if self.batch_size < 1:
@@ -579,7 +588,9 @@ def process_age_s() -> float | None:
 class RunClock:
     """Where a run's time goes: ``timings.phases`` of the manifest, in seconds.
 
-    Driver steps are timed where they run. The model actors report theirs
+    Driver steps are timed where they run. A run in-process (runner.py) has
+    no ``ray_connect_s``, ``plan_s`` nor ``actor_process_s``: its "actor" is
+    the model loaded in the driver. The model actors report theirs
     with their batches (the ``actor_timing`` column, :meth:`BatchClassifier._timing_column`):
     wall-clock times, placed on the run's clock against the driver's own
     (one machine's clock, or a cluster's synchronised ones). :attr:`PHASES`
@@ -597,7 +608,8 @@ class RunClock:
         "plan_s": "Ray Data imported, actors sized, the dataset planned",
         "actor_process_s": "run start to the start of the first model actor's worker process (negative: "
                            "a worker Ray had started before the run's Ray Data plan asked for it)",
-        "actor_start_s": "run start to the first model actor's constructor (its class imported)",
+        "actor_start_s": "run start to the first model actor's constructor (its class imported; in-process: "
+                         "the model's constructor in the driver)",
         "tensorflow_import_s": "TensorFlow's import in that actor",
         "model_load_s": "the model loaded in that actor (Keras, Grad-CAM, OOD scorer)",
         "actor_ready_s": "run start to that actor ready for batches",
@@ -739,14 +751,14 @@ class _Preload:
             raise self.error
 
 
-def _connect_cluster(config: ClassifyConfig, uris: list[str]) -> list[str]:
+def _connect_cluster(config: ClassifyConfig, uris: list[str], runner: RunnerChoice) -> list[str]:
     """Join the cluster before anything is written; the warnings the manifest records.
 
     A cluster that does not answer fails the run in seconds (cluster.py); a
     cluster of several nodes with local INPUT or OUTPUT paths gets a warning
     that those paths must be shared.
     """
-    cluster.connect(config.ray_address)
+    cluster.connect(config.ray_address, chosen=runner.cluster)
     shared = cluster.local_paths_warning(config.input_uri, config.output_uri, uris)
     if not shared:
         return []
@@ -754,13 +766,55 @@ def _connect_cluster(config: ClassifyConfig, uris: list[str]) -> list[str]:
     return [shared]
 
 
-def _classify_dataset(config: ClassifyConfig, meta: Any, uris: list[str], run_id: str, model_digest: str,
-                      plan: tuple[int, float, float], sample: FaithfulnessSample) -> Any:
+@dataclass(frozen=True)
+class StageFunctions:
+    """The run's three stages as both runners call them: ``load`` (a function of a batch), the model
+    (:class:`BatchClassifier` built from ``classifier_kwargs``, once per actor or once in-process) and
+    ``render`` (a function of a batch)."""
+
+    load: Any
+    classifier_kwargs: dict[str, Any]
+    render: Any
+
+
+def stage_functions(config: ClassifyConfig, meta: Any, run_id: str, model_digest: str,
+                    sample: FaithfulnessSample, intra_op_threads: int | None) -> StageFunctions:
+    """The one recipe of a run's stages, with the run's options bound (Ray Data plan or in-process loop)."""
+    suspect_below = float(meta.metrics.get("explanation_suspect_below", DEFAULT_SUSPECT_BELOW))
+    return StageFunctions(
+        load=partial(load_images, image_size=meta.image_size, with_quality=bool(meta.ood),
+                     field_scale=meta.field_scale),
+        classifier_kwargs={
+            "model_uri": config.model_uri,
+            "allow_untrusted": config.allow_untrusted_model,
+            "review_threshold": config.review_threshold,
+            "run_id": run_id,
+            "intra_op_threads": intra_op_threads,
+            "expected_digest": model_digest,
+            "faithfulness_sample": sample.positions,
+        },
+        render=partial(render_explanations, output_uri=config.output_uri, write_heatmaps=config.write_heatmaps,
+                       field_scale=meta.field_scale, suspect_below=suspect_below),
+    )
+
+
+def _run_items(config: ClassifyConfig, uris: list[str]) -> list[dict[str, str]]:
+    """The rows the stages start from: each image's URI and sample."""
+    return [{"image_uri": u, "sample_id": sample_id_for(u, config.sample_id_regex)} for u in uris]
+
+
+def _columns(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Rows as the column batch Ray Data hands a stage (object arrays of strings)."""
+    return {key: np.array([r[key] for r in rows], dtype=object) for key in rows[0]}
+
+
+def _classify_dataset(config: ClassifyConfig, stages: StageFunctions, uris: list[str],
+                      plan: tuple[int, float, float]) -> Any:
     """The Ray Data plan of a run: read tasks -> model actors -> render tasks (the module docstring)."""
     import ray.data
 
     workers, gpus_per, cpus_per = plan
-    items = [{"image_uri": u, "sample_id": sample_id_for(u, config.sample_id_regex)} for u in uris]
+    items = _run_items(config, uris)
     batch_size = stage_batch_size(len(items), config.batch_size)
     blocks = max(1, min(math.ceil(len(items) / batch_size), 512))  # a block per batch
     ds: Any = ray.data.from_items(items, override_num_blocks=blocks)
@@ -770,20 +824,10 @@ def _classify_dataset(config: ClassifyConfig, meta: Any, uris: list[str], run_id
     # earlier in each of four A/B pairs; the run's total time did not move beyond the noise (BENCHMARKS.md,
     # "Per-run fixed costs"). Set on this plan's copy of the context only.
     ds.context.op_resource_reservation_enabled = False
-    ds = ds.map_batches(partial(load_images, image_size=meta.image_size, with_quality=bool(meta.ood),
-                                field_scale=meta.field_scale),
-                        batch_size=batch_size, num_cpus=0.5)
+    ds = ds.map_batches(stages.load, batch_size=batch_size, num_cpus=0.5)
     ds = ds.map_batches(
         BatchClassifier,
-        fn_constructor_kwargs={
-            "model_uri": config.model_uri,
-            "allow_untrusted": config.allow_untrusted_model,
-            "review_threshold": config.review_threshold,
-            "run_id": run_id,
-            "intra_op_threads": None if gpus_per > 0 else max(1, math.ceil(cpus_per) + 1),
-            "expected_digest": model_digest,
-            "faithfulness_sample": sample.positions,
-        },
+        fn_constructor_kwargs=stages.classifier_kwargs,
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=workers),
         num_cpus=cpus_per,
@@ -792,11 +836,7 @@ def _classify_dataset(config: ClassifyConfig, meta: Any, uris: list[str], run_id
         # a killed actor is restarted and its batch retried; tests/test_hardening.py kills one mid-run.
         # Passing them here would go through the deprecated ray_remote_args (Ray 2.60).
     )
-    suspect_below = float(meta.metrics.get("explanation_suspect_below", DEFAULT_SUSPECT_BELOW))
-    return ds.map_batches(partial(render_explanations, output_uri=config.output_uri,
-                                  write_heatmaps=config.write_heatmaps, field_scale=meta.field_scale,
-                                  suspect_below=suspect_below),
-                          batch_size=batch_size, num_cpus=0.5)
+    return ds.map_batches(stages.render, batch_size=batch_size, num_cpus=0.5)
 
 
 def _stream_rows(ds: Any, on_batch: Any, total: int, quiet: bool) -> float | None:
@@ -835,6 +875,64 @@ def _model_ref(config: ClassifyConfig, meta: Any, model_digest: str) -> results.
                             non_wbc_classes=list(meta.non_wbc_classes), review_threshold=meta.review_threshold)
 
 
+def _actor_sizing(config: ClassifyConfig) -> dict[str, Any]:
+    """The Ray actor options as given (None: left out); the runner's choice reads them."""
+    return {"workers": config.workers, "gpus_per_worker": config.gpus_per_worker,
+            "cpus_per_worker": config.cpus_per_worker}
+
+
+def _stream_on_ray(config: ClassifyConfig, stages: Any, uris: list[str], on_batch: Any, preload: _Preload,
+                   phases: dict[str, float], model_digest: str) -> tuple[float | None, dict[str, Any]]:
+    """Plan the Ray Data run and stream its rows to ``on_batch``; the first row's ``perf_counter`` and the
+    actors' resources."""
+    t_plan = time.perf_counter()
+    preload.wait()
+    _quiet_ray_data(config.quiet)
+    workers, gpus_per, cpus_per = _plan_resources(config)
+    intra_op = None if gpus_per > 0 else max(1, math.ceil(cpus_per) + 1)
+    ds = _classify_dataset(config, stages(intra_op), uris, (workers, gpus_per, cpus_per))
+    t_stream = time.perf_counter()
+    phases["plan_s"] = t_stream - t_plan
+    try:
+        first = _stream_rows(ds, on_batch, len(uris), config.quiet)
+    except Exception as exc:
+        # the actors died on the model: the driver's own load says why (exit 4), not Ray's wrapper
+        model_error = _model_error(config, model_digest)
+        if model_error is None:
+            raise
+        raise model_error from exc
+    phases["stream_s"] = time.perf_counter() - t_stream
+    return first, {"workers": workers, "gpus_per_worker": gpus_per, "cpus_per_worker": cpus_per}
+
+
+def _stream_in_process(config: ClassifyConfig, stages: Any, uris: list[str], on_batch: Any,
+                       phases: dict[str, float]) -> tuple[float | None, dict[str, Any]]:
+    """Run the stages in this process (runner.py) and stream their rows to ``on_batch``; the first row's
+    ``perf_counter`` and what the model ran on.
+
+    The model is loaded here, by the same :class:`BatchClassifier` an actor
+    builds (its start is reported with its first batch, as an actor's is);
+    TensorFlow uses every core, with one thread reading ahead and one rendering.
+    """
+    t_stream, started = time.perf_counter(), time.time()
+    if config.quiet:
+        console.import_tensorflow_quietly()  # TF's absl lines at import ignore TF_CPP_MIN_LOG_LEVEL (console.py)
+    imported = time.perf_counter() - t_stream
+    bound = stages(None)
+    model = BatchClassifier(**bound.classifier_kwargs)
+    # the model's start in the driver, TensorFlow's import included; the driver's own process was not started
+    # for the run (no actor_process_s)
+    model.timing.update(started=started, process_age_s=None,
+                        tensorflow_import_s=model.timing["tensorflow_import_s"] + imported)
+    first = stream_in_process(_run_items(config, uris), stage_batch_size(len(uris), config.batch_size),
+                              bound.load, model, bound.render, _columns, on_batch, config.quiet)
+    phases["stream_s"] = time.perf_counter() - t_stream
+    import tensorflow as tf
+
+    gpus = len(tf.config.list_logical_devices("GPU"))
+    return first, {"workers": 1, "gpus_per_worker": float(min(gpus, 1)), "cpus_per_worker": float(os.cpu_count() or 1)}
+
+
 def run_classify(config: ClassifyConfig) -> dict[str, Any]:
     """Classify every image of a run and commit it; returns the run manifest.
 
@@ -857,14 +955,18 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
     meta, model_digest = checked.meta, checked.digest
     phases["verify_model_s"] = time.perf_counter() - t0
     warnings: list[str] = []
+    runner: RunnerChoice | None = None
+    preload: _Preload | None = None
     try:
         listing, uris, position = _list_input(config)
         storage.check_writable(config.output_uri)
         phases["listing_s"] = time.perf_counter() - t0 - phases["verify_model_s"]
         if uris:
+            runner = choose_runner(config.runner, config.ray_address, _actor_sizing(config), len(uris))
+        if runner is not None and runner.name == "ray":
             t_connect = time.perf_counter()
             preload = _Preload()
-            warnings = _connect_cluster(config, uris)
+            warnings = _connect_cluster(config, uris, runner)
             phases["ray_connect_s"] = time.perf_counter() - t_connect
     except Exception:
         model_error = _model_error(config, model_digest)  # a model Keras refuses is reported before input errors
@@ -876,28 +978,18 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
     run_date = started.strftime("%Y-%m-%d")
     writer = results.PartWriter(config.output_uri, run_date, run_id, schema)
     counts = results.RunCounts()
-    plan = (0, 0.0, 0.0)
+    resources: dict[str, Any] = {"workers": 0, "gpus_per_worker": 0.0, "cpus_per_worker": 0.0}
     faithfulness_sample = FaithfulnessSample(uris, *faithfulness_sample_size(len(uris), config.faithfulness_sample))
     first_row: float | None = None
-    if uris:
-        t_plan = time.perf_counter()
-        preload.wait()
-        _quiet_ray_data(config.quiet)
-        plan = _plan_resources(config)
-        ds = _classify_dataset(config, meta, uris, run_id, model_digest, plan, faithfulness_sample)
-        t_stream = time.perf_counter()
-        phases["plan_s"] = t_stream - t_plan
-        try:
-            first = _stream_rows(ds, partial(_write_batch, schema=schema, listing=listing, position=position,
-                                             counts=counts, writer=writer, sample=faithfulness_sample, clock=clock),
-                                 len(uris), config.quiet)
-        except Exception as exc:
-            # the actors died on the model: the driver's own load says why (exit 4), not Ray's wrapper
-            model_error = _model_error(config, model_digest)
-            if model_error is None:
-                raise
-            raise model_error from exc
-        phases["stream_s"] = time.perf_counter() - t_stream
+    if runner is not None:
+        on_batch = partial(_write_batch, schema=schema, listing=listing, position=position, counts=counts,
+                           writer=writer, sample=faithfulness_sample, clock=clock)
+        stages = partial(stage_functions, config, meta, run_id, model_digest, faithfulness_sample)
+        if preload is not None:
+            first, resources = _stream_on_ray(config, stages, uris, on_batch, preload, phases, model_digest)
+        else:
+            first, resources = _stream_in_process(config, stages, uris, on_batch, phases)
+        resources.update(runner=runner.name, runner_reason=runner.reason)
         first_row = None if first is None else first - t0
     t_commit = time.perf_counter()
     files = writer.close()
@@ -909,14 +1001,12 @@ def run_classify(config: ClassifyConfig) -> dict[str, Any]:
                                  images_per_second=round(counts.total / elapsed, 3) if elapsed else 0.0,
                                  first_row_seconds=None if first_row is None else round(first_row, 3),
                                  phases=clock.to_json())
-    workers, gpus_per, cpus_per = plan
     manifest = results.RunManifest(
         run_id=run_id, status=results.STATUS_SUCCEEDED, input=config.input_uri, output=config.output_uri,
         model=_model_ref(config, meta, model_digest), started_at=started.isoformat(),
         finished_at=datetime.now(timezone.utc).isoformat(), run_date=run_date,
         counts=run_counts, timings=timings,
-        resources={"workers": workers, "gpus_per_worker": gpus_per, "cpus_per_worker": cpus_per,
-                   "batch_size": stage_batch_size(len(uris), config.batch_size)},
+        resources={**resources, "batch_size": stage_batch_size(len(uris), config.batch_size)},
         parquet_files=files, options=_recorded_options(config, len(uris)), domain_shift=domain_shift,
         faithfulness=faithfulness, warnings=warnings,
         extra=dict(config.manifest_extra or {}))  # extra keys win, as they always did
