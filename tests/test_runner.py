@@ -200,6 +200,7 @@ def test_a_cold_small_cli_run_starts_no_ray_and_says_so(small_input: Path, tmp_p
                            "--run-id", "cold"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("run cold: 12 images, 12 ok, 0 errors")
+    assert f"ran in-process: 12 images (at most {IN_PROCESS_MAX_IMAGES}) and no Ray cluster" in proc.stdout
     manifest = json.loads((out / "runs" / "cold.json").read_text())
     assert manifest["resources"]["runner"] == "in-process"
     assert manifest["resources"]["runner_reason"] == (f"12 images (at most {IN_PROCESS_MAX_IMAGES}) and no Ray "

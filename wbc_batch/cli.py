@@ -106,6 +106,8 @@ def _print_summary(manifest: RunManifest) -> None:
     per_class = ", ".join(f"{k} {v}" for k, v in sorted(counts.per_class.items()))
     if per_class:
         print(f"classes: {per_class}")
+    if manifest.resources.get("runner"):
+        print(f"ran {manifest.resources['runner']}: {manifest.resources.get('runner_reason', '')}")
     print(f"results: {manifest.output}/predictions  heatmaps: {manifest.output}/heatmaps  "
           f"manifest: {manifest.output}/runs/{manifest.run_id}.json")
 

@@ -1,4 +1,4 @@
-"""`make demo`: classify the bundled samples with the shipped model on a local Ray.
+"""`make demo`: classify the bundled samples with the shipped model (64 images: in-process, no Ray start).
 
 Lays the 64 bundled images out as two "slides" (as a lab's export would be),
 runs the real classify pipeline, and prints the per-slide differential,
