@@ -74,12 +74,15 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-id-regex", default=None,
                    help="regex with a named group 'sample' applied to the URI (default: parent folder name)")
     _ray_address_option(p)
-    p.add_argument("--runner", choices=("auto", "ray", "in-process"), default="auto",
+    from wbc_batch.runner import IN_PROCESS_MAX_IMAGES, RUNNERS
+
+    p.add_argument("--runner", choices=RUNNERS, default="auto",
                    help="where the read, model and render stages run: 'ray' (tasks and model actors on a Ray cluster; "
-                        "a killed actor is restarted), 'in-process' (this process, without Ray's start: about 8 s "
-                        "less for a small run), or 'auto' (default): in-process for a run of at most 512 images when no "
-                        "cluster is given or running and no --workers/--gpus-per-worker/--cpus-per-worker is set, "
-                        "else Ray; the manifest's resources.runner and runner_reason say which and why")
+                        "a killed actor is restarted), 'in-process' (this process, without Ray's start: about 9 s "
+                        f"less on 2 cores), or 'auto' (default): in-process for a run of at most {IN_PROCESS_MAX_IMAGES} "
+                        "images when no cluster is given or running and no --workers/--gpus-per-worker/"
+                        "--cpus-per-worker is set, else Ray; the manifest's resources.runner and runner_reason say "
+                        "which and why")
     p.add_argument("--faithfulness-sample", type=int, default=None,
                    help="N images spread over the run's listing get the deletion/insertion and pixel-retention "
                         "checks, measured in the model actors (0: off; default: one image per 256 of the run, at "

@@ -35,9 +35,10 @@ from typing import Any
 from wbc_batch import cluster, console
 
 RUNNERS = ("auto", "ray", "in-process")
-# The largest run ``auto`` keeps in-process. Measured on 2 cores (BENCHMARKS.md, "Small runs"): in-process is
-# ahead of a cold local Ray up to about this size; from there Ray's start is a small share of the run and its
-# fault tolerance (an actor restarted, its batch retried) is worth more than the seconds.
+# The largest run ``auto`` keeps in-process (BENCHMARKS.md, "Small runs in-process"). On 2 cores a cold local
+# Ray costs about 9 s more whatever the size (512 images: 12.0 s in-process, 21.4 s on Ray), over 40% of a run
+# up to here; beyond it the run stays on Ray for what Ray adds: a killed actor restarted and its batch retried,
+# a cluster's nodes and GPUs, read and render tasks on more cores than two threads.
 IN_PROCESS_MAX_IMAGES = 512
 PREFETCH_BATCHES = 2  # batches read ahead of the model, and rendered behind it, at most
 
