@@ -550,7 +550,9 @@ def test_credentials_never_reach_outputs_or_logs_and_names_never_come_from_keys(
     output = f"s3://{s3_bucket}/out"
     run = cli(**canary)
     procs = [
-        run.run("-v", "classify", f"s3://{s3_bucket}/in", output, "--run-id", "canary-1", "--batch-size", "2"),
+        # on Ray, whose logs are searched below (auto would run these few images in-process, with no Ray logs)
+        run.run("-v", "classify", f"s3://{s3_bucket}/in", output, "--run-id", "canary-1", "--batch-size", "2",
+                "--runner", "ray"),
         run.run("-v", "query", output, "SELECT * FROM predictions", "--format", "json", timeout=180),
         run.run("-v", "query", output, "--runs", "--format", "csv", timeout=180),
         run.run("-v", "report", output, timeout=180),
