@@ -63,6 +63,9 @@ def test_job_submit_with_token_auth(samples_dir: Path, tmp_path: Path) -> None:
         assert not noise, noise
         manifest = json.loads((out / "runs" / "job-1.json").read_text())
         assert manifest["status"] == "succeeded" and manifest["counts"]["ok"] == 4
+        # a job's driver runs on the cluster that started it (Ray sets RAY_ADDRESS for it), however small the run
+        assert manifest["resources"]["runner"] == "ray", manifest["resources"]
+        assert "(RAY_ADDRESS)" in manifest["resources"]["runner_reason"], manifest["resources"]
     finally:
         _stop_head(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
