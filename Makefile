@@ -31,7 +31,7 @@ apt-install:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(PKGS)
 
 # Two tiers, one list: tests/conftest.py's SLOW marks the slow tests (multi-node, training and adapt end to end,
-# soak and kill tests). `make test` leaves them out (about 5 minutes on 2 cores; still a local Ray, moto S3,
+# soak and kill tests). `make test` leaves them out (about 4 minutes on 2 cores; still a local Ray, moto S3,
 # Parquet read back and Chromium); `make test-all` runs every test, as .ci/run does.
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q -m "not slow" tests
