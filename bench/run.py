@@ -463,9 +463,6 @@ def run_full_floor(cam: Any, meta: Any, paths: list[Path], batch_size: int, out_
 # --- small runs: cold command-line runs against the one-at-a-time loop -------
 
 
-LOOP_SCRIPT_DOC = "cold loop: import TensorFlow, load the shipped model, then the notebook loop over the images"
-
-
 def child_loop(args: argparse.Namespace) -> int:
     """Child entry: the notebook way from a cold process, timed; prints the result as JSON.
 

@@ -20,7 +20,7 @@ process instead, without Ray's start (``runner.py`` says when and why;
 :func:`stage_functions` is the one recipe both runners use).
 
 Each run records where its time went (``timings.phases`` in the manifest,
-:func:`run_phases`, one INFO line with ``-v``): the driver's own steps, the
+:class:`RunClock`, one INFO line with ``-v``): the driver's own steps, the
 model actor's start (process, TensorFlow import, model load, reported with
 its first batch) and the faithfulness sample, on the run's clock.
 """
@@ -46,7 +46,7 @@ import numpy as np
 from wbc_batch import cluster, console, metrics, results, storage
 from wbc_batch.imaging import ImageDecodeError, decode_image, encode_jpeg
 from wbc_batch.model import load_artifact, pinned_digest, verify_artifact
-from wbc_batch.runner import RUNNERS, RunnerChoice, choose_runner, stream_in_process
+from wbc_batch.runner import RunnerChoice, check_runner, choose_runner, stream_in_process
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +115,7 @@ class ClassifyConfig:
 
     def validate(self) -> None:
         """Guard clauses for values the CLI cannot check by type alone."""
-        if self.runner not in RUNNERS:
-            raise ValueError(f"--runner must be one of {', '.join(RUNNERS)}, got {self.runner!r}")
+        check_runner(self.runner)
         if self.faithfulness_sample is not None and self.faithfulness_sample < 0:
             raise ValueError(f"--faithfulness-sample must be >= 0, got {self.faithfulness_sample}")
         if self.batch_size < 1:
@@ -631,25 +630,19 @@ class RunClock:
         self._first_done: float | None = None
         self._model_s = 0.0
         self._faithfulness_s = 0.0
-        self._lock = threading.Lock()
-
-    def since_start(self) -> float:
-        """Seconds since the run started."""
-        return time.perf_counter() - self.t0
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
-        """Read the actors' timings a result batch carries."""
+        """Read the actors' timings a result batch carries (called by the thread that streams the rows)."""
         for text in batch.get("actor_timing", ()):
             if not text:
                 continue
             record = json.loads(text)
-            with self._lock:
-                self._model_s += float(record.get("batch_s", 0.0))
-                self._faithfulness_s += float(record.get("faithfulness_s", 0.0))
-                done = float(record.get("done", 0.0)) - self.wall0
-                self._first_done = done if self._first_done is None else min(self._first_done, done)
-                if "started" in record:
-                    self._actors.setdefault(str(record["actor"]), record)
+            self._model_s += float(record.get("batch_s", 0.0))
+            self._faithfulness_s += float(record.get("faithfulness_s", 0.0))
+            done = float(record.get("done", 0.0)) - self.wall0
+            self._first_done = done if self._first_done is None else min(self._first_done, done)
+            if "started" in record:
+                self._actors.setdefault(str(record["actor"]), record)
 
     def to_json(self) -> dict[str, float]:
         """The phases measured so far, rounded to the millisecond; the actor's are the first ready actor's."""
@@ -673,6 +666,13 @@ class RunClock:
         return {k: round(v if k == "actor_process_s" else max(0.0, v), 3) for k, v in ranked}
 
 
+def _import_tensorflow(config: ClassifyConfig) -> None:
+    """Import TensorFlow in the driver; quietly in a quiet run (TF's absl lines at import ignore
+    TF_CPP_MIN_LOG_LEVEL, console.py), else the model load imports it as it is."""
+    if config.quiet:
+        console.import_tensorflow_quietly()
+
+
 def _model_error(config: ClassifyConfig, digest: str | None) -> Exception | None:
     """Load the model in the driver to learn why it failed in the actors; None when it loads.
 
@@ -681,8 +681,7 @@ def _model_error(config: ClassifyConfig, digest: str | None) -> Exception | None
     ``ActorDiedError`` with the reason as text only, and the person should
     read the model error (exit 4) instead.
     """
-    if config.quiet:
-        console.import_tensorflow_quietly()  # TF's absl lines at import ignore TF_CPP_MIN_LOG_LEVEL (console.py)
+    _import_tensorflow(config)
     try:
         load_artifact(config.model_uri, allow_untrusted=config.allow_untrusted_model, expected_digest=digest)
     except Exception as exc:  # noqa: BLE001 - returned to be raised in place of the run's own error
@@ -692,7 +691,7 @@ def _model_error(config: ClassifyConfig, digest: str | None) -> Exception | None
 
 def _write_batch(batch: dict[str, np.ndarray], schema: Any, listing: Any, position: dict[str, int],
                  counts: results.RunCounts, writer: results.PartWriter, sample: FaithfulnessSample,
-                 clock: RunClock | None = None) -> None:
+                 clock: RunClock) -> None:
     """One block from the stream: rows to the part writer and the counts, faithfulness records to the sample,
     the actors' timings to the run's clock."""
     table = results.batch_to_table(batch, schema)
@@ -701,8 +700,7 @@ def _write_batch(batch: dict[str, np.ndarray], schema: Any, listing: Any, positi
     counts.add(table)
     writer.add(table)
     sample.add(batch)
-    if clock is not None:
-        clock.add(batch)
+    clock.add(batch)
 
 
 def _list_input(config: ClassifyConfig) -> tuple[Any, list[str], dict[str, int]]:
@@ -915,8 +913,7 @@ def _stream_in_process(config: ClassifyConfig, stages: Any, uris: list[str], on_
     TensorFlow uses every core, with one thread reading ahead and one rendering.
     """
     t_stream, started = time.perf_counter(), time.time()
-    if config.quiet:
-        console.import_tensorflow_quietly()  # TF's absl lines at import ignore TF_CPP_MIN_LOG_LEVEL (console.py)
+    _import_tensorflow(config)
     imported = time.perf_counter() - t_stream
     bound = stages(None)
     model = BatchClassifier(**bound.classifier_kwargs)

@@ -60,11 +60,22 @@ def _ray_initialised() -> bool:
     return bool(ray is not None and ray.is_initialized())
 
 
+def check_runner(runner: str) -> None:
+    """Raise ValueError unless ``runner`` is one of :data:`RUNNERS`."""
+    if runner not in RUNNERS:
+        raise ValueError(f"--runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
+
+
+def _options_given(sizing: dict[str, Any]) -> list[str]:
+    """The actor options of ``sizing`` that were given, as their command-line names."""
+    return [f"--{name.replace('_', '-')}" for name, value in sizing.items() if value is not None]
+
+
 def _ray_asked_for(runner: str, ray_address: str | None, sizing: dict[str, Any], n_images: int) -> str | None:
     """Why a run must use Ray whatever the cluster, or None."""
     if runner == "ray":
         return "--runner ray"
-    asked = [f"--{name.replace('_', '-')}" for name, value in sizing.items() if value is not None]
+    asked = _options_given(sizing)
     if asked:
         return f"{', '.join(asked)} size Ray's model actors"
     if n_images > IN_PROCESS_MAX_IMAGES:
@@ -86,10 +97,9 @@ def choose_runner(runner: str, ray_address: str | None, sizing: dict[str, Any], 
         ValueError: ``--runner in-process`` with a cluster address or actor sizing.
         cluster.ClusterUnreachableError: a cluster was named and does not answer.
     """
-    if runner not in RUNNERS:
-        raise ValueError(f"--runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
+    check_runner(runner)
     if runner == "in-process":
-        conflicts = [f"--{k.replace('_', '-')}" for k, v in sizing.items() if v is not None]
+        conflicts = _options_given(sizing)
         if ray_address:
             conflicts.insert(0, "--ray-address")
         if conflicts:
